@@ -1,0 +1,27 @@
+"""Apply a BitPlan to a denoiser in place (the torchao-style one verb: ``quantize_(model, plan, ranges)``)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .bitplan import BitPlan
+from .qlayers import QuantLayer
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)
+
+
+def quantize_(denoiser: nn.Module, plan: BitPlan, act_ranges: dict[str, tuple[float, float]]) -> nn.Module:
+    """Replace every planned layer by a :class:`QuantLayer`; layers planned fully FP are left untouched."""
+    for name, layer_plan in plan.layers.items():
+        if layer_plan.weight_bits is None and layer_plan.act_bits is None:
+            continue
+        module = denoiser.get_submodule(name)
+        if isinstance(module, QuantLayer):
+            raise ValueError(f"layer {name} is already quantized")
+        quant = QuantLayer.from_module(module, layer_plan.weight_bits, layer_plan.act_bits,
+                                       act_ranges.get(name), layer_plan.group_size)
+        set_submodule(denoiser, name, quant)
+    return denoiser

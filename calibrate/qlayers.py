@@ -1,0 +1,97 @@
+"""The simulated-quantization layer that replaces ``nn.Linear`` / ``nn.Conv2d`` in a denoiser.
+
+It holds exactly what the artifact stores (integer codes, scales, activation scale and zero point, bias),
+so the model in memory after calibration and the model rebuilt from disk compute the same numbers bit for
+bit. The dequantized weight is cached (not saved): simulation trades memory for speed; the packed
+runtimes in ``export`` keep weights packed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import dequantize_weight, fake_quantize_activation, quantize_weight
+
+
+class QuantLayer(nn.Module):
+    """A linear or 2-D convolution with quantized weights and optionally fake-quantized input activations."""
+
+    def __init__(self, kind: str, weight_shape: tuple[int, ...], weight_bits: int | None, act_bits: int | None,
+                 group_size: int | None = None, conv_args: dict | None = None, has_bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        if kind not in ("linear", "conv2d"):
+            raise ValueError(f"unsupported layer kind {kind!r}")
+        self.kind, self.weight_bits, self.act_bits, self.group_size = kind, weight_bits, act_bits, group_size
+        self.conv_args = dict(conv_args or {})
+        self.compute_dtype = dtype
+        groups = 1 if not group_size else int(torch.tensor(weight_shape[1:]).prod()) // group_size
+        if weight_bits is None:
+            self.weight = nn.Parameter(torch.empty(weight_shape, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_buffer("qweight", torch.empty(weight_shape, dtype=torch.int8, device=device))
+            self.register_buffer("weight_scale", torch.empty((weight_shape[0], groups), dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(weight_shape[0], dtype=dtype, device=device), requires_grad=False) if has_bias else None
+        if act_bits is not None:
+            self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
+            self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32, device=device))
+        self._dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, weight_bits: int | None, act_bits: int | None,
+                    act_range: tuple[float, float] | None = None, group_size: int | None = None) -> "QuantLayer":
+        """Quantize an existing ``nn.Linear`` / ``nn.Conv2d`` (its weights are read, not modified)."""
+        from .quantizers import activation_qparams
+
+        kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+        conv_args = {} if kind == "linear" else {"stride": module.stride, "padding": module.padding,
+                                                 "dilation": module.dilation, "groups": module.groups}
+        if kind == "conv2d" and module.padding_mode != "zeros":
+            raise ValueError(f"conv padding mode {module.padding_mode!r} is not supported")
+        layer = cls(kind, tuple(module.weight.shape), weight_bits, act_bits, group_size, conv_args,
+                    module.bias is not None, module.weight.dtype, module.weight.device)
+        with torch.no_grad():
+            if weight_bits is None:
+                layer.weight.copy_(module.weight)
+            else:
+                codes, scale = quantize_weight(module.weight, weight_bits, group_size)
+                layer.qweight.copy_(codes)
+                layer.weight_scale.copy_(scale)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+            if act_bits is not None:
+                if act_range is None:
+                    raise ValueError("activation quantization needs a calibrated activation range")
+                scale, zero_point = activation_qparams(*act_range, act_bits)
+                layer.act_scale.fill_(scale)
+                layer.act_zero_point.fill_(zero_point)
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.weight_bits is None:
+            return self.weight
+        if self._dequantized is None or self._dequantized.device != self.qweight.device:
+            self._dequantized = dequantize_weight(self.qweight, self.weight_scale, self.compute_dtype, self.group_size)
+        return self._dequantized
+
+    def _apply(self, fn, recurse=True):
+        self._dequantized = None  # device or dtype moves invalidate the cache
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dequantized = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is not None:
+            x = fake_quantize_activation(x, float(self.act_scale), int(self.act_zero_point), self.act_bits)
+        weight = self.dequantized_weight()
+        if self.kind == "linear":
+            return F.linear(x, weight, self.bias)
+        return F.conv2d(x, weight, self.bias, **self.conv_args)
+
+    def extra_repr(self) -> str:
+        w = "fp" if self.weight_bits is None else f"int{self.weight_bits}"
+        a = "fp" if self.act_bits is None else f"int{self.act_bits}"
+        return f"{self.kind}, shape={tuple(self.qweight.shape if self.weight_bits else self.weight.shape)}, w={w}, a={a}"

@@ -1,0 +1,54 @@
+"""Reference quantizers: the arithmetic every other part of qsched agrees on.
+
+Weights: symmetric round-to-nearest per output channel (optionally per group of input features), codes in
+[-(2^(b-1)-1), 2^(b-1)-1] so that zero is exact and the range is symmetric. Activations: asymmetric per
+tensor with a static scale and zero point from calibration statistics. Both are plain torch functions so
+that the simulated model, the packed artifact and the runtimes share one definition.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def weight_qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """View a weight as [out, groups, group_size] (conv kernels are flattened per output channel)."""
+    flat = weight.reshape(weight.shape[0], -1)
+    size = flat.shape[1] if not group_size else group_size
+    if flat.shape[1] % size:
+        raise ValueError(f"group size {group_size} does not divide the input width {flat.shape[1]}")
+    return flat.reshape(flat.shape[0], -1, size)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric quantization; returns int8 codes (weight's shape) and fp32 scales [out, groups]."""
+    grouped = _grouped(weight.detach().float(), group_size)
+    qmax = weight_qmax(bits)
+    scale = grouped.abs().amax(dim=-1).clamp(min=1e-12) / qmax
+    codes = torch.round(grouped / scale.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int8)
+    return codes.reshape(weight.shape), scale
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, group_size: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize_weight` in ``dtype`` (computed in fp32, then cast, so it is reproducible)."""
+    grouped = _grouped(codes, group_size).float() * scale.float().unsqueeze(-1)
+    return grouped.reshape(codes.shape).to(dtype)
+
+
+def activation_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """Scale and zero point of an asymmetric ``bits``-wide quantizer covering [lo, hi] (which always holds 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    levels = 2**bits - 1
+    scale = max(hi - lo, 1e-8) / levels
+    zero_point = int(round(-lo / scale))
+    return scale, min(max(zero_point, 0), levels)
+
+
+def fake_quantize_activation(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+    """Quantize then dequantize ``x`` per tensor; the computation runs in fp32 and returns x's dtype."""
+    levels = 2**bits - 1
+    q = torch.clamp(torch.round(x.float() / scale) + zero_point, 0, levels)
+    return ((q - zero_point) * scale).to(x.dtype)

@@ -1,0 +1,35 @@
+"""Uniform round-to-nearest plan: every quantizable layer at the target widths (the baseline and the
+default until mixed precision is chosen)."""
+from __future__ import annotations
+
+import fnmatch
+
+from qsched.adapters import ModelAdapter
+from qsched.bits import BitSpec
+
+from .bitplan import BitPlan, LayerPlan
+
+
+def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int | None = None,
+                 keep_fp: list[str] | None = None, groups: dict[str, str] | None = None) -> BitPlan:
+    """One width for all layers; layers matching a ``keep_fp`` glob stay FP, and the plan says so."""
+    act_bits = spec.act_bits if spec.quantize_activations else None
+    plan = BitPlan(method="uniform-rtn", target=str(spec))
+    for name, module in adapter.quantizable_layers(denoiser).items():
+        group = adapter.layer_group(name, groups)
+        kept = next((p for p in keep_fp or [] if fnmatch.fnmatch(name, p)), None)
+        width = _group_size_for(module, group_size)
+        if kept:
+            plan.layers[name] = LayerPlan(None, None, group, None, f"kept FP by recipe pattern {kept!r}", module.weight.numel())
+        else:
+            plan.layers[name] = LayerPlan(spec.uniform_weight_bits, act_bits, group, width,
+                                          f"uniform {spec}", module.weight.numel())
+    return plan
+
+
+def _group_size_for(module, group_size: int | None) -> int | None:
+    """Use the recipe's group size where it divides the layer's input width, else per-channel."""
+    if not group_size:
+        return None
+    fan_in = module.weight[0].numel()
+    return group_size if fan_in % group_size == 0 and fan_in > group_size else None

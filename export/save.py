@@ -1,0 +1,97 @@
+"""Quantized pipeline → artifact directory.
+
+The denoiser is stored as packed integer codes plus scales (two int4 codes per byte for widths ≤ 4, int8
+otherwise), FP tensors for everything not quantized, and a manifest describing every layer, so that
+:func:`export.loader.load` can rebuild it without pickle and without the source denoiser's weights.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from calibrate.bitplan import BitPlan
+from calibrate.qlayers import QuantLayer
+
+from .format import write_artifact
+from .packing import pack_int
+
+DENOISER_SHARD = "{attr}.safetensors"
+
+
+def layer_specs(denoiser: torch.nn.Module) -> dict[str, dict]:
+    """How to rebuild each QuantLayer: kind, weight shape, conv arguments, bias, dtype."""
+    specs = {}
+    for name, module in denoiser.named_modules():
+        if isinstance(module, QuantLayer):
+            weight = module.qweight if module.weight_bits is not None else module.weight
+            specs[name] = {"kind": module.kind, "weight_shape": list(weight.shape),
+                           "conv_args": {k: list(v) if isinstance(v, tuple) else v for k, v in module.conv_args.items()},
+                           "has_bias": module.bias is not None, "dtype": str(module.compute_dtype).removeprefix("torch."),
+                           "weight_bits": module.weight_bits, "act_bits": module.act_bits, "group_size": module.group_size}
+    return specs
+
+
+def denoiser_tensors(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The denoiser's state with every integer weight packed; keys are module paths plus tensor names."""
+    tensors = {}
+    quant = {name: m for name, m in denoiser.named_modules() if isinstance(m, QuantLayer)}
+    for key, value in denoiser.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "qweight" and owner in quant:
+            value = pack_int(value, quant[owner].weight_bits)
+        tensors[key] = value.detach().contiguous().cpu()
+    return tensors
+
+
+def bundle_shards_and_files(pipe, denoiser_attr: str) -> tuple[dict, dict]:
+    """Every pipeline component except the denoiser, as saved by ``save_pretrained`` (for ``--bundle``)."""
+    shards, files = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        root = Path(tmp)
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            if not path.is_file() or rel.parts[0] == denoiser_attr:
+                continue
+            target = f"components/{rel.as_posix()}"
+            if path.suffix == ".safetensors":
+                shards[target] = load_file(path)
+            else:
+                files[target] = path.read_bytes()
+    return shards, files
+
+
+def save_quantized(out_dir, pipe, denoiser_attr: str, plan: BitPlan, manifest: dict,
+                   bundle: bool = False, extra_files: dict[str, bytes] | None = None, overwrite: bool = False,
+                   fp_params: int | None = None) -> Path:
+    """Write the artifact atomically; ``manifest`` carries the compile's results, this adds the layer specs
+    and, given the source denoiser's parameter count, the measured size against BF16."""
+    denoiser = getattr(pipe, denoiser_attr)
+    manifest = dict(manifest)
+    manifest.update({
+        "denoiser": {"attr": denoiser_attr, "class": type(denoiser).__name__,
+                     "config": json.loads(denoiser.to_json_string()),
+                     "shard": DENOISER_SHARD.format(attr=denoiser_attr)},
+        "pipeline_class": type(pipe).__name__,
+        "bit_plan": plan.to_dict(),
+        "layers": layer_specs(denoiser),
+        "scheduler": {"class": type(pipe.scheduler).__name__, "config": json.loads(pipe.scheduler.to_json_string()),
+                      **manifest.get("scheduler", {})},
+        "bundle": bool(bundle),
+    })
+    tensors = denoiser_tensors(denoiser)
+    shards = {manifest["denoiser"]["shard"]: tensors}
+    if fp_params is not None:
+        from qsched.evaluate import size_metrics
+        packed = sum(t.numel() * t.element_size() for t in tensors.values())
+        manifest["metrics"] = {**manifest.get("metrics", {}), "size": size_metrics(fp_params, packed)}
+    files = dict(extra_files or {})
+    if bundle:
+        extra_shards, extra = bundle_shards_and_files(pipe, denoiser_attr)
+        shards.update(extra_shards)
+        files.update(extra)
+    return write_artifact(out_dir, manifest, shards, files, overwrite=overwrite)

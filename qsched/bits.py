@@ -1,0 +1,63 @@
+"""The ``--bits`` grammar: ``w{2,3,4,5,6,8}a{4,8,16}`` or a fractional weight budget such as ``w3.5a8``.
+
+An integer weight width is a uniform target; a fractional one is a size-weighted average budget that
+only mixed precision can meet. ``a16`` means activations stay in floating point.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from .errors import BitSpecError
+
+WEIGHT_WIDTHS = (2, 3, 4, 5, 6, 8)
+ACT_WIDTHS = (4, 8, 16)
+_PATTERN = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+)$")
+VALID_FORMS = "w{2,3,4,5,6,8}a{4,8,16} (e.g. w4a8, w8a8, w4a16) or a fractional weight budget between 2 and 8 such as w3.5a8"
+
+
+@dataclass(frozen=True)
+class BitSpec:
+    """A parsed ``--bits`` value: average weight bits and activation bits (16 = floating point)."""
+
+    weight_bits: float
+    act_bits: int
+
+    @property
+    def is_fractional(self) -> bool:
+        """True when the weight width is a budget that no single width meets (needs mixed precision)."""
+        return float(self.weight_bits) not in {float(w) for w in WEIGHT_WIDTHS}
+
+    @property
+    def uniform_weight_bits(self) -> int:
+        """The single weight width, for a non-fractional spec."""
+        if self.is_fractional:
+            raise BitSpecError(f"{self} is a fractional budget; uniform quantization needs an integer width, one of {WEIGHT_WIDTHS}")
+        return int(self.weight_bits)
+
+    @property
+    def quantize_activations(self) -> bool:
+        return self.act_bits < 16
+
+    def __str__(self) -> str:
+        w = int(self.weight_bits) if float(self.weight_bits).is_integer() else self.weight_bits
+        return f"w{w}a{self.act_bits}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_bits(text: str) -> BitSpec:
+    """Parse a ``--bits`` string; raise :class:`BitSpecError` listing the valid forms otherwise."""
+    match = _PATTERN.match(str(text).strip().lower())
+    if not match:
+        raise BitSpecError(f"invalid --bits {text!r}: expected {VALID_FORMS}")
+    weight, act = float(match.group(1)), int(match.group(2))
+    if act not in ACT_WIDTHS:
+        raise BitSpecError(f"invalid --bits {text!r}: activation width must be one of {ACT_WIDTHS}; expected {VALID_FORMS}")
+    if weight.is_integer():
+        if int(weight) not in WEIGHT_WIDTHS:
+            raise BitSpecError(f"invalid --bits {text!r}: weight width must be one of {WEIGHT_WIDTHS}; expected {VALID_FORMS}")
+    elif not (min(WEIGHT_WIDTHS) < weight < max(WEIGHT_WIDTHS)):
+        raise BitSpecError(f"invalid --bits {text!r}: a fractional weight budget must lie between 2 and 8; expected {VALID_FORMS}")
+    return BitSpec(weight_bits=weight, act_bits=act)

@@ -1,0 +1,82 @@
+"""``qcompile``: the command line over :func:`qsched.compile`.
+
+It parses arguments and calls the API, nothing else. Errors caused by the input print one line
+(``qcompile: error: …``) and exit with status 2; no traceback, no partial artifact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .bits import VALID_FORMS
+
+EXAMPLES = """examples:
+  qcompile --model flux-tiny --bits w4a8 --out out/flux-tiny-w4a8
+  qcompile --model flux-schnell --bits w4a8
+  qcompile --model ./my-local-pipeline --bits w8a8 --uniform --bundle
+  qcompile --model flux-schnell --init random --bits w4a8 --device cuda"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qcompile", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compress a few-step text-to-image diffusion pipeline into one artifact "
+                    "(mixed-precision quantization, Q-Sched scheduler coefficients, cache schedule).")
+    p.add_argument("--model", default="flux-tiny",
+                   help="registry name (flux-schnell, flux-dev, sdxl-turbo, pixart-sigma, flux-tiny), "
+                        "a hub id (org/name) or a local diffusers directory (default: flux-tiny, the embedded model)")
+    p.add_argument("--bits", default="w4a8", help=f"target widths: {VALID_FORMS} (default: w4a8)")
+    p.add_argument("--out", help="artifact directory to write (default: out/<model>-<bits>)")
+    p.add_argument("--recipe", help="recipe YAML (default: the shipped recipe for the model and bits, if any)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration and evaluation (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                   help="'random' builds a registry model's full-size architecture from shipped configs, no download")
+    p.add_argument("--uniform", action="store_true", help="plain per-channel round-to-nearest at the given bits")
+    p.add_argument("--no-qsched", action="store_true", help="skip learning Q-Sched scheduler coefficients")
+    p.add_argument("--no-cache-search", action="store_true", help="skip the cache-schedule search")
+    p.add_argument("--bundle", action="store_true", help="store every pipeline component: the artifact loads without the source model")
+    p.add_argument("--eval-prompts", type=int, default=8, help="prompts used to measure fidelity against FP (0 skips; default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _validate_device(device: str) -> None:
+    import torch
+
+    from .errors import QschedError
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise QschedError(f"invalid --device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QschedError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import QschedError
+    try:
+        from .bits import parse_bits
+        spec = parse_bits(args.bits)
+        _validate_device(args.device)
+        from .compiler import compile as run_compile
+        artifact = run_compile(model=args.model, bits=spec, out=args.out, recipe=args.recipe, seed=args.seed,
+                               device=args.device, init=args.init, uniform=args.uniform, qsched=not args.no_qsched,
+                               cache_search=not args.no_cache_search, bundle=args.bundle,
+                               eval_prompts=args.eval_prompts, overwrite=args.overwrite, progress=not args.quiet)
+    except QschedError as err:
+        print(f"qcompile: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qcompile: interrupted; no artifact was written", file=sys.stderr)
+        return 130
+    summary = {"artifact": str(artifact.path), "bits": artifact.manifest["bits"], **artifact.metrics}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

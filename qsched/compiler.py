@@ -1,0 +1,164 @@
+"""``qsched.compile``: load → calibrate → schedule → cache → export, each stage a plain function.
+
+The CLI only parses arguments and calls this. Stages that are not available yet, or that the caller
+switched off, are recorded in the manifest as skipped with the reason, never silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifact import Artifact
+from .bits import BitSpec, parse_bits
+from .errors import QschedError
+from .generation import GenerationSettings, generate
+from .models import REGISTRY, default_settings, load_pipeline
+from .prompts import calibration_prompts
+from .recipe import Recipe, find_recipe, load_recipe
+
+STAGES = ("load", "calibrate", "qsched", "cache_search", "export")
+
+
+def tool_versions() -> dict:
+    import diffusers
+    import transformers
+
+    from . import __version__
+    return {"qsched": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's tensors (names, shapes, bytes): identifies the source weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_recipe(model: str, bits: str, recipe: str | Path | Recipe | None) -> tuple[Recipe, str | None]:
+    """The explicit recipe, else the shipped one for model and bits, else defaults."""
+    if isinstance(recipe, Recipe):
+        return recipe, None
+    path = Path(recipe) if recipe else find_recipe(model, bits)
+    return (load_recipe(path), str(path)) if path else (Recipe(), None)
+
+
+def generation_settings(model: str, pipe, recipe: Recipe) -> GenerationSettings:
+    settings = dataclasses.replace(default_settings(model, pipe))
+    for key, value in dataclasses.asdict(recipe.generation).items():
+        if value is not None:
+            setattr(settings, key, value)
+    return settings
+
+
+def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | Path | None = None,
+            recipe: str | Path | Recipe | None = None, seed: int = 0, device: str = "cpu", init: str = "pretrained",
+            uniform: bool = False, qsched: bool = True, cache_search: bool = True, bundle: bool = False,
+            eval_prompts: int = 8, overwrite: bool = False, progress: bool = True) -> Artifact:
+    """Compile ``model`` at ``bits`` into an artifact directory ``out`` and return it.
+
+    ``uniform`` forces round-to-nearest at the target widths; ``qsched``/``cache_search`` switch those
+    stages off; ``bundle`` stores every pipeline component so the artifact loads without the source.
+    ``eval_prompts`` FP-vs-quantized images are generated to record fidelity (0 skips it).
+    """
+    spec = parse_bits(bits) if isinstance(bits, str) else bits
+    out = Path(out or f"out/{Path(model).name}-{spec}")
+    _check_out(out, overwrite)
+    recipe_obj, recipe_path = resolve_recipe(model, str(spec), recipe)
+    torch.manual_seed(seed)
+    timings, stages = {}, {}
+    bar = tqdm(total=len(STAGES), desc="qcompile", unit="stage", disable=not progress)
+
+    def stage(name: str):
+        bar.set_postfix_str(name)
+        timings[name] = time.perf_counter()
+
+    def done(name: str, **info):
+        timings[name] = round(time.perf_counter() - timings[name], 3)
+        stages[name] = {"status": "done", **info}
+        bar.update(1)
+
+    stage("load")
+    pipe, source = load_pipeline(model, init=init, device=device, seed=seed)
+    from .adapters import adapter_for
+    adapter = adapter_for(pipe)
+    denoiser = adapter.denoiser(pipe)
+    settings = generation_settings(model, pipe, recipe_obj)
+    embedded = model in REGISTRY and REGISTRY[model].embedded
+    fp_params = sum(p.numel() for p in denoiser.parameters())
+    source_info = {**source.to_dict(), "denoiser_sha256": state_digest(denoiser)}
+    eval_set = calibration_prompts(model, eval_prompts, seed=seed + 1, embedded=embedded) if eval_prompts else []
+    reference = generate(pipe, eval_set, settings, seed=seed, progress="FP reference") if eval_set else None
+    done("load", source=source.model)
+
+    stage("calibrate")
+    if spec.is_fractional and (uniform or recipe_obj.quantization.method == "uniform"):
+        raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; "
+                          f"use an integer weight width ({', '.join(map(str, (2, 3, 4, 5, 6, 8)))}) with --uniform")
+    if recipe_obj.quantization.method == "mixdq" and not uniform:
+        raise QschedError("quantization.method 'mixdq' is not available in this version of qsched; use 'uniform'")
+    from calibrate.calibration import calibrate
+    cal = recipe_obj.calibration
+    prompts = calibration_prompts(model, cal.prompts, seed=cal.seed, embedded=embedded)
+    result = calibrate(pipe, spec, prompts, settings, seed=cal.seed, batch_size=cal.batch_size, momentum=cal.momentum,
+                       group_size=recipe_obj.quantization.group_size, keep_fp=recipe_obj.quantization.keep_fp,
+                       groups=recipe_obj.quantization.groups, progress="calibration")
+    done("calibrate", method=result.plan.method, prompts=len(prompts))
+
+    for name, wanted in (("qsched", qsched and recipe_obj.qsched.enabled),
+                         ("cache_search", cache_search and recipe_obj.cache_search.enabled)):
+        stage(name)
+        bar.update(1)
+        stages[name] = {"status": "skipped", "reason": "switched off" if not wanted else
+                        "not available in this version of qsched"}
+        timings[name] = 0.0
+
+    stage("export")
+    metrics = {}
+    if reference is not None:
+        images = generate(pipe, eval_set, settings, seed=seed, progress="quantized eval")
+        metrics["fidelity"] = fidelity_metrics_for(reference, images, eval_set, embedded)
+    manifest = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source_info, "bits": str(spec), "recipe": {"path": recipe_path, **recipe_obj.to_dict()},
+        "generation": settings.to_dict(), "activation_ranges": {k: list(v) for k, v in result.act_ranges.items()},
+        "calibration_prompts": prompts, "eval_prompts": eval_set, "seed": seed,
+        "scheduler": {"coefficients": None}, "cache": {"schedule": None, "pareto_front": []},
+        "stages": stages, "tools": tool_versions(),
+    }
+    from export.save import save_quantized
+    manifest["metrics"] = metrics
+    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items() if k != "export"}
+    path = save_quantized(out, pipe, adapter.denoiser_attr, result.plan, manifest, bundle=bundle,
+                          overwrite=overwrite, fp_params=fp_params)
+    bar.update(1)
+    bar.close()
+    return Artifact.open(path)
+
+
+def fidelity_metrics_for(reference, images, prompts, embedded: bool) -> dict:
+    from .evaluate import fidelity_metrics
+    return fidelity_metrics(reference, images, prompts, judge_prompts=embedded)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Fail before any work if ``out`` cannot be written (the writer checks again, atomically)."""
+    if out.exists() and not overwrite:
+        raise QschedError(f"output {out} already exists; choose another --out or pass --overwrite")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    import os
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise QschedError(f"cannot write the artifact to {out}: {probe} is not a writable directory")

@@ -1,0 +1,43 @@
+"""One way to run any supported pipeline: the sampler settings a compile calibrates and measures with."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class GenerationSettings:
+    """Sampler settings; defaults come from the model registry, recipes may override them."""
+
+    steps: int = 4
+    height: int = 1024
+    width: int = 1024
+    guidance_scale: float = 0.0
+    max_sequence_length: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generate(pipe, prompts: list[str], settings: GenerationSettings, seed: int = 0, batch_size: int = 8,
+             progress: bool | str = False) -> torch.Tensor:
+    """Images in [0,1], shape [n,3,H,W]; batch ``i`` uses generator seed ``seed + i`` so runs are reproducible.
+
+    ``progress`` (True or a label) shows one bar over the prompts instead of diffusers' per-call bars.
+    """
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    label = progress if isinstance(progress, str) else "generating"
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=label, unit="batch", disable=not progress, leave=False):
+        kwargs = dict(num_inference_steps=settings.steps, height=settings.height, width=settings.width,
+                      guidance_scale=settings.guidance_scale, output_type="pt",
+                      generator=torch.Generator("cpu").manual_seed(seed + start // batch_size))
+        if settings.max_sequence_length:
+            kwargs["max_sequence_length"] = settings.max_sequence_length
+        with torch.inference_mode():
+            images = pipe(prompts[start:start + batch_size], **kwargs).images
+        out.append(images.float().cpu())
+    return torch.cat(out)

@@ -1,0 +1,158 @@
+"""Model loading: registry names, hub ids, local diffusers directories, shipped configs at random init,
+and the embedded trained tiny model.
+
+Every loader returns the pipeline together with a :class:`SourceRef`, which the artifact records so that
+``export.load`` can rebuild the components it did not store.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelNotFoundError
+from .generation import GenerationSettings
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    hub_id: str | None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    embedded: bool = False
+
+
+def _registry() -> dict[str, RegistryEntry]:
+    from .shipped_configs import SHIPPED, default_settings as shipped_defaults
+
+    entries = {}
+    for name, hub in SHIPPED.items():
+        d = shipped_defaults(name)
+        entries[name] = RegistryEntry(hub, GenerationSettings(d["num_inference_steps"], d["height"], d["width"],
+                                                              d["guidance_scale"], d.get("max_sequence_length")))
+    entries["flux-tiny"] = RegistryEntry(None, embedded=True)
+    return entries
+
+
+REGISTRY: dict[str, RegistryEntry] = _registry()
+DEFAULT_MODEL = "flux-tiny"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_ALTERNATIVES = ("use a local diffusers directory (--model /path/to/pipeline), the embedded model "
+                 "(--model flux-tiny), or --init random to build a registry architecture from shipped configs")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a pipeline came from, enough to load its components again."""
+
+    model: str
+    kind: str  # "embedded" | "registry-random" | "local" | "hub"
+    revision: str | None = None
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_settings(model: str, pipe=None) -> GenerationSettings:
+    """The registry's sampler settings for ``model``; for other models, read from the pipeline."""
+    if model in REGISTRY:
+        if REGISTRY[model].embedded:
+            from .tinyworld.model import TINY_SETTINGS
+            return TINY_SETTINGS
+        return REGISTRY[model].settings
+    settings = GenerationSettings()
+    vae = getattr(pipe, "vae", None)
+    size = getattr(getattr(vae, "config", None), "sample_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if not size and getattr(pipe, "default_sample_size", None):
+        size = pipe.default_sample_size * getattr(pipe, "vae_scale_factor", 8)
+    if size:
+        settings.height = settings.width = int(size)
+    return settings
+
+
+def _hub_error(model: str, err: Exception) -> ModelNotFoundError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    why = "the hub is disabled (HF_HUB_OFFLINE=1)" if offline else f"the hub is unreachable or has no such model ({type(err).__name__})"
+    return ModelNotFoundError(f"cannot load {model!r} from the Hugging Face hub: {why}; {_ALTERNATIVES}")
+
+
+def load_pipeline(model: str, init: str = "pretrained", device: str = "cpu", dtype: torch.dtype | None = None,
+                  seed: int = 0, revision: str | None = None):
+    """Load ``model`` and return ``(pipeline, SourceRef)``.
+
+    ``init="random"`` builds a registry model's full-size architecture from configs shipped in the
+    package, with random weights (for measuring speed and memory without a download).
+    """
+    if init not in ("pretrained", "random"):
+        raise ModelNotFoundError(f"invalid --init {init!r}: expected 'pretrained' or 'random'")
+    if model in REGISTRY and REGISTRY[model].embedded:
+        from .tinyworld.model import load_embedded
+        return _place(load_embedded(), device, dtype), SourceRef(model, "embedded")
+    if init == "random":
+        if model not in REGISTRY:
+            raise ModelNotFoundError(f"--init random needs a registry model, one of {sorted(REGISTRY)}; got {model!r}")
+        from .random_init import build_random_pipeline
+        pipe = build_random_pipeline(model, dtype=dtype or torch.bfloat16, seed=seed, device=device)
+        return pipe, SourceRef(model, "registry-random", seed=seed)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"{model} is a directory but not a diffusers pipeline (no model_index.json); save one with pipe.save_pretrained()")
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+        return _place(pipe, device, None), SourceRef(str(path.resolve()), "local")
+    hub_id = REGISTRY[model].hub_id if model in REGISTRY else model
+    if not _HUB_ID.match(hub_id):
+        raise ModelNotFoundError(f"unknown model {model!r}: not a registry name ({', '.join(sorted(REGISTRY))}), "
+                                 f"an existing local directory, or a hub id like 'org/name'")
+    return _load_from_hub(hub_id, revision, device, dtype)
+
+
+def _load_from_hub(hub_id: str, revision: str | None, device: str, dtype):
+    from diffusers import DiffusionPipeline
+    try:
+        pipe = DiffusionPipeline.from_pretrained(hub_id, revision=revision, torch_dtype=dtype or torch.bfloat16)
+    except (OSError, ValueError, ConnectionError) as err:  # hub errors subclass OSError/ValueError
+        raise _hub_error(hub_id, err) from None
+    except Exception as err:  # requests/httpx errors when the network is down
+        if "connect" in type(err).__name__.lower() or "timeout" in type(err).__name__.lower():
+            raise _hub_error(hub_id, err) from None
+        raise
+    return _place(pipe, device, None), SourceRef(hub_id, "hub", revision=revision)
+
+
+def _place(pipe, device: str, dtype):
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    return pipe.to(device)
+
+
+def load_source_pipeline(source: dict, pipeline_class: str, **components):
+    """Rebuild the pipeline an artifact was compiled from, with ``components`` (the quantized denoiser)
+    passed in so that the source's own denoiser weights are never loaded."""
+    import diffusers
+
+    kind, model = source["kind"], source["model"]
+    if kind == "embedded":
+        from .tinyworld.model import WEIGHTS_DIR
+        if not (WEIGHTS_DIR / "model_index.json").is_file():
+            raise ModelNotFoundError(f"the embedded flux-tiny weights are missing from {WEIGHTS_DIR}; reinstall qsched")
+        return diffusers.FluxPipeline.from_pretrained(str(WEIGHTS_DIR), local_files_only=True, **components)
+    if kind == "registry-random":
+        from .random_init import build_random_pipeline
+        return build_random_pipeline(model, seed=source.get("seed") or 0, **components)
+    cls = getattr(diffusers, pipeline_class, diffusers.DiffusionPipeline)
+    if kind == "local":
+        if not Path(model).is_dir():
+            raise ModelNotFoundError(f"the artifact's source pipeline {model} no longer exists; "
+                                     "recompile with --bundle to make the artifact self-contained")
+        return cls.from_pretrained(model, **components)
+    try:
+        return cls.from_pretrained(model, revision=source.get("revision"), **components)
+    except (OSError, ValueError, ConnectionError) as err:
+        raise _hub_error(model, err) from None

@@ -1,0 +1,162 @@
+"""Recipes: YAML files that fix every knob of a compile for one model and bit target.
+
+A recipe is validated against the dataclasses below: an unknown key or a value of the wrong type is a
+:class:`RecipeError` naming the key and the valid ones, never a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class CalibrationConfig:
+    """How calibration statistics are gathered."""
+
+    prompts: int = 32
+    batch_size: int = 8
+    seed: int = 0
+    momentum: float = 0.95
+
+
+@dataclass
+class QuantizationConfig:
+    """How the BitPlan is chosen. ``method``: ``uniform`` (round-to-nearest at the target) or ``mixdq``."""
+
+    method: str = "uniform"
+    group_size: int | None = None
+    keep_fp: list[str] = field(default_factory=list)
+    groups: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationConfig:
+    """Sampler overrides; unset fields take the model's defaults."""
+
+    steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float | None = None
+
+
+@dataclass
+class QSchedConfig:
+    enabled: bool = True
+    k: float = 2.0
+
+
+@dataclass
+class CacheSearchConfig:
+    enabled: bool = True
+    budget: float | None = None
+
+
+@dataclass
+class Recipe:
+    """Everything a compile needs beyond the model and ``--bits``."""
+
+    model: str | None = None
+    bits: str | None = None
+    description: str = ""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    qsched: QSchedConfig = field(default_factory=QSchedConfig)
+    cache_search: CacheSearchConfig = field(default_factory=CacheSearchConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_METHODS = ("uniform", "mixdq")
+
+
+def _check_type(path: str, value, annotation):
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return value
+        return _check_type(path, value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"recipe key {path!r} must be a list, got {value!r}")
+        return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key {path!r} must be a mapping, got {value!r}")
+        return {str(k): _check_type(f"{path}.{k}", v, args[1]) for k, v in value.items()}
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (not isinstance(value, annotation) or
+                                                  (annotation is int and isinstance(value, bool))):
+        raise RecipeError(f"recipe key {path!r} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data, path: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe section {path or 'top level'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"in section {path!r}" if path else "at top level"
+        raise RecipeError(f"unknown recipe key(s) {', '.join(map(repr, unknown))} {where}; valid keys: {', '.join(names)}")
+    values = {}
+    for name, value in data.items():
+        key = f"{path}.{name}" if path else name
+        hint = hints[name]
+        values[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else _check_type(key, value, hint)
+    return cls(**values)
+
+
+def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping and return a :class:`Recipe`."""
+    try:
+        recipe = _build(Recipe, data or {}, "")
+    except RecipeError as err:
+        raise RecipeError(f"{source}: {err}") from None
+    if recipe.quantization.method not in _METHODS:
+        raise RecipeError(f"{source}: quantization.method must be one of {_METHODS}, got {recipe.quantization.method!r}")
+    if recipe.calibration.prompts < 1 or recipe.calibration.batch_size < 1:
+        raise RecipeError(f"{source}: calibration.prompts and calibration.batch_size must be positive")
+    if not 0.0 <= recipe.calibration.momentum < 1.0:
+        raise RecipeError(f"{source}: calibration.momentum must lie in [0, 1)")
+    if recipe.bits is not None:
+        from .bits import parse_bits
+        from .errors import BitSpecError
+        try:
+            parse_bits(recipe.bits)
+        except BitSpecError as err:
+            raise RecipeError(f"{source}: {err}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_recipe(data, str(path))
+
+
+def find_recipe(model: str, bits: str) -> Path | None:
+    """The shipped recipe for ``model`` at ``bits`` (``recipes/<model>-<bits>.yaml``), else ``<model>.yaml``."""
+    for name in (f"{model}-{bits}.yaml", f"{model}.yaml"):
+        candidate = RECIPES_DIR / name
+        if candidate.is_file():
+            return candidate
+    return None
