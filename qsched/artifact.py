@@ -1,7 +1,7 @@
 """A handle on a written artifact: its path, manifest, and a way to get a pipeline back."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -11,6 +11,8 @@ class Artifact:
 
     path: Path
     manifest: dict
+    #: The quantized pipeline still in memory when the artifact was just compiled (None when opened from disk).
+    compiled_pipeline: object | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path) -> "Artifact":

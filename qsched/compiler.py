@@ -98,7 +98,7 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     fp_params = sum(p.numel() for p in denoiser.parameters())
     source_info = {**source.to_dict(), "denoiser_sha256": state_digest(denoiser)}
     eval_set = calibration_prompts(model, eval_prompts, seed=seed + 1, embedded=embedded) if eval_prompts else []
-    reference = generate(pipe, eval_set, settings, seed=seed, progress="FP reference") if eval_set else None
+    reference = generate(pipe, eval_set, settings, seed=seed, progress=progress and "FP reference") if eval_set else None
     done("load", source=source.model)
 
     stage("calibrate")
@@ -112,7 +112,7 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     prompts = calibration_prompts(model, cal.prompts, seed=cal.seed, embedded=embedded)
     result = calibrate(pipe, spec, prompts, settings, seed=cal.seed, batch_size=cal.batch_size, momentum=cal.momentum,
                        group_size=recipe_obj.quantization.group_size, keep_fp=recipe_obj.quantization.keep_fp,
-                       groups=recipe_obj.quantization.groups, progress="calibration")
+                       groups=recipe_obj.quantization.groups, progress=progress and "calibration")
     done("calibrate", method=result.plan.method, prompts=len(prompts))
 
     for name, wanted in (("qsched", qsched and recipe_obj.qsched.enabled),
@@ -126,7 +126,7 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     stage("export")
     metrics = {}
     if reference is not None:
-        images = generate(pipe, eval_set, settings, seed=seed, progress="quantized eval")
+        images = generate(pipe, eval_set, settings, seed=seed, progress=progress and "quantized eval")
         metrics["fidelity"] = fidelity_metrics_for(reference, images, eval_set, embedded)
     manifest = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -143,7 +143,9 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
                           overwrite=overwrite, fp_params=fp_params)
     bar.update(1)
     bar.close()
-    return Artifact.open(path)
+    artifact = Artifact.open(path)
+    artifact.compiled_pipeline = pipe
+    return artifact
 
 
 def fidelity_metrics_for(reference, images, prompts, embedded: bool) -> dict:
