@@ -75,9 +75,26 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     out = Path(out or f"out/{Path(model).name}-{spec}")
     _check_out(out, overwrite)
     recipe_obj, recipe_path = resolve_recipe(model, str(spec), recipe)
+    if spec.is_fractional and (uniform or recipe_obj.quantization.method == "uniform"):
+        raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; "
+                          f"use an integer weight width ({', '.join(map(str, (2, 3, 4, 5, 6, 8)))}) with --uniform")
+    if recipe_obj.quantization.method == "mixdq" and not uniform:
+        raise QschedError("quantization.method 'mixdq' is not available in this version of qsched; use 'uniform'")
     torch.manual_seed(seed)
-    timings, stages = {}, {}
     bar = tqdm(total=len(STAGES), desc="qcompile", unit="stage", disable=not progress)
+    try:
+        return _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, init, qsched,
+                           cache_search, bundle, eval_prompts, overwrite, progress)
+    except BaseException:
+        bar.leave = False  # clear the bar so the error message starts its own line
+        raise
+    finally:
+        bar.close()
+
+
+def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, init, qsched, cache_search, bundle,
+                eval_prompts, overwrite, progress) -> Artifact:
+    timings, stages = {}, {}
 
     def stage(name: str):
         bar.set_postfix_str(name)
@@ -102,11 +119,6 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     done("load", source=source.model)
 
     stage("calibrate")
-    if spec.is_fractional and (uniform or recipe_obj.quantization.method == "uniform"):
-        raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; "
-                          f"use an integer weight width ({', '.join(map(str, (2, 3, 4, 5, 6, 8)))}) with --uniform")
-    if recipe_obj.quantization.method == "mixdq" and not uniform:
-        raise QschedError("quantization.method 'mixdq' is not available in this version of qsched; use 'uniform'")
     from calibrate.calibration import calibrate
     cal = recipe_obj.calibration
     prompts = calibration_prompts(model, cal.prompts, seed=cal.seed, embedded=embedded)
@@ -142,7 +154,6 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     path = save_quantized(out, pipe, adapter.denoiser_attr, result.plan, manifest, bundle=bundle,
                           overwrite=overwrite, fp_params=fp_params)
     bar.update(1)
-    bar.close()
     artifact = Artifact.open(path)
     artifact.compiled_pipeline = pipe
     return artifact
