@@ -81,7 +81,9 @@ def load(path, device: str = "cpu", verify: bool = True):
     """Load an artifact written by ``qcompile`` and return a ready diffusers pipeline."""
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
-    tensors = load_shard(path, manifest["denoiser"]["shard"])
+    tensors = {}
+    for shard in manifest["denoiser"]["shards"]:  # large denoisers are written one block group per shard
+        tensors.update(load_shard(path, shard))
     denoiser = build_denoiser(manifest, tensors)
     pipe = _other_components(manifest, path, denoiser)
     scheduler = manifest.get("scheduler")

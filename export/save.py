@@ -75,7 +75,7 @@ def save_quantized(out_dir, pipe, denoiser_attr: str, plan: BitPlan, manifest: d
     manifest.update({
         "denoiser": {"attr": denoiser_attr, "class": type(denoiser).__name__,
                      "config": json.loads(denoiser.to_json_string()),
-                     "shard": DENOISER_SHARD.format(attr=denoiser_attr)},
+                     "shards": [DENOISER_SHARD.format(attr=denoiser_attr)]},
         "pipeline_class": type(pipe).__name__,
         "bit_plan": plan.to_dict(),
         "layers": layer_specs(denoiser),
@@ -84,7 +84,7 @@ def save_quantized(out_dir, pipe, denoiser_attr: str, plan: BitPlan, manifest: d
         "bundle": bool(bundle),
     })
     tensors = denoiser_tensors(denoiser)
-    shards = {manifest["denoiser"]["shard"]: tensors}
+    shards = {manifest["denoiser"]["shards"][0]: tensors}
     if fp_params is not None:
         from qsched.evaluate import size_metrics
         packed = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -49,7 +49,7 @@ def test_artifact_holds_packed_weights_of_every_quantized_layer(compiled):
     manifest = compiled.manifest
     bits = int(manifest["bits"][1])
     from export.format import load_shard
-    tensors = load_shard(compiled.path, manifest["denoiser"]["shard"])
+    tensors = load_shard(compiled.path, manifest["denoiser"]["shards"][0])
     layers = manifest["layers"]
     assert len(layers) == sum(isinstance(m, QuantLayer) for m in compiled.compiled_pipeline.transformer.modules())
     for name, spec in layers.items():
