@@ -60,7 +60,7 @@ def build_tiny_pipeline(seed: int = 0, words: list[str] | None = None):
         from .world import VOCAB as words
     torch.manual_seed(seed)
     vocab_size = len(SPECIAL_TOKENS) + len(set(words) - set(SPECIAL_TOKENS))
-    return FluxPipeline(
+    pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         vae=AutoencoderKL(**VAE_CONFIG),
         text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **CLIP_CONFIG)),
@@ -69,6 +69,9 @@ def build_tiny_pipeline(seed: int = 0, words: list[str] | None = None):
         tokenizer_2=build_tokenizer(words, with_bos=False),
         transformer=FluxTransformer2DModel(**TRANSFORMER_CONFIG),
     )
+    for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
+        getattr(pipe, name).eval()  # inference mode, as from_pretrained gives (T5 has dropout); training opts in
+    return pipe
 
 
 def load_embedded(weights_dir: Path = WEIGHTS_DIR):
