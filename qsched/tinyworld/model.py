@@ -75,12 +75,21 @@ def build_tiny_pipeline(seed: int = 0, words: list[str] | None = None):
 
 
 def load_embedded(weights_dir: Path = WEIGHTS_DIR):
-    """The trained flux-tiny pipeline shipped in the package (no network)."""
+    """The trained flux-tiny pipeline shipped in the package (no network, fp32 compute)."""
     from diffusers import FluxPipeline
 
     if not (Path(weights_dir) / "model_index.json").is_file():
         raise ModelNotFoundError(f"the embedded flux-tiny weights are missing from {weights_dir}; "
                                  "reinstall qsched or retrain them with `python -m qsched.tinyworld.train`")
-    pipe = FluxPipeline.from_pretrained(str(weights_dir), local_files_only=True)
+    # weights ship in fp16 to stay small; compute runs in fp32 (what the reported numbers use)
+    pipe = FluxPipeline.from_pretrained(str(weights_dir), local_files_only=True, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def export_weights(source_dir: Path, weights_dir: Path = WEIGHTS_DIR) -> None:
+    """Write a trained pipeline into the package as fp16 safetensors (what ``load_embedded`` reads)."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(source_dir), local_files_only=True, torch_dtype=torch.float16)
+    pipe.save_pretrained(str(weights_dir), safe_serialization=True)

@@ -278,7 +278,7 @@ class _Parser:
     def group(self) -> ObjectSpec:
         numbers = {"a": 1, **{w: n for n, w in NUMBER_WORDS.items()}}
         count = numbers[self.take(numbers, "'a', 'two' or 'three'")]
-        size = self.take(SIZES, "") if self.peek() in SIZES else None
+        size = self.take(SIZES, "a size") if self.peek() in SIZES else None  # optional
         color = self.take(COLOR_NAMES, f"a colour ({', '.join(COLOR_NAMES)})")
         shapes = {(s if count == 1 else s + "s"): s for s in SHAPES}
         shape = shapes[self.take(shapes, f"a shape ({', '.join(shapes)})")]
