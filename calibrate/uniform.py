@@ -18,7 +18,7 @@ def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int
     for name, module in adapter.quantizable_layers(denoiser).items():
         group = adapter.layer_group(name, groups)
         kept = next((p for p in keep_fp or [] if fnmatch.fnmatch(name, p)), None)
-        width = _group_size_for(module, group_size)
+        width = group_size_for(module, group_size)
         if kept:
             plan.layers[name] = LayerPlan(None, None, group, None, f"kept FP by recipe pattern {kept!r}", module.weight.numel())
         else:
@@ -27,7 +27,7 @@ def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int
     return plan
 
 
-def _group_size_for(module, group_size: int | None) -> int | None:
+def group_size_for(module, group_size: int | None) -> int | None:
     """Use the recipe's group size where it divides the layer's input width, else per-channel."""
     if not group_size:
         return None

@@ -1,0 +1,79 @@
+"""MixDQ-style mixed precision: decoupled per-layer sensitivity, then one integer program, then a BitPlan.
+
+``mixdq_plan`` only decides; applying the plan stays ``quantize_(denoiser, plan, act_ranges)``, so the
+mixed-precision model is built by the same code path as the uniform one.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from pathlib import Path
+from typing import Callable, Iterable
+
+from qsched.adapters import adapter_for
+from qsched.bits import WEIGHT_WIDTHS, BitSpec
+from qsched.errors import QschedError
+from qsched.generation import GenerationSettings
+
+from .allocation import AllocationResult, allocate, allocation_plan
+from .bitplan import BitPlan, LayerPlan
+from .sensitivity import SensitivityTable, analyze_sensitivity
+from .uniform import group_size_for
+
+
+def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSettings,
+               act_ranges: dict[str, tuple[float, float]] | None, *,
+               weight_widths: Iterable[int] = WEIGHT_WIDTHS, act_widths: Iterable[int] = (4, 8),
+               content_weight: float = 0.5, fp_act_fraction: float = 0.01, groups: dict[str, str] | None = None,
+               group_size: int | None = None, keep_fp: list[str] | None = None, layers: Iterable[str] | None = None,
+               seed: int = 0, batch_size: int | None = None, max_bops: float | None = None,
+               work_dir: str | Path | None = None, model_digest: str | None = None,
+               image_metric: Callable | None = None, time_limit: float = 60.0,
+               progress: bool = True) -> tuple[BitPlan, SensitivityTable, AllocationResult]:
+    """Choose per-layer widths for ``pipe``'s denoiser that meet ``spec`` on average.
+
+    ``spec.weight_bits`` is the size-weighted weight budget (fractional budgets such as 3.5 are what this
+    is for); ``spec.act_bits`` the MAC-weighted activation budget (16: activations stay FP). The most
+    sensitive ``fp_act_fraction`` of layers (rounded up; 0 disables) may keep FP activations outside the
+    activation budget, as MixDQ keeps its top ~1%: the program picks which. ``keep_fp`` globs stay FP and
+    count at 16 bits in the weight budget. ``layers`` (globs) limits the plan to part of the model; the
+    budget then applies to that part. ``act_ranges`` must be the ranges the plan will be applied with
+    (``None``: collected here first); sensitivity is measured with them.
+    """
+    from .calibration import collect_activation_ranges
+
+    adapter = adapter_for(pipe)
+    denoiser = adapter.denoiser(pipe)
+    all_layers = adapter.quantizable_layers(denoiser)
+    scope = {n: m for n, m in all_layers.items()
+             if layers is None or any(fnmatch.fnmatchcase(n, p) for p in layers)}
+    if not scope:
+        raise QschedError(f"no quantizable layer matches {list(layers or [])}")
+    kept = {n: next(p for p in keep_fp or [] if fnmatch.fnmatchcase(n, p)) for n in scope
+            if any(fnmatch.fnmatchcase(n, p) for p in keep_fp or [])}
+    decided = [n for n in scope if n not in kept]
+    if not decided:
+        raise QschedError("every layer in scope is kept FP by the recipe: nothing for mixed precision to decide")
+
+    quantize_acts = spec.quantize_activations
+    if quantize_acts and act_ranges is None:
+        act_ranges = collect_activation_ranges(pipe, prompts, settings, seed=seed, progress=progress and "ranges")
+    table = analyze_sensitivity(pipe, prompts, settings, weight_widths=weight_widths,
+                                act_widths=act_widths if quantize_acts else (),
+                                act_ranges=act_ranges if quantize_acts else None, layers=decided, groups=groups, group_size=group_size, seed=seed, batch_size=batch_size,
+                                work_dir=work_dir, model_digest=model_digest, image_metric=image_metric,
+                                progress=progress)
+    max_fp = math.ceil(fp_act_fraction * len(decided)) if quantize_acts and fp_act_fraction > 0 else 0
+    candidates = sorted(set(act_widths)) + ([None] if max_fp else [])
+    result = allocate(table, spec.weight_bits, spec.act_bits if quantize_acts else None,
+                      weight_widths=sorted(set(weight_widths)), act_widths=candidates if quantize_acts else None,
+                      content_weight=content_weight, max_fp_act=max_fp if quantize_acts else None,
+                      max_bops=max_bops, fixed_fp_params=sum(scope[n].weight.numel() for n in kept),
+                      time_limit=time_limit)
+    plan = allocation_plan(result, table, target=str(spec), method="mixdq",
+                           group_sizes={n: group_size_for(scope[n], group_size) for n in decided})
+    for name, pattern in kept.items():
+        plan.layers[name] = LayerPlan(None, None, adapter.layer_group(name, groups), None,
+                                      f"kept FP by recipe pattern {pattern!r}", scope[name].weight.numel())
+    plan.layers = dict(sorted(plan.layers.items()))
+    return plan, table, result

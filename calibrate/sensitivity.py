@@ -1,0 +1,400 @@
+"""Metric-decoupled layer sensitivity (MixDQ): quantize one layer at a time and measure the damage.
+
+Every candidate width is tried on one layer while the rest of the model stays in floating point, for
+weights and activations separately. The metric depends on the layer's role (its adapter group):
+
+- content layers (text/cross-attention, feed-forward) change *what* is drawn, so they are scored by the
+  SSIM of the final images against the FP images (a full sampler run per evaluation);
+- quality layers change *how cleanly* it is drawn, so they are scored by the SQNR (dB) of the denoiser
+  output against the FP output, averaged over the sampler steps.
+
+Savings over a plain implementation of MixDQ:
+
+- all calibration prompts go through the pipeline as one batch (``batch_size=None``);
+- quality layers never run the sampler: the FP run records the denoiser's inputs and outputs at every
+  step, and the perturbed denoiser is replayed on those inputs alone (no text encoders, no VAE, and each
+  step starts from the FP trajectory, so it measures this layer's own error rather than compounded drift);
+- one FP run yields the trajectory, the reference images, the activation ranges (when none are given)
+  and each layer's MACs;
+- the table is cached in a work folder under a hash of everything that determines it, written after
+  every layer, so a rerun is free and a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qsched.adapters import adapter_for
+from qsched.errors import QschedError
+from qsched.generation import GenerationSettings, generate
+
+from .apply import set_submodule
+from .qlayers import QuantLayer
+from .statistics import observe_inputs
+from .uniform import group_size_for
+
+CACHE_VERSION = 1
+MAX_SQNR_DB = 150.0  # a bit-exact output would be +inf dB; capped so tables stay plain JSON
+GROUP_METRIC = {"content": "ssim"}  # every other group is scored by SQNR
+
+
+def metric_for_group(group: str) -> str:
+    return GROUP_METRIC.get(group, "sqnr")
+
+
+@dataclass
+class LayerSensitivity:
+    """One layer's scores (higher is better) per candidate width, weights and activations separately."""
+
+    group: str
+    params: int
+    metric: str                                   # "ssim" (content) or "sqnr" (quality, dB)
+    weight: dict[int, float] = field(default_factory=dict)
+    act: dict[int, float] = field(default_factory=dict)
+    macs: float = 0.0                             # multiply-accumulates per image per denoiser call
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["weight"] = {str(k): v for k, v in sorted(self.weight.items())}
+        data["act"] = {str(k): v for k, v in sorted(self.act.items())}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerSensitivity":
+        data = dict(data)
+        data["weight"] = {int(k): float(v) for k, v in data.get("weight", {}).items()}
+        data["act"] = {int(k): float(v) for k, v in data.get("act", {}).items()}
+        return cls(**data)
+
+
+@dataclass
+class SensitivityTable:
+    """Per-layer sensitivities by module path, the widths tried, and what the analysis cost."""
+
+    layers: dict[str, LayerSensitivity] = field(default_factory=dict)
+    weight_widths: list[int] = field(default_factory=list)
+    act_widths: list[int] = field(default_factory=list)
+    key: str = ""
+    stats: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "weight_widths": list(self.weight_widths), "act_widths": list(self.act_widths),
+                "layers": {n: l.to_dict() for n, l in sorted(self.layers.items())}, "stats": dict(self.stats)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SensitivityTable":
+        return cls(layers={n: LayerSensitivity.from_dict(l) for n, l in data.get("layers", {}).items()},
+                   weight_widths=[int(w) for w in data.get("weight_widths", [])],
+                   act_widths=[int(a) for a in data.get("act_widths", [])],
+                   key=data.get("key", ""), stats=dict(data.get("stats", {})))
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temporary sibling, then rename): a killed run never leaves half a table."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SensitivityTable":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# --------------------------------------------------------------------------------------------- keys
+
+def model_state_digest(pipe) -> str:
+    """A hash of every module's weights and the scheduler config: what sampling depends on.
+
+    Linear in model size (tens of seconds for FLUX), negligible next to the analysis it keys; callers
+    that already know a content hash (the artifact's weight hashes) pass ``model_digest`` instead.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    components = getattr(pipe, "components", None) or {"denoiser": adapter_for(pipe).denoiser(pipe)}
+    for cname in sorted(components):
+        comp = components[cname]
+        h.update(cname.encode())
+        if isinstance(comp, nn.Module):
+            for pname, tensor in sorted(comp.state_dict().items()):
+                h.update(f"{pname}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+                h.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+        elif cname == "scheduler" and comp is not None:
+            h.update(json.dumps(dict(comp.config), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _cache_key(model_digest, prompts, weight_widths, act_widths, settings, seed, batch_size, group_size,
+               groups, act_ranges, momentum, image_metric) -> str:
+    ranges = ({k: [float(v) for v in r] for k, r in sorted(act_ranges.items())} if act_ranges is not None
+              else f"observed(momentum={momentum})")
+    inputs = {"version": CACHE_VERSION, "model": model_digest, "prompts": list(prompts),
+              "weight_widths": sorted(weight_widths), "act_widths": sorted(act_widths),
+              "settings": settings.to_dict(), "seed": seed, "batch_size": batch_size, "group_size": group_size,
+              "groups": dict(sorted((groups or {}).items())), "act_ranges": ranges,
+              "image_metric": "judge.ssim" if image_metric is None else
+              f"{getattr(image_metric, '__module__', '')}.{getattr(image_metric, '__qualname__', repr(image_metric))}"}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------- FP record
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _output_tensor(output) -> torch.Tensor:
+    """The prediction in a denoiser's output (a tensor, a ``(tensor, ...)`` tuple, or ``.sample``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return _output_tensor(output[0])
+    if hasattr(output, "sample"):
+        return output.sample
+    raise TypeError(f"cannot find the prediction in a denoiser output of type {type(output).__name__}")
+
+
+def _batch_of(args, kwargs) -> int:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+@dataclass
+class _Reference:
+    """What the FP run leaves behind for the perturbed runs to be compared with."""
+
+    calls: list = field(default_factory=list)        # (args, kwargs, output) per denoiser call
+    images: torch.Tensor | None = None
+    ranges: dict = field(default_factory=dict)
+    macs: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _layer_macs(module: nn.Module, inputs, output) -> int:
+    x = inputs[0]
+    if isinstance(module, nn.Linear):
+        return (x.numel() // module.in_features) * module.weight.numel()
+    return (output.numel() // output.shape[1]) * module.weight.numel()  # conv: output positions x kernel MACs
+
+
+def _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size, layers, observe_ranges, momentum) -> _Reference:
+    """One FP sampler run that records every denoiser call, the images, and the layers' ranges and MACs."""
+    ref = _Reference()
+    macs = {name: 0 for name in layers}
+    batch_total = [0]
+
+    def pre(_module, args, kwargs):
+        clone = lambda t: t.detach().clone()  # noqa: E731
+        ref.calls.append([_map_tensors(args, clone), _map_tensors(kwargs, clone), None])
+        batch_total[0] += _batch_of(args, kwargs)
+
+    def post(_module, _args, _kwargs, output):
+        ref.calls[-1][2] = _output_tensor(output).detach().clone()
+
+    handles = [denoiser.register_forward_pre_hook(pre, with_kwargs=True),
+               denoiser.register_forward_hook(post, with_kwargs=True)]
+    for name, module in layers.items():
+        handles.append(module.register_forward_hook(
+            lambda m, i, o, n=name: macs.__setitem__(n, macs[n] + _layer_macs(m, i, o))))
+    t0 = time.perf_counter()
+    try:
+        with observe_inputs(layers if observe_ranges else {}, momentum) as observers:
+            ref.images = generate(pipe, prompts, settings, seed=seed, batch_size=batch_size)
+        ref.ranges = {n: o.range for n, o in observers.items() if o.calls}
+    finally:
+        for h in handles:
+            h.remove()
+    ref.seconds = time.perf_counter() - t0
+    ref.macs = {n: m / max(batch_total[0], 1) for n, m in macs.items()}
+    return ref
+
+
+# -------------------------------------------------------------------------------------------- scores
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """10·log10(Σ ref² / Σ (ref − test)²), in fp32, capped at :data:`MAX_SQNR_DB`."""
+    ref, test = reference.float(), test.float()
+    noise = float((ref - test).pow(2).sum())
+    signal = float(ref.pow(2).sum())
+    if noise <= 0.0:
+        return MAX_SQNR_DB
+    return min(MAX_SQNR_DB, 10.0 * math.log10(max(signal, 1e-30) / noise))
+
+
+def _default_image_metric() -> Callable:
+    try:
+        from qsched.tinyworld.judge import ssim
+    except ImportError as exc:  # pragma: no cover - the judge ships with the package
+        raise RuntimeError("qsched.tinyworld.judge.ssim is needed to score content layers") from exc
+    return ssim
+
+
+@contextmanager
+def _eval_mode(pipe):
+    """Sample with dropout off (a freshly constructed pipeline is in training mode; T5 has dropout), then
+    restore each module's flag: scores must compare deterministic runs."""
+    modules = [c for c in (getattr(pipe, "components", None) or {}).values() if isinstance(c, nn.Module)]
+    modes = [{m: m.training for m in comp.modules()} for comp in modules]
+    try:
+        for comp in modules:
+            comp.eval()
+        yield
+    finally:
+        for flags in modes:
+            for m, flag in flags.items():
+                m.training = flag
+
+
+@contextmanager
+def _swapped(denoiser: nn.Module, name: str, original: nn.Module, replacement: nn.Module):
+    """Put ``replacement`` at ``name`` for the block; the original module object always comes back."""
+    set_submodule(denoiser, name, replacement)
+    try:
+        yield
+    finally:
+        set_submodule(denoiser, name, original)
+
+
+def _select(all_layers: dict[str, nn.Module], patterns: Iterable[str] | None) -> dict[str, nn.Module]:
+    if patterns is None:
+        return dict(all_layers)
+    patterns = list(patterns)
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in all_layers)]
+    if unmatched:
+        raise QschedError(f"layer filter matched no quantizable layer: {unmatched[:5]}")
+    return {n: m for n, m in all_layers.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def _zero_stats() -> dict:
+    return {"evaluations": 0, "content_evaluations": 0, "quality_evaluations": 0, "seconds": 0.0,
+            "content_seconds": 0.0, "quality_seconds": 0.0}
+
+
+class _Probe:
+    """Scores one-layer perturbations against the FP reference and counts what that costs."""
+
+    def __init__(self, pipe, denoiser, prompts, settings, seed, batch_size, ref: _Reference, metric_fn):
+        self.pipe, self.denoiser, self.prompts, self.settings = pipe, denoiser, prompts, settings
+        self.seed, self.batch_size, self.ref, self.metric_fn = seed, batch_size, ref, metric_fn
+        self.stats = _zero_stats()
+
+    def score(self, name: str, original: nn.Module, replacement: nn.Module, metric: str) -> float:
+        t0 = time.perf_counter()
+        with _swapped(self.denoiser, name, original, replacement):
+            if metric == "ssim":  # the whole sampler: content errors show in the final image
+                images = generate(self.pipe, self.prompts, self.settings, seed=self.seed, batch_size=self.batch_size)
+                value = float(torch.as_tensor(self.metric_fn(images, self.ref.images)).float().mean())
+            else:  # the denoiser alone, replayed on the FP trajectory's inputs
+                with torch.inference_mode():
+                    value = sum(sqnr_db(out, _output_tensor(self.denoiser(*args, **kwargs)))
+                                for args, kwargs, out in self.ref.calls) / len(self.ref.calls)
+        kind = "content" if metric == "ssim" else "quality"
+        elapsed = time.perf_counter() - t0
+        for key in ("evaluations", f"{kind}_evaluations"):
+            self.stats[key] += 1
+        for key in ("seconds", f"{kind}_seconds"):
+            self.stats[key] += elapsed
+        return value
+
+
+def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, *,
+                        weight_widths: Iterable[int] = (2, 3, 4, 5, 6, 8), act_widths: Iterable[int] = (4, 8),
+                        act_ranges: dict[str, tuple[float, float]] | None = None,
+                        layers: Iterable[str] | None = None, groups: dict[str, str] | None = None,
+                        group_size: int | None = None, seed: int = 0, batch_size: int | None = None,
+                        momentum: float = 0.95, work_dir: str | Path | None = None, model_digest: str | None = None,
+                        image_metric: Callable | None = None, progress: bool = True) -> SensitivityTable:
+    """Score every selected layer at every candidate width, one layer at a time.
+
+    ``layers``: module paths or glob patterns (default: every quantizable layer). ``act_ranges``: static
+    activation ranges (as the final model will use); when ``None`` they are observed during the FP run.
+    ``batch_size=None`` sends all prompts in one batch. ``image_metric(images, reference)`` returns
+    per-image similarities (default: the judge's SSIM). With ``work_dir`` the table is cached there,
+    keyed by a hash of the model state (or ``model_digest``), prompts, widths, settings and ranges.
+    """
+    adapter = adapter_for(pipe)
+    denoiser = adapter.denoiser(pipe)
+    all_layers = adapter.quantizable_layers(denoiser)
+    quantized = [n for n, m in all_layers.items() if isinstance(m, QuantLayer)]
+    if quantized:
+        raise QschedError(f"sensitivity analysis needs the full-precision model; {len(quantized)} layer(s) are "
+                          f"already quantized, e.g. {quantized[0]}")
+    selected = _select(all_layers, layers)
+    weight_widths, act_widths = sorted(set(weight_widths)), sorted(set(act_widths))
+    prompts = list(prompts)
+    batch_size = batch_size or len(prompts)
+
+    table = SensitivityTable(weight_widths=weight_widths, act_widths=act_widths)
+    cache_path = None
+    if work_dir is not None:
+        table.key = _cache_key(model_digest or model_state_digest(pipe), prompts, weight_widths, act_widths, settings,
+                               seed, batch_size, group_size, groups, act_ranges, momentum, image_metric)
+        cache_path = Path(work_dir) / f"sensitivity-{table.key[:16]}.json"
+        if cache_path.is_file():
+            cached = SensitivityTable.load(cache_path)
+            if cached.key == table.key:
+                table.layers.update(cached.layers)
+    todo = [n for n in selected if n not in table.layers]
+    stats = {"layers": len(selected), "layers_cached": len(selected) - len(todo), "layers_computed": len(todo),
+             "fp_run_seconds": 0.0}
+    probe_stats = _zero_stats()  # stays zero when everything came from the cache
+    if todo:
+        with _eval_mode(pipe):
+            need_ranges = bool(act_widths) and act_ranges is None
+            ref = _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size,
+                                {n: selected[n] for n in todo}, need_ranges, momentum)
+            ranges = ref.ranges if need_ranges else (act_ranges or {})
+            stats["fp_run_seconds"] = ref.seconds
+            probe = _Probe(pipe, denoiser, prompts, settings, seed, batch_size, ref,
+                           image_metric or _default_image_metric())
+            probe_stats = probe.stats
+            for name in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress, leave=False):
+                table.layers[name] = _analyze_layer(probe, name, selected[name], adapter.layer_group(name, groups),
+                                                    weight_widths, act_widths, ranges, group_size)
+                if cache_path is not None:
+                    table.save(cache_path)  # after every layer: a killed run resumes here
+    stats.update(probe_stats)
+    for kind in ("", "content_", "quality_"):
+        secs = stats[f"{kind}seconds"]
+        stats[f"{kind}evaluations_per_second"] = stats[f"{kind}evaluations"] / secs if secs else None
+    return SensitivityTable({n: table.layers[n] for n in selected}, weight_widths, act_widths, table.key, stats)
+
+
+def _analyze_layer(probe: _Probe, name: str, module: nn.Module, group: str, weight_widths, act_widths, ranges,
+                   group_size) -> LayerSensitivity:
+    """Weights and activations separately, each at every candidate width, the rest of the model in FP."""
+    metric = metric_for_group(group)
+    entry = LayerSensitivity(group=group, params=module.weight.numel(), metric=metric,
+                             macs=float(probe.ref.macs[name]))
+    if act_widths and name not in ranges:
+        raise QschedError(f"no activation range for layer {name}: the calibration runs never reached it")
+    width = group_size_for(module, group_size)
+    for bits in weight_widths:
+        entry.weight[bits] = probe.score(name, module, QuantLayer.from_module(module, bits, None, None, width), metric)
+    for bits in act_widths:
+        entry.act[bits] = probe.score(name, module, QuantLayer.from_module(module, None, bits, ranges[name], None),
+                                      metric)
+    return entry

@@ -1,0 +1,139 @@
+"""Decoupled layer sensitivity and the MixDQ plan on a tiny random FLUX pipeline (2 prompts, 2 steps)."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from calibrate.apply import quantize_
+from calibrate.mixdq import mixdq_plan
+from calibrate.qlayers import QuantLayer
+from calibrate.sensitivity import SensitivityTable, analyze_sensitivity
+from qsched.bits import parse_bits
+from qsched.errors import QschedError
+from qsched.generation import generate
+from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
+
+from conftest import TEST_WORDS
+
+PROMPTS = ["a red circle on the left", "a blue square above the green triangle"]
+SETTINGS = replace(TINY_SETTINGS, steps=2)
+BLOCK = ["single_transformer_blocks.0.*"]  # quality layers (attention, norm, proj_out) and a content one (proj_mlp)
+
+
+from qsched.tinyworld.judge import ssim as SSIM  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, oversubscribed threads make these runs 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = build_tiny_pipeline(0, TEST_WORDS)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def table(pipe):
+    return analyze_sensitivity(pipe, PROMPTS, SETTINGS, weight_widths=(2, 4, 8), act_widths=(4, 8), layers=BLOCK,
+                               image_metric=SSIM, progress=False)
+
+
+def test_narrower_widths_never_score_better_on_average(table):
+    assert {l.metric for l in table.layers.values()} == {"ssim", "sqnr"}
+    for metric in ("ssim", "sqnr"):
+        layers = [l for l in table.layers.values() if l.metric == metric]
+        mean = lambda side, b: sum(getattr(l, side)[b] for l in layers) / len(layers)  # noqa: E731
+        assert mean("weight", 2) <= mean("weight", 4) <= mean("weight", 8)
+        assert mean("act", 4) <= mean("act", 8)
+    sqnr = [l for l in table.layers.values() if l.metric == "sqnr"]
+    assert all(l.weight[2] < l.weight[8] and l.act[4] < l.act[8] for l in sqnr)
+    assert all(l.macs > 0 and l.params > 0 for l in table.layers.values())
+    assert table.stats["evaluations"] == len(table.layers) * 5 and table.stats["evaluations_per_second"] > 0
+
+
+def test_table_round_trips_through_json(table):
+    back = SensitivityTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert back.layers == table.layers
+    assert (back.weight_widths, back.act_widths) == ([2, 4, 8], [4, 8])
+
+
+def test_model_is_restored_exactly(pipe):
+    modules = dict(pipe.transformer.named_modules())
+    before = generate(pipe, PROMPTS, SETTINGS)
+    analyze_sensitivity(pipe, PROMPTS, SETTINGS, weight_widths=(2,), act_widths=(4,),
+                        layers=["transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2"],
+                        image_metric=SSIM, progress=False)
+    assert dict(pipe.transformer.named_modules()) == modules  # the very same module objects, no QuantLayer left
+    assert torch.equal(generate(pipe, PROMPTS, SETTINGS), before)
+
+
+def test_rerun_is_served_from_the_work_folder(pipe, tmp_path):
+    kwargs = dict(weight_widths=(2, 8), act_widths=(8,), image_metric=SSIM, progress=False, work_dir=tmp_path)
+    first = analyze_sensitivity(pipe, PROMPTS, SETTINGS, layers=["transformer_blocks.1.attn.to_*"], **kwargs)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        again = analyze_sensitivity(pipe, PROMPTS, SETTINGS, layers=["transformer_blocks.1.attn.to_*"], **kwargs)
+        assert not calls and again.layers == first.layers and again.stats["layers_cached"] == len(first.layers)
+        # a wider selection computes only the new layers
+        wider = analyze_sensitivity(pipe, PROMPTS, SETTINGS, layers=["transformer_blocks.1.attn.*"], **kwargs)
+        assert calls and wider.stats["layers_cached"] == len(first.layers)
+        assert wider.stats["layers_computed"] == len(wider.layers) - len(first.layers)
+        # other prompts are another key
+        calls.clear()
+        analyze_sensitivity(pipe, PROMPTS[:1], SETTINGS, layers=["transformer_blocks.1.attn.to_q"], **kwargs)
+        assert calls
+    finally:
+        hook.remove()
+    assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2
+
+
+def test_quantized_model_and_unknown_layers_are_refused(pipe):
+    with pytest.raises(QschedError, match="matched no quantizable layer"):
+        analyze_sensitivity(pipe, PROMPTS, SETTINGS, layers=["no_such_block.*"], image_metric=SSIM, progress=False)
+    other = build_tiny_pipeline(1, TEST_WORDS)
+    name = "transformer_blocks.0.attn.to_q"
+    other.transformer.transformer_blocks[0].attn.to_q = QuantLayer.from_module(
+        other.transformer.get_submodule(name), 4, None)
+    with pytest.raises(QschedError, match="full-precision model"):
+        analyze_sensitivity(other, PROMPTS, SETTINGS, layers=[name], image_metric=SSIM, progress=False)
+
+
+def test_mixdq_plan_meets_the_budget(pipe):
+    spec = parse_bits("w3.5a8")
+    scope = ["single_transformer_blocks.1.*", "transformer_blocks.1.ff.*"]
+    plan, table, result = mixdq_plan(pipe, spec, PROMPTS, SETTINGS, None, weight_widths=(2, 4, 8), layers=scope,
+                                     keep_fp=["single_transformer_blocks.1.attn.to_k"], image_metric=SSIM,
+                                     progress=False)
+    assert result.status == "Optimal"
+    # nine layers at {2, 4, 8} bits cannot always land within 0.02 of the budget; never above it
+    assert 3.4 <= plan.average_weight_bits() <= 3.5 + 1e-9
+    assert plan.average_weight_bits() == pytest.approx(result.average_weight_bits)
+    assert plan.layers["single_transformer_blocks.1.attn.to_k"].weight_bits is None
+    assert "single_transformer_blocks.1.attn.to_k" not in table.layers
+    acts = [p.act_bits for p in plan.layers.values() if p.weight_bits is not None]
+    assert acts.count(None) == 1 and set(acts) <= {None, 4, 8}
+    assert all(p.reason.startswith("ILP: ") for n, p in plan.layers.items() if n in table.layers)
+    # the plan applies through the ordinary path and the model still samples
+    from calibrate.calibration import collect_activation_ranges
+
+    ranges = collect_activation_ranges(pipe, PROMPTS, SETTINGS, progress=False)
+    original = {n: pipe.transformer.get_submodule(n) for n in plan.layers}
+    try:
+        quantize_(pipe.transformer, plan, ranges)
+        assert torch.isfinite(generate(pipe, PROMPTS, SETTINGS)).all()
+    finally:
+        from calibrate.apply import set_submodule
+
+        for n, m in original.items():
+            set_submodule(pipe.transformer, n, m)
