@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 import platform
 import time
 from pathlib import Path
@@ -75,16 +76,15 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     out = Path(out or f"out/{Path(model).name}-{spec}")
     _check_out(out, overwrite)
     recipe_obj, recipe_path = resolve_recipe(model, str(spec), recipe)
-    if spec.is_fractional and (uniform or recipe_obj.quantization.method == "uniform"):
+    if spec.is_fractional and uniform:
         raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; "
                           f"use an integer weight width ({', '.join(map(str, (2, 3, 4, 5, 6, 8)))}) with --uniform")
-    if recipe_obj.quantization.method == "mixdq" and not uniform:
-        raise QschedError("quantization.method 'mixdq' is not available in this version of qsched; use 'uniform'")
     torch.manual_seed(seed)
     bar = tqdm(total=len(STAGES), desc="qcompile", unit="stage", disable=not progress)
     try:
+        method = "uniform" if uniform else ("mixdq" if spec.is_fractional else recipe_obj.quantization.method)
         return _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, init, qsched,
-                           cache_search, bundle, eval_prompts, overwrite, progress)
+                           cache_search, bundle, eval_prompts, overwrite, progress, method)
     except BaseException:
         bar.leave = False  # clear the bar so the error message starts its own line
         raise
@@ -93,7 +93,7 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
 
 
 def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, init, qsched, cache_search, bundle,
-                eval_prompts, overwrite, progress) -> Artifact:
+                eval_prompts, overwrite, progress, method) -> Artifact:
     timings, stages = {}, {}
 
     def stage(name: str):
@@ -122,10 +122,19 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     from calibrate.calibration import calibrate
     cal = recipe_obj.calibration
     prompts = calibration_prompts(model, cal.prompts, seed=cal.seed, embedded=embedded)
+    quant = recipe_obj.quantization
+    mixdq = {"sensitivity_prompts": quant.sensitivity_prompts, "content_weight": quant.content_weight,
+             "fp_act_fraction": quant.fp_act_fraction, "weight_widths": quant.weight_widths,
+             "act_widths": quant.act_widths, "model_digest": source_info["denoiser_sha256"],
+             "work_dir": work_dir(out)}
     result = calibrate(pipe, spec, prompts, settings, seed=cal.seed, batch_size=cal.batch_size, momentum=cal.momentum,
-                       group_size=recipe_obj.quantization.group_size, keep_fp=recipe_obj.quantization.keep_fp,
-                       groups=recipe_obj.quantization.groups, progress=progress and "calibration")
-    done("calibrate", method=result.plan.method, prompts=len(prompts))
+                       group_size=quant.group_size, keep_fp=quant.keep_fp, groups=quant.groups,
+                       progress=progress and "calibration", method=method, mixdq=mixdq)
+    plan_info = {"average_weight_bits": round(result.plan.average_weight_bits(), 4)}
+    if result.allocation:
+        plan_info["allocation"] = {k: result.allocation[k] for k in ("status", "objective", "solve_seconds")
+                                   if k in result.allocation}
+    done("calibrate", method=result.plan.method, prompts=len(prompts), **plan_info)
 
     for name, wanted in (("qsched", qsched and recipe_obj.qsched.enabled),
                          ("cache_search", cache_search and recipe_obj.cache_search.enabled)):
@@ -151,8 +160,9 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     from export.save import save_quantized
     manifest["metrics"] = metrics
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items() if k != "export"}
+    extra = {"sensitivity.json": json.dumps(result.sensitivity, indent=1).encode()} if result.sensitivity else None
     path = save_quantized(out, pipe, adapter.denoiser_attr, result.plan, manifest, bundle=bundle,
-                          overwrite=overwrite, fp_params=fp_params)
+                          overwrite=overwrite, fp_params=fp_params, extra_files=extra)
     bar.update(1)
     artifact = Artifact.open(path)
     artifact.compiled_pipeline = pipe
@@ -162,6 +172,11 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
 def fidelity_metrics_for(reference, images, prompts, embedded: bool) -> dict:
     from .evaluate import fidelity_metrics
     return fidelity_metrics(reference, images, prompts, judge_prompts=embedded)
+
+
+def work_dir(out: Path) -> Path:
+    """Where long stages cache their results (keyed by their inputs), beside the artifact: reruns resume."""
+    return Path(out).resolve().parent / ".qsched-work"
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -35,6 +35,13 @@ class QuantizationConfig:
     group_size: int | None = None
     keep_fp: list[str] = field(default_factory=list)
     groups: dict[str, str] = field(default_factory=dict)
+    #: mixdq: candidate widths, the weight of the content group against the quality group in the
+    #: objective, and the fraction of layers allowed to keep FP activations (MixDQ keeps ~1%).
+    weight_widths: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    act_widths: list[int] = field(default_factory=lambda: [4, 8])
+    content_weight: float = 0.5
+    fp_act_fraction: float = 0.01
+    sensitivity_prompts: int = 8
 
 
 @dataclass
@@ -129,6 +136,14 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: quantization.method must be one of {_METHODS}, got {recipe.quantization.method!r}")
     if recipe.calibration.prompts < 1 or recipe.calibration.batch_size < 1:
         raise RecipeError(f"{source}: calibration.prompts and calibration.batch_size must be positive")
+    q = recipe.quantization
+    if not set(q.weight_widths) <= {2, 3, 4, 5, 6, 8} or not q.weight_widths:
+        raise RecipeError(f"{source}: quantization.weight_widths must be a non-empty subset of [2, 3, 4, 5, 6, 8]")
+    if not set(q.act_widths) <= {4, 8} or not q.act_widths:
+        raise RecipeError(f"{source}: quantization.act_widths must be a non-empty subset of [4, 8]")
+    if not 0.0 <= q.content_weight <= 1.0 or not 0.0 <= q.fp_act_fraction < 1.0 or q.sensitivity_prompts < 1:
+        raise RecipeError(f"{source}: quantization.content_weight must lie in [0, 1], fp_act_fraction in [0, 1), "
+                          "sensitivity_prompts >= 1")
     if not 0.0 <= recipe.calibration.momentum < 1.0:
         raise RecipeError(f"{source}: calibration.momentum must lie in [0, 1)")
     if recipe.bits is not None:

@@ -91,3 +91,24 @@ def test_bundled_artifact_loads_without_the_source(tiny_pipeline_dir, tmp_path):
     shutil.rmtree(src)
     import export
     assert torch.equal(generate(export.load(art.path), PROMPTS[:2], settings, seed=1), expected)
+
+
+def test_fractional_budget_compiles_mixed_precision_and_round_trips(tiny_pipeline_dir, tmp_path):
+    """w3.5a8 goes through MixDQ: mixed widths are packed per layer and load back bit for bit."""
+    recipe = qsched.recipe.parse_recipe({
+        "calibration": {"prompts": 4, "batch_size": 4}, "generation": {"steps": 2},
+        "quantization": {"weight_widths": [2, 4, 8], "act_widths": [8], "sensitivity_prompts": 2}})
+    art = qsched.compile(str(tiny_pipeline_dir), "w3.5a8", out=tmp_path / "mixed", recipe=recipe,
+                         eval_prompts=0, progress=False)
+    plan = art.bit_plan
+    widths = {p.weight_bits for p in plan.layers.values()}
+    assert plan.method == "mixdq" and len(widths) > 1 and widths <= {2, 4, 8}
+    assert abs(plan.average_weight_bits() - 3.5) <= 0.02 + 1e-9
+    assert art.manifest["stages"]["calibrate"]["allocation"]["status"] == "Optimal"
+    assert "sensitivity.json" in art.manifest["files"]
+    settings = GenerationSettings(**art.manifest["generation"])
+    expected = generate(art.compiled_pipeline, PROMPTS[:2], settings, seed=5)
+    import export
+    assert torch.equal(generate(export.load(art.path), PROMPTS[:2], settings, seed=5), expected)
+    # a rerun reuses the cached sensitivity table (work folder keyed by the inputs)
+    assert any((tmp_path / ".qsched-work").rglob("*.json"))
