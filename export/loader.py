@@ -77,6 +77,15 @@ def _other_components(manifest: dict, path: Path, denoiser):
     return load_source_pipeline(source, manifest["pipeline_class"], **{attr: denoiser})
 
 
+def build_scheduler(record: dict):
+    """The artifact's scheduler: its diffusers base, wrapped with Q-Sched coefficients when it has them."""
+    base = _diffusers_class(record["class"]).from_config(record["config"])
+    if record.get("coefficients"):
+        from qsched.schedulers import QSchedScheduler
+        return QSchedScheduler.wrap(base, record["coefficients"], interpolate=bool(record.get("interpolate")))
+    return base
+
+
 def load(path, device: str = "cpu", verify: bool = True):
     """Load an artifact written by ``qcompile`` and return a ready diffusers pipeline."""
     path = Path(path)
@@ -88,7 +97,7 @@ def load(path, device: str = "cpu", verify: bool = True):
     pipe = _other_components(manifest, path, denoiser)
     scheduler = manifest.get("scheduler")
     if scheduler:
-        pipe.scheduler = _diffusers_class(scheduler["class"]).from_config(scheduler["config"])
+        pipe.scheduler = build_scheduler(scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.qsched_manifest = manifest
     return pipe.to(device)

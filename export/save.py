@@ -47,11 +47,31 @@ def denoiser_tensors(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def scheduler_record(scheduler) -> dict:
+    """The scheduler as plain JSON: diffusers base class and config, plus Q-Sched coefficients if wrapped."""
+    from qsched.schedulers import QSchedScheduler
+
+    if isinstance(scheduler, QSchedScheduler):
+        rec = scheduler.to_dict()
+        return {"class": rec["base_class"], "config": rec["base_config"], "coefficients": rec["coefficients"],
+                "interpolate": rec["interpolate"]}
+    return {"class": type(scheduler).__name__, "config": json.loads(scheduler.to_json_string()), "coefficients": None}
+
+
 def bundle_shards_and_files(pipe, denoiser_attr: str) -> tuple[dict, dict]:
-    """Every pipeline component except the denoiser, as saved by ``save_pretrained`` (for ``--bundle``)."""
+    """Every pipeline component except the denoiser, as saved by ``save_pretrained`` (for ``--bundle``).
+    A Q-Sched scheduler is bundled as its diffusers base; the coefficients live in the manifest."""
+    from qsched.schedulers import QSchedScheduler
+
     shards, files = {}, {}
+    scheduler = pipe.scheduler
     with tempfile.TemporaryDirectory() as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        if isinstance(scheduler, QSchedScheduler):
+            pipe.scheduler = scheduler.unwrap()
+        try:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            pipe.scheduler = scheduler
         root = Path(tmp)
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root)
@@ -79,8 +99,7 @@ def save_quantized(out_dir, pipe, denoiser_attr: str, plan: BitPlan, manifest: d
         "pipeline_class": type(pipe).__name__,
         "bit_plan": plan.to_dict(),
         "layers": layer_specs(denoiser),
-        "scheduler": {"class": type(pipe.scheduler).__name__, "config": json.loads(pipe.scheduler.to_json_string()),
-                      **manifest.get("scheduler", {})},
+        "scheduler": scheduler_record(pipe.scheduler),
         "bundle": bool(bundle),
     })
     tensors = denoiser_tensors(denoiser)

@@ -154,7 +154,7 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
         "source": source_info, "bits": str(spec), "recipe": {"path": recipe_path, **recipe_obj.to_dict()},
         "generation": settings.to_dict(), "activation_ranges": {k: list(v) for k, v in result.act_ranges.items()},
         "calibration_prompts": prompts, "eval_prompts": eval_set, "seed": seed,
-        "scheduler": {"coefficients": None}, "cache": {"schedule": None, "pareto_front": []},
+        "cache": {"schedule": None, "pareto_front": []},
         "stages": stages, "tools": tool_versions(),
     }
     from export.save import save_quantized

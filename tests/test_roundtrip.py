@@ -112,3 +112,27 @@ def test_fractional_budget_compiles_mixed_precision_and_round_trips(tiny_pipelin
     assert torch.equal(generate(export.load(art.path), PROMPTS[:2], settings, seed=5), expected)
     # a rerun reuses the cached sensitivity table (work folder keyed by the inputs)
     assert any((tmp_path / ".qsched-work").rglob("*.json"))
+
+
+def test_qsched_coefficients_are_saved_and_applied_on_load(compiled, tmp_path):
+    """A pipeline sampling with Q-Sched coefficients round-trips: the loaded scheduler is wrapped the same."""
+    from export.save import save_quantized
+    from qsched.schedulers import QSchedScheduler, SchedulerCoefficients
+    import export
+    from calibrate.bitplan import BitPlan
+
+    pipe = compiled.compiled_pipeline
+    base = pipe.scheduler
+    coeffs = SchedulerCoefficients.linear_ramp(4, 1.08, 0.95)
+    pipe.scheduler = QSchedScheduler.wrap(base, coeffs)
+    try:
+        settings = GenerationSettings(**compiled.manifest["generation"])
+        expected = generate(pipe, PROMPTS[:2], settings, seed=3)
+        manifest = {k: v for k, v in compiled.manifest.items() if k not in ("files", "schema_version")}
+        path = save_quantized(tmp_path / "qs", pipe, "transformer", BitPlan.from_dict(manifest["bit_plan"]), manifest)
+    finally:
+        pipe.scheduler = base
+    assert not torch.equal(expected, generate(pipe, PROMPTS[:2], settings, seed=3))  # coefficients matter
+    loaded = export.load(path)
+    assert isinstance(loaded.scheduler, QSchedScheduler) and loaded.scheduler.coefficients == coeffs
+    assert torch.equal(generate(loaded, PROMPTS[:2], settings, seed=3), expected)
