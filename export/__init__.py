@@ -1,11 +1,11 @@
 """Artifact writing and loading (``export.load``), packed weights, and runtime exports."""
 
 
-def load(path, device: str = "cpu", verify: bool = True):
+def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulated"):
     """Load an artifact directory into a diffusers pipeline; see :func:`export.loader.load`."""
     from .loader import load as _load
 
-    return _load(path, device=device, verify=verify)
+    return _load(path, device=device, verify=verify, runtime=runtime)
 
 
 __all__ = ["load"]

@@ -86,14 +86,22 @@ def build_scheduler(record: dict):
     return base
 
 
-def load(path, device: str = "cpu", verify: bool = True):
-    """Load an artifact written by ``qcompile`` and return a ready diffusers pipeline."""
+def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulated"):
+    """Load an artifact written by ``qcompile`` and return a ready diffusers pipeline.
+
+    ``runtime="native"`` swaps the simulated layers for integer/packed ones (:mod:`export.runtime_torch`).
+    """
+    if runtime not in ("simulated", "native"):
+        raise ArtifactError(f"unknown runtime {runtime!r}; use 'simulated' or 'native'")
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     tensors = {}
     for shard in manifest["denoiser"]["shards"]:  # large denoisers are written one block group per shard
         tensors.update(load_shard(path, shard))
     denoiser = build_denoiser(manifest, tensors)
+    if runtime == "native":
+        from .runtime_torch import to_native_
+        to_native_(denoiser)
     pipe = _other_components(manifest, path, denoiser)
     scheduler = manifest.get("scheduler")
     if scheduler:

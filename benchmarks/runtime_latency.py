@@ -1,0 +1,252 @@
+"""Runtime latency: does the native integer runtime beat FP on this machine, and by how much?
+
+Two measurements, every variant side by side in one run (median of ``--repeat`` timed calls after
+``--warmup`` untimed ones, under ``torch.inference_mode``):
+
+1. One FLUX-size linear layer (3072 in x 12288 out, the single-stream MLP up-projection) at several token
+   counts: fp32, bf16, native W8A8 (``torch._int_mm``, including the input quantization and rescale), the
+   bare ``_int_mm`` kernel for reference, and native int4 (packed nibbles unpacked and dequantized every
+   call, then an fp32 or bf16 matmul).
+2. One denoiser step of flux-tiny (the trained weights when shipped, else a random pipeline; force random
+   with ``--random-model``): fp32, bf16, simulated W8A8, and native W8A8 / W4A8 / W4A16. Activation ranges
+   come from one captured pipeline call; the table also reports how far each output is from fp32.
+
+    python benchmarks/runtime_latency.py --tokens 256 1024 4096 --repeat 10 --out bench-out/runtime-latency.json
+    python benchmarks/runtime_latency.py --tokens 32 --repeat 2 --in-features 256 --out-features 512   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibrate.apply import set_submodule
+from calibrate.qlayers import QuantLayer
+from calibrate.quantizers import quantize_weight
+from export.runtime_torch import NativeDequantLayer, NativeInt8Linear, to_native_
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, repeat: int, warmup: int, device: torch.device) -> dict:
+    """Median (and min/max) wall time of ``fn()`` over ``repeat`` calls, after ``warmup`` untimed calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3}
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def quant_layer(weight: torch.Tensor, bias: torch.Tensor, weight_bits: int, act_bits: int | None,
+                act_range: tuple[float, float]) -> QuantLayer:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return QuantLayer.from_module(linear, weight_bits, act_bits, act_range if act_bits else None)
+
+
+def bench_linear(in_features: int, out_features: int, tokens: list[int], repeat: int, warmup: int,
+                 device: torch.device) -> list[dict]:
+    """Latency of one linear layer per variant and token count."""
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(out_features, in_features, generator=gen) * 0.02).to(device)
+    bias = (torch.randn(out_features, generator=gen) * 0.01).to(device)
+    act_range = (-4.0, 6.0)
+    w8a8 = NativeInt8Linear(quant_layer(weight, bias, 8, 8, act_range))
+    int4_fp32 = NativeDequantLayer(quant_layer(weight, bias, 4, None, act_range))
+    int4_bf16 = NativeDequantLayer(quant_layer(weight.bfloat16(), bias.bfloat16(), 4, None, act_range))
+    weight_bf16, bias_bf16 = weight.bfloat16(), bias.bfloat16()
+    int8_codes = quantize_weight(weight, 8)[0]
+    sizes = {"fp32": weight.numel() * 4, "bf16": weight.numel() * 2, "native int8 (W8A8)": _bytes(w8a8),
+             "_int_mm kernel only": weight.numel(), "native int4 -> fp32": _bytes(int4_fp32),
+             "native int4 -> bf16": _bytes(int4_bf16)}
+    rows = []
+    for m in tokens:
+        x = (torch.randn(m, in_features, generator=gen) * 1.5).to(device)
+        x_bf16 = x.bfloat16()
+        q = w8a8.quantize_input(x)
+        variants = {
+            "fp32": lambda: F.linear(x, weight, bias),
+            "bf16": lambda: F.linear(x_bf16, weight_bf16, bias_bf16),
+            "native int8 (W8A8)": lambda: w8a8(x),
+            "_int_mm kernel only": lambda: torch._int_mm(q, int8_codes.t()),
+            "native int4 -> fp32": lambda: int4_fp32(x),
+            "native int4 -> bf16": lambda: int4_bf16(x_bf16),
+        }
+        base = None
+        for name, fn in variants.items():
+            timing = median_seconds(fn, repeat, warmup, device)
+            base = base or timing["median_ms"]
+            rows.append({"tokens": m, "variant": name, **timing, "speedup_vs_fp32": base / timing["median_ms"],
+                         "weight_bytes": sizes[name]})
+            print(f"  linear {in_features}x{out_features} tokens={m:<5} {name:<22} {timing['median_ms']:9.2f} ms",
+                  flush=True)
+    return rows
+
+
+def tiny_pipeline(random_model: bool):
+    from qsched.errors import ModelNotFoundError
+    from qsched.tinyworld.model import build_tiny_pipeline, load_embedded
+
+    if not random_model:
+        try:
+            return load_embedded(), "trained"
+        except ModelNotFoundError:
+            print("  (flux-tiny weights not shipped here: using a random flux-tiny pipeline)")
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, "random"
+
+
+def capture_step(pipe, batch: int) -> tuple[dict, dict[str, tuple[float, float]]]:
+    """The transformer's inputs for one step and each linear layer's input range (one pipeline call)."""
+    from qsched.tinyworld.model import TINY_SETTINGS
+
+    denoiser = pipe.transformer
+    captured, ranges, hooks = {}, {}, []
+
+    def grab(_module, args, kwargs):
+        if not captured:
+            captured.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+    def record(name):
+        def hook(_module, args):
+            lo, hi = float(args[0].min()), float(args[0].max())
+            old = ranges.get(name, (lo, hi))
+            ranges[name] = (min(lo, old[0]), max(hi, old[1]))
+        return hook
+
+    hooks.append(denoiser.register_forward_pre_hook(grab, with_kwargs=True))
+    for name, module in denoiser.named_modules():
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_pre_hook(record(name)))
+    prompts = ["a red circle on the left", "a large blue square above a green triangle"] * batch
+    with torch.inference_mode():
+        pipe(prompts[:batch], num_inference_steps=1, height=TINY_SETTINGS.height, width=TINY_SETTINGS.width,
+             guidance_scale=0.0, max_sequence_length=TINY_SETTINGS.max_sequence_length, output_type="pt")
+    for h in hooks:
+        h.remove()
+    return captured, ranges
+
+
+def quantized_copy(denoiser: nn.Module, ranges: dict, weight_bits: int, act_bits: int | None) -> nn.Module:
+    model = copy.deepcopy(denoiser)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name in ranges:
+            set_submodule(model, name, QuantLayer.from_module(module, weight_bits, act_bits,
+                                                              ranges[name] if act_bits else None))
+    return model.eval()
+
+
+def bench_denoiser(random_model: bool, batch: int, repeat: int, warmup: int, device: torch.device) -> dict:
+    pipe, which = tiny_pipeline(random_model)
+    inputs, ranges = capture_step(pipe, batch)
+    fp32 = pipe.transformer.eval()
+    variants: dict[str, tuple[nn.Module, torch.dtype]] = {"fp32": (fp32, torch.float32),
+                                                          "bf16": (copy.deepcopy(fp32).to(torch.bfloat16), torch.bfloat16),
+                                                          "simulated W8A8": (quantized_copy(fp32, ranges, 8, 8), torch.float32)}
+    paths = {}
+    for label, wb, ab in (("native W8A8", 8, 8), ("native W4A8", 4, 8), ("native W4A16", 4, None)):
+        model = quantized_copy(fp32, ranges, wb, ab)
+        paths[label] = to_native_(model)
+        variants[label] = (model, torch.float32)
+    with torch.inference_mode():
+        reference = fp32(**inputs, return_dict=False)[0].float()
+    rows = []
+    for name, (model, dtype) in variants.items():
+        model.to(device)
+        args = {k: (v.to(device, dtype) if v.is_floating_point() and not k.endswith("_ids") else v.to(device))
+                for k, v in inputs.items()}
+
+        def step():
+            return model(**args, return_dict=False)[0]
+        timing = median_seconds(step, repeat, warmup, device)
+        with torch.inference_mode():
+            out = step().float().cpu()
+        rel = float((out - reference).abs().max() / reference.abs().max())
+        rows.append({"variant": name, **timing, "state_bytes": _bytes(model), "max_rel_diff_vs_fp32": rel,
+                     "layer_paths": paths.get(name)})
+        print(f"  flux-tiny step {name:<16} {timing['median_ms']:9.2f} ms   max|Δ|/max vs fp32 {rel:.2e}", flush=True)
+    tokens = int(inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1])
+    return {"model": which, "batch": batch, "tokens_per_sample": tokens, "rows": rows}
+
+
+def print_linear_table(rows: list[dict]) -> None:
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    tokens = list(dict.fromkeys(r["tokens"] for r in rows))
+    print("\nlinear layer latency, median ms (speedup vs fp32)")
+    print(f"{'variant':<22} {'weight MB':>9} " + " ".join(f"{f'{m} tok':>18}" for m in tokens))
+    for name in names:
+        cells = {r["tokens"]: r for r in rows if r["variant"] == name}
+        mb = cells[tokens[0]]["weight_bytes"] / 2**20
+        print(f"{name:<22} {mb:9.1f} " + " ".join(
+            f"{cells[m]['median_ms']:10.2f} ({cells[m]['speedup_vs_fp32']:4.2f}x)" for m in tokens))
+
+
+def print_denoiser_table(result: dict) -> None:
+    print(f"\nflux-tiny denoiser step ({result['model']} weights, batch {result['batch']}, "
+          f"{result['tokens_per_sample']} tokens/sample), median ms")
+    base = result["rows"][0]["median_ms"]
+    for r in result["rows"]:
+        print(f"{r['variant']:<16} {r['median_ms']:9.2f} ({base / r['median_ms']:4.2f}x)  "
+              f"state {r['state_bytes'] / 2**20:6.2f} MB  max|Δ|/max vs fp32 {r['max_rel_diff_vs_fp32']:.2e}")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--in-features", type=int, default=3072)
+    p.add_argument("--out-features", type=int, default=12288)
+    p.add_argument("--repeat", type=int, default=10, help="timed calls per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=4, help="images per flux-tiny denoiser step")
+    p.add_argument("--random-model", action="store_true", help="random flux-tiny even if trained weights are shipped")
+    p.add_argument("--skip-denoiser", action="store_true")
+    p.add_argument("--out", default="bench-out/runtime-latency.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    result = {"env": {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "threads": torch.get_num_threads(), "device": str(device), "machine": platform.machine(),
+                      "processor": platform.processor()},
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
+    result["linear"] = bench_linear(args.in_features, args.out_features, args.tokens, args.repeat, args.warmup, device)
+    print_linear_table(result["linear"])
+    if not args.skip_denoiser:
+        result["denoiser_step"] = bench_denoiser(args.random_model, args.batch, args.repeat, args.warmup, device)
+        print_denoiser_table(result["denoiser_step"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

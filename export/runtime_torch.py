@@ -1,0 +1,236 @@
+"""Torch-native runtime: deployment layers that compute with the artifact's integers instead of simulating them.
+
+The simulated :class:`~calibrate.qlayers.QuantLayer` dequantizes its weights once and keeps an FP copy
+(fast to evaluate, but no smaller than the FP model). :func:`to_native_` swaps each one for a layer that
+keeps only what the artifact stores and does the arithmetic a deployment would do:
+
+* **W(5-8)A(≤8) linear** — :class:`NativeInt8Linear`: the input is quantized with the layer's static
+  asymmetric (scale, zero point), an int8 x int8 -> int32 ``torch._int_mm`` does the matmul, and one
+  multiply rescales. The activation codes ``q`` live in ``[0, 2^b - 1]`` (unsigned), which int8 cannot
+  hold, so the kernel is fed ``q - 128`` and the offset is folded into a per-output integer correction::
+
+      y = s_x * s_w * (Σ_k (q_k - zp) w_k) + b
+        = s_x * s_w * (Σ_k (q_k - 128) w_k  +  (128 - zp) * Σ_k w_k) + b
+
+  The correction is exact int32 arithmetic, so the only difference from the simulation is fp32 rounding.
+  Grouped weight scales run one ``_int_mm`` per input group (each group has its own scale).
+* **≤4-bit weights** (W4A8, W4A16, ...) — :class:`NativeDequantLayer` holding the **packed** nibbles of
+  :func:`export.packing.pack_int` (``ceil(n/2)`` uint8 bytes); every forward unpacks, dequantizes to the
+  compute dtype and runs a float matmul, with activations fake-quantized exactly as in simulation.
+* **W(5-8)A16 and conv layers** — :class:`NativeDequantLayer` with int8 codes (or packed nibbles),
+  dequantized on the fly.
+
+Numerics: the dequantize-on-the-fly path reproduces the simulation bit for bit (same formulas, same
+order); the integer path agrees to fp32 rounding (tested: max |diff| / max |y| < 1e-4 in fp32).
+
+``torch._int_mm`` shape rules: on CUDA it needs M > 16 and K, N multiples of 8; the CPU kernel (torch
+2.13) takes any shape. :func:`to_native_` therefore only builds the integer layer when K (or the group
+size) and N are multiples of 8, which keeps an artifact portable between devices (every FLUX width is);
+other layers take the dequantize path. At run time small M is zero-padded to 17 rows on CUDA, and a device
+without an int8 matmul falls back to the same integer product computed in float64, exact because
+``|acc| < 2^53``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibrate.apply import set_submodule
+from calibrate.qlayers import QuantLayer
+from calibrate.quantizers import fake_quantize_activation
+from qsched.errors import ArtifactError
+
+from .packing import NIBBLE_BITS, pack_int
+
+__all__ = ["NativeInt8Linear", "NativeDequantLayer", "native_layer", "to_native_", "int_mm",
+           "unpack_nibbles", "int_matmul_eligible"]
+
+_ACT_OFFSET = 128  # unsigned activation code q in [0, 255] -> int8 code q - 128
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Packed ≤4-bit codes (``pack_int`` layout) -> int8 codes, flat. No range checks: validated at build."""
+    nib = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(-1)[:numel]
+    return nib.view(torch.int8) - 8
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Same arithmetic as :func:`calibrate.quantizers.dequantize_weight` (fp32 multiply, then cast)."""
+    groups = scale.shape[1]
+    grouped = codes.reshape(shape[0], groups, -1).float() * scale.unsqueeze(-1)
+    return grouped.reshape(shape).to(dtype)
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N] with ``torch._int_mm``, working around its shape rules.
+
+    CUDA's kernel rejects M <= 16: pad with zero rows and slice (cheap; only tiny batches hit it). If the
+    device has no int8 matmul at all, compute the identical integer result in float64 (exact for any
+    realistic K: |acc| <= K * 128 * 127 < 2^53).
+    """
+    m = a.shape[0]
+    if m == 0:
+        return torch.zeros((0, b.shape[1]), dtype=torch.int32, device=a.device)
+    if a.device.type == "cuda" and m <= 16:
+        a = torch.cat([a, a.new_zeros((17 - m, a.shape[1]))])
+    try:
+        out = torch._int_mm(a, b)
+    except (RuntimeError, NotImplementedError):
+        out = (a.double() @ b.double()).to(torch.int32)
+    return out[:m]
+
+
+def int_matmul_eligible(layer: QuantLayer) -> bool:
+    """Whether a simulated layer can run as :class:`NativeInt8Linear` (see the module docstring)."""
+    if layer.kind != "linear" or layer.weight_bits is None or layer.act_bits is None:
+        return False
+    if not (5 <= layer.weight_bits <= 8 and layer.act_bits <= 8):
+        return False
+    n, k = layer.qweight.shape
+    inner = layer.group_size or k
+    return n % 8 == 0 and inner % 8 == 0
+
+
+def _act_qparams(layer: QuantLayer) -> tuple[float, int]:
+    return float(layer.act_scale), int(layer.act_zero_point)
+
+
+class NativeInt8Linear(nn.Module):
+    """Static W8A8 (weights 5-8 bits, activations ≤8 bits) linear on ``torch._int_mm``.
+
+    Buffers: ``qweight`` int8 [N, K] (the artifact's codes), ``out_scale`` fp32 [N, G] = s_x * s_w,
+    ``correction`` int32 [N, G] = (128 - zp) * Σ_k∈g w, ``bias`` in the compute dtype.
+    """
+
+    path = "int8_mm"
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__()
+        if not int_matmul_eligible(layer):
+            raise ArtifactError(f"layer ({layer.extra_repr()}) cannot run on the int8 matmul; use NativeDequantLayer")
+        self.kind, self.weight_bits, self.act_bits, self.group_size = "linear", layer.weight_bits, layer.act_bits, layer.group_size
+        self.compute_dtype = layer.compute_dtype
+        self.act_scale, self.act_zero_point = _act_qparams(layer)
+        codes = layer.qweight.detach().contiguous()
+        n, k = codes.shape
+        self.in_features, self.out_features = k, n
+        groups = layer.weight_scale.shape[1]
+        self.groups, self.group_width = groups, k // groups
+        wsum = codes.reshape(n, groups, -1).sum(dim=-1, dtype=torch.int32)
+        self.register_buffer("qweight", codes)
+        self.register_buffer("correction", (wsum * (_ACT_OFFSET - self.act_zero_point)).to(torch.int32))
+        self.register_buffer("out_scale", layer.weight_scale.detach().float() * self.act_scale)
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        self.register_buffer("bias", bias)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 codes ``q - 128`` of ``x``; the rounding is the simulation's, so the codes are identical."""
+        levels = 2**self.act_bits - 1
+        q = torch.clamp(torch.round(x.float() / self.act_scale) + self.act_zero_point, 0, levels)
+        return (q - _ACT_OFFSET).to(torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q = self.quantize_input(x.reshape(-1, self.in_features))
+        if self.groups == 1:
+            acc = int_mm(q, self.qweight.t()) + self.correction[:, 0]
+            y = acc.float() * self.out_scale[:, 0]
+        else:
+            y = None
+            for g in range(self.groups):  # each input group has its own weight scale: one integer matmul each
+                cols = slice(g * self.group_width, (g + 1) * self.group_width)
+                acc = int_mm(q[:, cols].contiguous(), self.qweight[:, cols].t()) + self.correction[:, g]
+                part = acc.float() * self.out_scale[:, g]
+                y = part if y is None else y.add_(part)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w=int{self.weight_bits}, a=int{self.act_bits}, "
+                f"groups={self.groups}, path=int8_mm")
+
+
+class NativeDequantLayer(nn.Module):
+    """Linear or conv whose weight is dequantized on the fly from the stored codes (never cached).
+
+    Weights of ≤4 bits are held packed (``packed`` uint8, two codes per byte); 5-8 bits as int8 ``qweight``;
+    FP weights (layers that only quantize activations) as ``weight``. Activations are fake-quantized with
+    the simulation's own function, so this path matches :class:`QuantLayer` bit for bit.
+    """
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__()
+        self.kind, self.weight_bits, self.act_bits, self.group_size = layer.kind, layer.weight_bits, layer.act_bits, layer.group_size
+        self.conv_args = dict(layer.conv_args)
+        self.compute_dtype = layer.compute_dtype
+        if layer.act_bits is not None:
+            self.act_scale, self.act_zero_point = _act_qparams(layer)
+        if layer.weight_bits is None:
+            self.weight_shape = tuple(layer.weight.shape)
+            self.register_buffer("weight", layer.weight.detach().clone())
+            self.path = "fp"
+        else:
+            self.weight_shape = tuple(layer.qweight.shape)
+            codes = layer.qweight.detach()
+            if layer.weight_bits in NIBBLE_BITS:
+                self.register_buffer("packed", pack_int(codes.cpu(), layer.weight_bits).to(codes.device))
+                self.path = f"dequant-packed{layer.weight_bits}"
+            else:
+                self.register_buffer("qweight", codes.contiguous().clone())
+                self.path = "dequant-int8"
+            self.register_buffer("weight_scale", layer.weight_scale.detach().float().clone())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+
+    def codes(self) -> torch.Tensor:
+        """The integer weight codes (unpacked now if stored packed)."""
+        if hasattr(self, "packed"):
+            numel = 1
+            for d in self.weight_shape:
+                numel *= d
+            return unpack_nibbles(self.packed, numel).reshape(self.weight_shape)
+        return self.qweight
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.weight_bits is None:
+            return self.weight
+        return _dequantize(self.codes(), self.weight_scale, self.weight_shape, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is not None:
+            x = fake_quantize_activation(x, self.act_scale, self.act_zero_point, self.act_bits)
+        weight = self.dequantized_weight()
+        if self.kind == "linear":
+            return F.linear(x, weight, self.bias)
+        return F.conv2d(x, weight, self.bias, **self.conv_args)
+
+    def extra_repr(self) -> str:
+        w = "fp" if self.weight_bits is None else f"int{self.weight_bits}"
+        a = "fp" if self.act_bits is None else f"int{self.act_bits}"
+        return f"{self.kind}, shape={self.weight_shape}, w={w}, a={a}, path={self.path}"
+
+
+def native_layer(layer: QuantLayer, int_matmul: bool = True) -> nn.Module:
+    """The deployment layer for one simulated layer (integer matmul when eligible and ``int_matmul``)."""
+    if int_matmul and int_matmul_eligible(layer):
+        return NativeInt8Linear(layer)
+    return NativeDequantLayer(layer)
+
+
+def to_native_(denoiser: nn.Module, int_matmul: bool = True) -> dict[str, int]:
+    """Replace every :class:`QuantLayer` in ``denoiser`` (in place) by its native layer.
+
+    Returns how many layers took each path (``int8_mm``, ``dequant-packed4``, ``dequant-int8``, ...), so a
+    caller can see whether the integer kernel is actually used. ``int_matmul=False`` forces the dequantize
+    path everywhere (a reference for debugging the integer path).
+    """
+    counts: dict[str, int] = {}
+    targets = [(name, m) for name, m in denoiser.named_modules() if isinstance(m, QuantLayer)]
+    for name, module in targets:
+        if any(t.is_meta for t in module.buffers()):
+            raise ArtifactError(f"layer {name} has no weights yet (meta device); load the artifact before going native")
+        native = native_layer(module, int_matmul).train(module.training)
+        set_submodule(denoiser, name, native)
+        counts[native.path] = counts.get(native.path, 0) + 1
+    return counts
