@@ -136,13 +136,21 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
                                    if k in result.allocation}
     done("calibrate", method=result.plan.method, prompts=len(prompts), **plan_info)
 
-    for name, wanted in (("qsched", qsched and recipe_obj.qsched.enabled),
-                         ("cache_search", cache_search and recipe_obj.cache_search.enabled)):
-        stage(name)
+    stage("qsched")
+    if qsched and recipe_obj.qsched.enabled:
+        info = learn_schedule(pipe, model, embedded, settings, recipe_obj.qsched, seed, progress)
+        timings["qsched"] = round(time.perf_counter() - timings["qsched"], 3)
+        stages["qsched"] = info
         bar.update(1)
-        stages[name] = {"status": "skipped", "reason": "switched off" if not wanted else
-                        "not available in this version of qsched"}
-        timings[name] = 0.0
+    else:
+        done("qsched")
+        stages["qsched"] = {"status": "skipped", "reason": "switched off"}
+
+    stage("cache_search")
+    bar.update(1)
+    stages["cache_search"] = {"status": "skipped", "reason": "switched off" if not (
+        cache_search and recipe_obj.cache_search.enabled) else "not available in this version of qsched"}
+    timings["cache_search"] = 0.0
 
     stage("export")
     metrics = {}
@@ -172,6 +180,42 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
 def fidelity_metrics_for(reference, images, prompts, embedded: bool) -> dict:
     from .evaluate import fidelity_metrics
     return fidelity_metrics(reference, images, prompts, judge_prompts=embedded)
+
+
+def learn_schedule(pipe, model: str, embedded: bool, settings: GenerationSettings, config, seed: int,
+                   progress: bool) -> dict:
+    """The Q-Sched stage: learn coefficients on the quantized pipeline (never the FP one) and apply them
+    when they beat the unmodified scheduler on held-out prompts. Returns the stage record."""
+    from .jaq import clip_jaq_terms, jaq, world_jaq_terms
+    from .optimize import learn_coefficients
+    from .schedulers import SUPPORTED_SCHEDULERS, QSchedScheduler
+
+    if type(pipe.scheduler).__name__ not in SUPPORTED_SCHEDULERS:
+        return {"status": "skipped", "reason": f"scheduler {type(pipe.scheduler).__name__} is not supported by Q-Sched"}
+    if embedded:
+        terms = world_jaq_terms()
+        from .tinyworld.world import sample_batch
+        train = list(sample_batch(seed=20_000 + seed, n=config.prompts, split="train")[1])
+        heldout = list(sample_batch(seed=30_000 + seed, n=config.heldout_prompts, split="test")[1])
+    elif config.clip:
+        from .scoring.clip import load_clip
+        terms = clip_jaq_terms(load_clip(config.clip))
+        prompts = calibration_prompts(model, config.prompts + config.heldout_prompts, seed=seed + 2)
+        train, heldout = prompts[:config.prompts], prompts[config.prompts:]
+    else:
+        return {"status": "skipped", "reason": "no JAQ scorer for this model: set qsched.clip in the recipe "
+                                               "to a local CLIP directory or hub id"}
+    result = learn_coefficients(pipe, train, heldout, settings, lambda im, p: jaq(im, p, *terms, k=config.k),
+                                method=config.method, budget=config.budget, seed=seed, sigma0=config.sigma0,
+                                progress=progress)
+    applied = result.heldout_jaq > result.identity_heldout_jaq
+    if applied:
+        pipe.scheduler = QSchedScheduler.wrap(pipe.scheduler, result.coefficients)
+    record = result.to_dict()
+    record.pop("history", None)
+    return {"status": "done" if applied else "kept identity",
+            "reason": "" if applied else "learned coefficients did not beat the unmodified scheduler on held-out prompts",
+            **record}
 
 
 def work_dir(out: Path) -> Path:

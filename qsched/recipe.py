@@ -56,8 +56,20 @@ class GenerationConfig:
 
 @dataclass
 class QSchedConfig:
+    """Q-Sched: learn per-step scheduler coefficients with the reference-free JAQ objective.
+
+    ``clip``: a local CLIP directory or hub id for real models' JAQ terms (the embedded model uses its
+    world's judge). ``method``: ``cma`` (ours, per-step) or ``grid`` (Q-Sched's first-step grid).
+    """
+
     enabled: bool = True
     k: float = 2.0
+    method: str = "cma"
+    budget: int = 120
+    prompts: int = 16
+    heldout_prompts: int = 16
+    sigma0: float = 0.05
+    clip: str | None = None
 
 
 @dataclass
@@ -136,6 +148,10 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: quantization.method must be one of {_METHODS}, got {recipe.quantization.method!r}")
     if recipe.calibration.prompts < 1 or recipe.calibration.batch_size < 1:
         raise RecipeError(f"{source}: calibration.prompts and calibration.batch_size must be positive")
+    if recipe.qsched.method not in ("cma", "grid", "nelder-mead"):
+        raise RecipeError(f"{source}: qsched.method must be one of cma, grid, nelder-mead; got {recipe.qsched.method!r}")
+    if recipe.qsched.budget < 1 or recipe.qsched.prompts < 1 or recipe.qsched.heldout_prompts < 1:
+        raise RecipeError(f"{source}: qsched.budget, qsched.prompts and qsched.heldout_prompts must be positive")
     q = recipe.quantization
     if not set(q.weight_widths) <= {2, 3, 4, 5, 6, 8} or not q.weight_widths:
         raise RecipeError(f"{source}: quantization.weight_widths must be a non-empty subset of [2, 3, 4, 5, 6, 8]")

@@ -1,0 +1,56 @@
+"""The embedded flux-tiny model: ships in the package, loads offline, draws what its prompt says."""
+import time
+
+import pytest
+import torch
+
+import qsched
+from qsched.generation import generate
+from qsched.tinyworld.judge import judge
+from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
+from qsched.tinyworld.world import sample_batch
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_embedded()
+
+
+def test_weights_ship_small_and_load_offline(pipe):
+    files = list(WEIGHTS_DIR.rglob("*.safetensors"))
+    assert files and sum(f.stat().st_size for f in files) < 10 * 2**20
+    assert type(pipe).__name__ == "FluxPipeline" and type(pipe.transformer).__name__ == "FluxTransformer2DModel"
+    assert pipe.transformer.dtype == torch.float32
+
+
+def test_draws_held_out_prompts_at_four_steps(pipe):
+    # 96 held-out prompts: the benchmark measures >= 1,000; this guards against a broken model or pipeline
+    _, prompts = sample_batch(seed=4321, n=96, split="test")
+    images = generate(pipe, prompts, TINY_SETTINGS, seed=4321, batch_size=48)
+    assert judge(images, prompts).accuracy >= 0.7
+    shuffled = prompts[1:] + prompts[:1]
+    assert judge(images, shuffled).accuracy < 0.3  # the judge is not fooled by any plausible image
+
+
+def test_four_step_batch_of_16_is_fast(pipe):
+    prompts = sample_batch(seed=1, n=16, split="test")[1]
+    generate(pipe, prompts, TINY_SETTINGS, batch_size=16)
+    start = time.perf_counter()
+    generate(pipe, prompts, TINY_SETTINGS, batch_size=16)
+    assert time.perf_counter() - start < 2.0  # ~0.25 s measured on 2 cores; slack for a loaded CI machine
+
+
+def test_default_compile_records_judged_fidelity(tmp_path):
+    recipe = qsched.recipe.parse_recipe({"calibration": {"prompts": 16, "batch_size": 16},
+                                         "qsched": {"budget": 6, "prompts": 4, "heldout_prompts": 4}})
+    art = qsched.compile("flux-tiny", "w4a8", out=tmp_path / "a", recipe=recipe, eval_prompts=16, progress=False)
+    fid = art.metrics["fidelity"]
+    assert fid["psnr_vs_fp"] > 15 and 0 <= fid["accuracy"] <= 1 and fid["fp_accuracy"] > 0.5
+    assert art.manifest["source"]["kind"] == "embedded"
+    stage = art.manifest["stages"]["qsched"]
+    assert stage["status"] in ("done", "kept identity") and stage["runs"] == 6
+    import export
+    loaded = export.load(art.path)
+    if stage["status"] == "done":  # the learned coefficients travel with the artifact
+        assert loaded.scheduler.coefficients.to_dict() == stage["coefficients"]
+    assert type(loaded.transformer.transformer_blocks[0].attn.to_q).__name__ == "QuantLayer"
