@@ -1,0 +1,436 @@
+"""NSGA-II search over cache schedules (ECAD-style): maximise quality, minimise denoiser MACs.
+
+Why this shape:
+
+* the genome is :meth:`CacheSchedule.to_genome` (one bit per step ≥ 1, block, component), so DEAP's
+  bit-string operators apply unchanged: k-point crossover (p = 0.9 per pair, 4 points by default, as
+  ECAD), bit-flip mutation (p = 0.05 per gene), ``tools.selTournamentDCD`` for parents and
+  ``tools.selNSGA2`` for survivors (µ + λ);
+* offspring identical to a population member or to an earlier offspring are dropped before evaluation,
+  so the population never holds duplicates and no schedule is evaluated twice (an archive keyed by
+  genome also serves re-discovered schedules);
+* the initial population is seeded with the heuristics (no cache, FORA every 2/3/4, attention-only,
+  FF-only), then random genomes whose reuse density is itself drawn uniformly from [0, 1], so the seeds
+  span the whole MAC axis rather than clustering at 50 % reuse;
+* quality is pluggable: ``evaluate(schedules) -> list[float]`` is called once per generation with every
+  new schedule, so an evaluator can batch them (:class:`WorldQuality` does); MACs come from a cheap
+  ``macs(schedule)`` (normally :meth:`cache_search.cost.CostModel.schedule_macs`);
+* deterministic and resumable: DEAP draws from the global ``random`` module, so the search keeps its own
+  ``random`` state and swaps it in only around its own draws (the evaluator cannot perturb it, and the
+  caller's state is left untouched); initial genomes come from a seeded numpy ``Generator``. After every
+  generation a JSON checkpoint (population genomes in order, fitnesses, crowding distances, archive, both
+  RNG states) is written atomically to the work dir; a killed search restarted on the same work dir
+  continues from the last finished generation and ends with the same front as an unbroken run.
+
+The returned front is the non-dominated set of every schedule evaluated (not only the last population).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from deap import base, tools
+
+from .schedule import CacheSchedule, _normalise_blocks
+
+CHECKPOINT = "checkpoint.json"
+CHECKPOINT_FORMAT = "qsched-cache-search"
+
+
+@dataclass
+class SearchConfig:
+    population: int = 24  # µ = λ; a multiple of 4 (selTournamentDCD)
+    generations: int = 20
+    crossover_prob: float = 0.9
+    crossover_points: int = 4
+    mutation_prob: float = 0.05  # per gene
+    seed: int = 0
+    fora_periods: tuple[int, ...] = (2, 3, 4)
+
+    def __post_init__(self):
+        self.fora_periods = tuple(int(n) for n in self.fora_periods)
+        if self.population < 4 or self.population % 4:
+            raise ValueError(f"population must be a positive multiple of 4, got {self.population}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fora_periods"] = list(self.fora_periods)
+        return d
+
+
+class _Fitness(base.Fitness):
+    weights = (1.0, -1.0)  # (quality ↑, MACs ↓)
+
+
+class _Individual(list):
+    """A genome (list of 0/1) with a DEAP fitness; defined here rather than via deap.creator globals."""
+
+    def __init__(self, genes=()):
+        super().__init__(int(g) for g in genes)
+        self.fitness = _Fitness()
+
+
+def _key(genome: Sequence[int]) -> str:
+    return "".join("1" if g else "0" for g in genome)
+
+
+# --- results ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrontPoint:
+    schedule: CacheSchedule
+    quality: float
+    macs: float
+    mac_fraction: float
+
+    def to_dict(self) -> dict:
+        return {"quality": self.quality, "macs": self.macs, "mac_fraction": self.mac_fraction,
+                "speedup": (1.0 / self.mac_fraction) if self.mac_fraction else None,
+                "schedule": self.schedule.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FrontPoint":
+        return cls(CacheSchedule.from_dict(d["schedule"]), d["quality"], d["macs"], d["mac_fraction"])
+
+
+@dataclass
+class ParetoFront:
+    """Non-dominated (quality ↑, MACs ↓) schedules, sorted by MACs; ``baseline_macs`` = no cache."""
+
+    points: list[FrontPoint]
+    baseline_macs: float
+    generations: int = 0
+    evaluations: int = 0
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"baseline_macs": self.baseline_macs, "generations": self.generations,
+                "evaluations": self.evaluations, "config": self.config,
+                "points": [p.to_dict() for p in self.points]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ParetoFront":
+        return cls([FrontPoint.from_dict(p) for p in d["points"]], d["baseline_macs"], d.get("generations", 0),
+                   d.get("evaluations", 0), d.get("config", {}))
+
+
+def non_dominated(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (quality ↑, MACs ↓) points, sorted by MACs; one index per distinct
+    objective pair (the first given)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0], i))
+    keep, best = [], -math.inf
+    for i in order:
+        if points[i][0] > best:
+            keep.append(i)
+            best = points[i][0]
+    return keep
+
+
+# --- RNG plumbing -------------------------------------------------------------------------------------
+
+
+def _random_state_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _random_state_from_json(data) -> tuple:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)
+
+
+@contextmanager
+def _own_random(search):
+    """Run DEAP's draws on the search's own ``random`` state, leaving the caller's state untouched."""
+    outer = random.getstate()
+    random.setstate(search.py_state)
+    try:
+        yield
+    finally:
+        search.py_state = random.getstate()
+        random.setstate(outer)
+
+
+def cx_multi_point(ind1: list, ind2: list, points: int) -> tuple[list, list]:
+    """k-point crossover in place (DEAP has one- and two-point only); cut points from ``random``."""
+    size = min(len(ind1), len(ind2))
+    k = min(points, size - 1)
+    if k < 1:
+        return ind1, ind2
+    if k == 2:
+        return tools.cxTwoPoint(ind1, ind2)
+    cuts = sorted(random.sample(range(1, size), k)) + [size]
+    swap, start = False, 0
+    for cut in cuts:
+        if swap:
+            ind1[start:cut], ind2[start:cut] = ind2[start:cut], ind1[start:cut]
+        swap, start = not swap, cut
+    return ind1, ind2
+
+
+# --- the search ---------------------------------------------------------------------------------------
+
+
+class _Search:
+    def __init__(self, steps, blocks, evaluate, macs, config: SearchConfig, work_dir):
+        self.steps, self.blocks = int(steps), _normalise_blocks(blocks)
+        self.evaluate, self.macs, self.config = evaluate, macs, config
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.length = CacheSchedule.genome_length(self.steps, self.blocks)
+        if self.length < 1:
+            raise ValueError("nothing to search: the schedule has one step (step 0 always computes)")
+        self.archive: dict[str, tuple[float, float]] = {}
+        self.population: list[_Individual] = []
+        self.generation = 0
+        rng = random.Random(config.seed)
+        self.py_state = rng.getstate()
+        self.np_rng = np.random.default_rng(config.seed)
+
+    def schedule(self, genome) -> CacheSchedule:
+        return CacheSchedule.from_genome(genome, self.steps, self.blocks)
+
+    # evaluation -------------------------------------------------------------------------------------
+
+    def _assign(self, individuals: list[_Individual]) -> None:
+        """Fitness for each individual, evaluating (in one batch) only genomes not in the archive."""
+        new, seen = [], set()
+        for ind in individuals:
+            k = _key(ind)
+            if k not in self.archive and k not in seen:
+                seen.add(k)
+                new.append(ind)
+        if new:
+            schedules = [self.schedule(ind) for ind in new]
+            qualities = list(self.evaluate(schedules))
+            if len(qualities) != len(schedules):
+                raise ValueError(f"evaluate returned {len(qualities)} values for {len(schedules)} schedules")
+            for ind, sched, q in zip(new, schedules, qualities):
+                q = float(q)
+                if not math.isfinite(q):
+                    raise ValueError(f"non-finite quality {q} for {sched}")
+                self.archive[_key(ind)] = (q, float(self.macs(sched)))
+        for ind in individuals:
+            ind.fitness.values = self.archive[_key(ind)]
+
+    # initial population -----------------------------------------------------------------------------
+
+    def _seed_population(self) -> list[_Individual]:
+        s, b, cfg = self.steps, self.blocks, self.config
+        seeds = [CacheSchedule.no_cache(s, b)]
+        seeds += [CacheSchedule.fora(s, b, n) for n in cfg.fora_periods]
+        seeds += [CacheSchedule.attention_only(s, b), CacheSchedule.ff_only(s, b)]
+        pop, keys = [], set()
+        for sched in seeds:
+            g = sched.to_genome()
+            if _key(g) not in keys and len(pop) < cfg.population:
+                keys.add(_key(g))
+                pop.append(_Individual(g))
+        if 2 ** min(self.length, 62) < cfg.population:
+            raise ValueError(f"only {2 ** self.length} distinct schedules exist; population {cfg.population} "
+                             "is too large")
+        while len(pop) < cfg.population:
+            density = self.np_rng.random()
+            g = (self.np_rng.random(self.length) < density).astype(int).tolist()
+            if _key(g) not in keys:
+                keys.add(_key(g))
+                pop.append(_Individual(g))
+        return pop
+
+    # one generation ---------------------------------------------------------------------------------
+
+    def _offspring(self) -> list[_Individual]:
+        cfg = self.config
+        with _own_random(self):
+            parents = tools.selTournamentDCD(self.population, len(self.population))
+            children = [_Individual(p) for p in parents]
+            for a, b in zip(children[::2], children[1::2]):
+                if random.random() < cfg.crossover_prob:
+                    cx_multi_point(a, b, cfg.crossover_points)
+            for c in children:
+                tools.mutFlipBit(c, indpb=cfg.mutation_prob)
+        keys = {_key(ind) for ind in self.population}
+        unique = []
+        for c in children:
+            k = _key(c)
+            if k not in keys:
+                keys.add(k)
+                unique.append(c)
+        return unique
+
+    def _select(self, candidates: list[_Individual]) -> None:
+        self.population = tools.selNSGA2(candidates, self.config.population)
+
+    def run(self, on_generation: Callable | None = None) -> ParetoFront:
+        cfg = self.config
+        if not self._load():
+            pop = self._seed_population()
+            self._assign(pop)
+            self._select(pop)  # assigns the crowding distances selTournamentDCD reads
+            self.generation = 0
+            self._save()
+            if on_generation is not None:
+                on_generation(0, self)
+        while self.generation < cfg.generations:
+            children = self._offspring()
+            self._assign(children)
+            self._select(self.population + children)
+            self.generation += 1
+            self._save()
+            if on_generation is not None:
+                on_generation(self.generation, self)
+        return self.front()
+
+    def front(self) -> ParetoFront:
+        keys = list(self.archive)
+        pts = [self.archive[k] for k in keys]
+        baseline = float(self.macs(CacheSchedule.no_cache(self.steps, self.blocks)))
+        points = []
+        for i in non_dominated(pts):
+            q, m = pts[i]
+            sched = self.schedule([int(c) for c in keys[i]])
+            points.append(FrontPoint(sched, q, m, m / baseline if baseline else float("nan")))
+        return ParetoFront(points, baseline, self.generation, len(self.archive), self.config.to_dict())
+
+    # checkpoints ------------------------------------------------------------------------------------
+
+    def _layout(self) -> dict:
+        return {"steps": self.steps, "blocks": [{"name": n, "components": list(c)} for n, c in self.blocks]}
+
+    def _save(self) -> None:
+        if self.work_dir is None:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        data = {
+            "format": CHECKPOINT_FORMAT, "version": 1, "config": self.config.to_dict(), "layout": self._layout(),
+            "generation": self.generation,
+            "population": [{"genome": _key(ind), "fitness": list(ind.fitness.values),
+                            "crowding": ind.fitness.crowding_dist} for ind in self.population],
+            "archive": {k: list(v) for k, v in self.archive.items()},
+            "random_state": _random_state_to_json(self.py_state),
+            "numpy_state": self.np_rng.bit_generator.state,
+        }
+        path = self.work_dir / CHECKPOINT
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data))  # floats round-trip exactly; inf crowding as Infinity
+        os.replace(tmp, path)
+
+    def _load(self) -> bool:
+        if self.work_dir is None or not (self.work_dir / CHECKPOINT).is_file():
+            return False
+        data = json.loads((self.work_dir / CHECKPOINT).read_text())
+        if data.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.work_dir / CHECKPOINT} is not a cache-search checkpoint")
+        saved = dict(data["config"])
+        current = self.config.to_dict()
+        # generations may grow on resume; everything else must match or the run would not be the same search
+        for key in set(saved) | set(current):
+            if key != "generations" and saved.get(key) != current.get(key):
+                raise ValueError(f"checkpoint in {self.work_dir} was made with {key}={saved.get(key)!r}, "
+                                 f"not {current.get(key)!r}")
+        if data["layout"] != self._layout():
+            raise ValueError(f"checkpoint in {self.work_dir} is for a different schedule layout")
+        self.generation = int(data["generation"])
+        self.archive = {k: (float(v[0]), float(v[1])) for k, v in data["archive"].items()}
+        self.population = []
+        for item in data["population"]:
+            ind = _Individual(int(c) for c in item["genome"])
+            ind.fitness.values = tuple(item["fitness"])
+            ind.fitness.crowding_dist = item["crowding"]
+            self.population.append(ind)
+        self.py_state = _random_state_from_json(data["random_state"])
+        self.np_rng.bit_generator.state = data["numpy_state"]
+        return True
+
+
+def nsga2_search(steps: int, blocks, evaluate: Callable[[list[CacheSchedule]], list[float]],
+                 macs: Callable[[CacheSchedule], float], config: SearchConfig | None = None,
+                 work_dir: str | Path | None = None,
+                 on_generation: Callable[[int, object], None] | None = None) -> ParetoFront:
+    """Run (or resume, when ``work_dir`` holds a checkpoint) the NSGA-II cache-schedule search.
+
+    ``blocks``: the layout, e.g. :func:`cache_search.schedule.block_layout(pipe)`. ``on_generation(g, search)``
+    runs after generation g's checkpoint is written (g = 0 is the evaluated initial population); raising
+    from it stops the search, which the same call resumes later.
+    """
+    return _Search(steps, blocks, evaluate, macs, config or SearchConfig(), work_dir).run(on_generation)
+
+
+# --- the tinyworld quality evaluator ------------------------------------------------------------------
+
+
+class WorldQuality:
+    """Quality of cached generations in the tiny world: judge score and fidelity to the uncached images.
+
+    ``quality = (1 - w) · judge_score + w · fidelity`` with ``fidelity = mean_i min(PSNR_i, cap) / cap``
+    (PSNR of image i against the uncached pipeline's image for the same prompt and noise; cap 40 dB, beyond
+    which differences are invisible at 8 bits). Both terms lie in [0, 1]; w = 0.5 by default. The judge term
+    keeps the search honest about content (a cached image may differ yet still be right); the fidelity term
+    ranks schedules the judge cannot tell apart and makes the uncached schedule the quality reference.
+
+    Candidates are batched: up to ``max_batch // len(prompts)`` schedules run in one pipeline call with the
+    prompts repeated per candidate (``enable_cache`` with a schedule per row group), and every row draws its
+    initial noise from its own generator (seed + prompt index), so each candidate sees exactly the noise the
+    reference saw, whatever the batch.
+    """
+
+    def __init__(self, pipe, prompts: Sequence[str], settings, seed: int = 0, max_batch: int = 64,
+                 fidelity_weight: float = 0.5, psnr_cap: float = 40.0, call_kwargs: dict | None = None):
+        self.pipe, self.prompts, self.settings, self.seed = pipe, list(prompts), settings, int(seed)
+        self.max_batch, self.fidelity_weight, self.psnr_cap = int(max_batch), float(fidelity_weight), float(psnr_cap)
+        self.call_kwargs = dict(call_kwargs or {})
+        self.reference = self._generate(None, 1)
+        self.reference_metrics = self.metrics(self.reference)
+
+    def _generate(self, schedules: list[CacheSchedule] | None, groups: int):
+        import torch
+
+        from .caching import enable_cache
+
+        p, s = len(self.prompts), self.settings
+        kwargs = dict(num_inference_steps=s.steps, height=s.height, width=s.width, guidance_scale=s.guidance_scale,
+                      output_type="pt", **self.call_kwargs)
+        if s.max_sequence_length:
+            kwargs["max_sequence_length"] = s.max_sequence_length
+        gens = [torch.Generator("cpu").manual_seed(self.seed + i) for _ in range(groups) for i in range(p)]
+        self.pipe.set_progress_bar_config(disable=True)
+        ctx = enable_cache(self.pipe, schedules, rows_per_group=p) if schedules else nullcontext()
+        with ctx, torch.inference_mode():
+            images = self.pipe(self.prompts * groups, generator=gens, **kwargs).images
+        return images.float().cpu()
+
+    def metrics(self, images) -> dict:
+        """Judge score, mean PSNR to the reference, fidelity and the combined quality of P images."""
+        from qsched.tinyworld.judge import judge, psnr
+
+        score = judge(images, self.prompts).score
+        db = psnr(images, self.reference)
+        fidelity = float(np.mean(np.minimum(db, self.psnr_cap) / self.psnr_cap))
+        w = self.fidelity_weight
+        return {"score": score, "psnr": float(np.mean(np.minimum(db, 100.0))), "fidelity": fidelity,
+                "quality": (1.0 - w) * score + w * fidelity}
+
+    def evaluate_metrics(self, schedules: Sequence[CacheSchedule]) -> list[dict]:
+        p = len(self.prompts)
+        per_call = max(1, self.max_batch // p)
+        out = []
+        for start in range(0, len(schedules), per_call):
+            chunk = list(schedules[start:start + per_call])
+            images = self._generate(chunk, len(chunk))
+            out += [self.metrics(images[g * p:(g + 1) * p]) for g in range(len(chunk))]
+        return out
+
+    def __call__(self, schedules: Sequence[CacheSchedule]) -> list[float]:
+        return [m["quality"] for m in self.evaluate_metrics(schedules)]
+
+
+def world_quality(pipe, prompts: Sequence[str], settings, seed: int = 0, **kwargs) -> WorldQuality:
+    """The tinyworld evaluator for :func:`nsga2_search` (see :class:`WorldQuality` for the formula)."""
+    return WorldQuality(pipe, prompts, settings, seed, **kwargs)

@@ -1,0 +1,124 @@
+"""Analytic MACs against torch's FlopCounterMode (flops = 2 · MACs), uncached and under cache schedules."""
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from cache_search.caching import enable_cache
+from cache_search.cost import CostModel, module_macs, token_counts
+from cache_search.schedule import CacheSchedule, block_layout
+from cache_search.testing import build_tiny_pixart_pipeline, pixart_call_kwargs
+from conftest import TEST_WORDS
+from qsched.tinyworld.model import build_tiny_pipeline
+
+# CPU attention runs aten._scaled_dot_product_flash_attention_for_cpu, which the flop counter lacks
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+             lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
+
+
+def _flops(fn) -> dict[str, int]:
+    with FlopCounterMode(display=False, depth=None, custom_mapping=_CPU_SDPA) as counter, torch.inference_mode():
+        fn()
+    return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+
+
+def _flux_call(pipe, steps, batch=1):
+    return lambda: pipe(["a red circle on the left"] * batch, num_inference_steps=steps, height=32, width=32,
+                        guidance_scale=0.0, max_sequence_length=16, output_type="pt",
+                        generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return build_tiny_pipeline(seed=0, words=TEST_WORDS)
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    return build_tiny_pixart_pipeline(seed=0, words=TEST_WORDS)
+
+
+def _check_per_module(model, counted: dict[str, int], prefix: str, evaluations: int):
+    """Every linear/conv, and every attention's two matmuls (its module total minus its projections)."""
+    per_module = module_macs(model, CostModel.from_pipeline(model, 32, 32, 16).tokens)
+    for path, macs in per_module.items():
+        measured = counted.get(f"{prefix}.{path}", 0)
+        if path.endswith(("attn", "attn1", "attn2")):
+            measured -= sum(counted.get(f"{prefix}.{p}", 0) for p in per_module if p.startswith(path + "."))
+        assert measured == 2 * macs * evaluations, path
+
+
+def test_flux_macs_match_flop_counter(flux):
+    cost = CostModel.from_pipeline(flux, 32, 32, 16)
+    assert cost.tokens == token_counts(flux, 32, 32, 16) and (cost.tokens.image, cost.tokens.text) == (16, 16)
+    assert cost.step_macs == cost.overhead + sum(cost.components.values())
+    counted = _flops(_flux_call(flux, steps=1))
+    assert counted["FluxTransformer2DModel"] == 2 * cost.step_macs
+    _check_per_module(flux, counted, "FluxTransformer2DModel", 1)
+    for (block, comp), macs in cost.components.items():
+        assert counted[f"FluxTransformer2DModel.{block}.{comp}"] == 2 * macs
+
+
+def test_pixart_macs_match_flop_counter(pixart):
+    cost = CostModel.from_pipeline(pixart, 32, 32, 16)
+    assert (cost.tokens.image, cost.tokens.text) == (16, 16)
+    # 2 steps (this pipeline's 1-step path is special-cased), no CFG: 2 evaluations of batch 1
+    counted = _flops(lambda: pixart(["a red circle"], **pixart_call_kwargs(steps=2, guidance_scale=1.0)))
+    assert counted["PixArtTransformer2DModel"] == 2 * 2 * cost.step_macs
+    _check_per_module(pixart, counted, "PixArtTransformer2DModel", 2)
+    for (block, comp), macs in cost.components.items():
+        assert counted[f"PixArtTransformer2DModel.{block}.{comp}"] == 2 * 2 * macs
+
+
+def _random_schedules(steps, blocks, n, seed):
+    rng = np.random.default_rng(seed)
+    length = CacheSchedule.genome_length(steps, blocks)
+    return [CacheSchedule.from_genome((rng.random(length) < rng.random()).astype(int).tolist(), steps, blocks)
+            for _ in range(n)]
+
+
+def test_schedule_macs_are_exact_for_cached_flux_runs(flux):
+    cost = CostModel.from_pipeline(flux, 32, 32, 16)
+    blocks = block_layout(flux)
+    scheds = [CacheSchedule.fora(4, blocks, 2), CacheSchedule.ff_only(4, blocks)] + _random_schedules(4, blocks, 2, 0)
+    for sched in scheds:
+        with enable_cache(flux, sched):
+            counted = _flops(_flux_call(flux, steps=4, batch=2))
+        assert counted["FluxTransformer2DModel"] == 2 * cost.schedule_macs(sched, batch=2)
+        assert cost.schedule_macs(sched) < cost.no_cache_macs(4)
+    none = CacheSchedule.no_cache(4, blocks)
+    assert cost.schedule_macs(none) == cost.no_cache_macs(4) == 4 * cost.step_macs and cost.mac_fraction(none) == 1
+    fora2 = CacheSchedule.fora(4, blocks, 2)
+    expected = 4 * cost.overhead + 2 * sum(cost.components.values())
+    assert cost.schedule_macs(fora2) == expected and cost.mac_fraction(fora2) == expected / (4 * cost.step_macs)
+
+
+def test_schedule_macs_are_exact_for_cached_pixart_cfg_runs(pixart):
+    cost = CostModel.from_pipeline(pixart, 32, 32, 16)
+    blocks = block_layout(pixart)
+    for sched in [CacheSchedule.attention_only(3, blocks)] + _random_schedules(3, blocks, 2, 1):
+        with enable_cache(pixart, sched):
+            counted = _flops(lambda: pixart(["a red circle", "a blue square"], **pixart_call_kwargs(steps=3)))
+        assert counted["PixArtTransformer2DModel"] == 2 * cost.schedule_macs(sched, batch=2, passes=2)
+
+
+def test_quantized_layers_cost_like_linears():
+    from calibrate.qlayers import QuantLayer
+
+    pipe = build_tiny_pipeline(seed=0, words=TEST_WORDS)
+    before = CostModel.from_pipeline(pipe, 32, 32, 16)
+    blk = pipe.transformer.single_transformer_blocks[1]
+    blk.proj_mlp = QuantLayer.from_module(blk.proj_mlp, 4, None, group_size=32)
+    pipe.transformer.x_embedder = QuantLayer.from_module(pipe.transformer.x_embedder, 8, None)
+    after = CostModel.from_pipeline(pipe, 32, 32, 16)
+    assert after.components == before.components and after.overhead == before.overhead
+
+
+def test_unknown_layers_are_refused(flux):
+    tokens = CostModel.from_pipeline(flux, 32, 32, 16).tokens
+    flux.transformer.extra_head = torch.nn.Linear(4, 4)
+    try:
+        with pytest.raises(ValueError, match="extra_head"):
+            module_macs(flux, tokens)
+    finally:
+        del flux.transformer.extra_head
