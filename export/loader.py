@@ -106,6 +106,11 @@ def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulat
     scheduler = manifest.get("scheduler")
     if scheduler:
         pipe.scheduler = build_scheduler(scheduler)
+    cache = (manifest.get("cache") or {}).get("schedule")
+    if cache:  # the chosen cache schedule, applied through the pipeline's own __call__
+        from cache_search.caching import enable_cache
+        from cache_search.schedule import CacheSchedule
+        pipe.qsched_cache = enable_cache(pipe, CacheSchedule.from_dict(cache))
     pipe.set_progress_bar_config(disable=True)
     pipe.qsched_manifest = manifest
     return pipe.to(device)

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform", action="store_true", help="plain per-channel round-to-nearest at the given bits")
     p.add_argument("--no-qsched", action="store_true", help="skip learning Q-Sched scheduler coefficients")
     p.add_argument("--no-cache-search", action="store_true", help="skip the cache-schedule search")
+    p.add_argument("--cache-budget", type=float, metavar="FRACTION",
+                   help="cache-search operating point: best quality within this fraction of no-cache MACs "
+                        "(default: the cheapest point within 2%% of no-cache quality)")
     p.add_argument("--bundle", action="store_true", help="store every pipeline component: the artifact loads without the source model")
     p.add_argument("--eval-prompts", type=int, default=8, help="prompts used to measure fidelity against FP (0 skips; default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         artifact = run_compile(model=args.model, bits=spec, out=args.out, recipe=args.recipe, seed=args.seed,
                                device=args.device, init=args.init, uniform=args.uniform, qsched=not args.no_qsched,
                                cache_search=not args.no_cache_search, bundle=args.bundle,
-                               eval_prompts=args.eval_prompts, overwrite=args.overwrite, progress=not args.quiet)
+                               eval_prompts=args.eval_prompts, overwrite=args.overwrite, progress=not args.quiet,
+                               cache_budget=args.cache_budget)
     except QschedError as err:
         print(f"qcompile: error: {err}", file=sys.stderr)
         return 2

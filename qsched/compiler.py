@@ -65,7 +65,8 @@ def generation_settings(model: str, pipe, recipe: Recipe) -> GenerationSettings:
 def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | Path | None = None,
             recipe: str | Path | Recipe | None = None, seed: int = 0, device: str = "cpu", init: str = "pretrained",
             uniform: bool = False, qsched: bool = True, cache_search: bool = True, bundle: bool = False,
-            eval_prompts: int = 8, overwrite: bool = False, progress: bool = True) -> Artifact:
+            eval_prompts: int = 8, overwrite: bool = False, progress: bool = True,
+            cache_budget: float | None = None) -> Artifact:
     """Compile ``model`` at ``bits`` into an artifact directory ``out`` and return it.
 
     ``uniform`` forces round-to-nearest at the target widths; ``qsched``/``cache_search`` switch those
@@ -76,6 +77,10 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     out = Path(out or f"out/{Path(model).name}-{spec}")
     _check_out(out, overwrite)
     recipe_obj, recipe_path = resolve_recipe(model, str(spec), recipe)
+    if cache_budget is not None:
+        if not 0.0 < cache_budget <= 1.0:
+            raise QschedError(f"--cache-budget {cache_budget} must be a fraction of no-cache MACs in (0, 1]")
+        recipe_obj.cache_search.budget = cache_budget
     if spec.is_fractional and uniform:
         raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; "
                           f"use an integer weight width ({', '.join(map(str, (2, 3, 4, 5, 6, 8)))}) with --uniform")
@@ -147,10 +152,26 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
         stages["qsched"] = {"status": "skipped", "reason": "switched off"}
 
     stage("cache_search")
+    cache_record = {"schedule": None, "pareto_front": None}
+    if not (cache_search and recipe_obj.cache_search.enabled):
+        stages["cache_search"] = {"status": "skipped", "reason": "switched off"}
+    elif not embedded:
+        stages["cache_search"] = {"status": "skipped", "reason": "no quality scorer for cache search on this model "
+                                                                 "yet (the embedded model uses its world's judge)"}
+    else:
+        from cache_search.caching import enable_cache
+        from cache_search.stage import search_cache
+        from .tinyworld.world import sample_batch
+        search_prompts = list(sample_batch(seed=40_000 + seed, n=recipe_obj.cache_search.prompts, split="train")[1])
+        result, schedule = search_cache(pipe, search_prompts, settings, recipe_obj.cache_search, seed,
+                                        work_dir(out) / f"cache-{source_info['denoiser_sha256'][:12]}-{spec}",
+                                        progress)
+        stages["cache_search"] = result["record"]
+        cache_record = {"schedule": schedule.to_dict() if schedule else None, "pareto_front": result["front"]}
+        if schedule is not None:
+            enable_cache(pipe, schedule)  # the export stage's evaluation measures the chosen point
+    timings["cache_search"] = round(time.perf_counter() - timings["cache_search"], 3)
     bar.update(1)
-    stages["cache_search"] = {"status": "skipped", "reason": "switched off" if not (
-        cache_search and recipe_obj.cache_search.enabled) else "not available in this version of qsched"}
-    timings["cache_search"] = 0.0
 
     stage("export")
     metrics = {}
@@ -162,7 +183,7 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
         "source": source_info, "bits": str(spec), "recipe": {"path": recipe_path, **recipe_obj.to_dict()},
         "generation": settings.to_dict(), "activation_ranges": {k: list(v) for k, v in result.act_ranges.items()},
         "calibration_prompts": prompts, "eval_prompts": eval_set, "seed": seed,
-        "cache": {"schedule": None, "pareto_front": []},
+        "cache": cache_record,
         "stages": stages, "tools": tool_versions(),
     }
     from export.save import save_quantized

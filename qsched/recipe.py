@@ -74,8 +74,16 @@ class QSchedConfig:
 
 @dataclass
 class CacheSearchConfig:
+    """ECAD-style search over caching schedules. The operating point: the best quality within ``budget``
+    (a fraction of no-cache MACs) when set, else the cheapest point keeping ``quality_floor`` × the
+    no-cache quality."""
+
     enabled: bool = True
     budget: float | None = None
+    quality_floor: float = 0.98
+    population: int = 16
+    generations: int = 6
+    prompts: int = 8
 
 
 @dataclass
@@ -152,6 +160,12 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: qsched.method must be one of cma, grid, nelder-mead; got {recipe.qsched.method!r}")
     if recipe.qsched.budget < 1 or recipe.qsched.prompts < 1 or recipe.qsched.heldout_prompts < 1:
         raise RecipeError(f"{source}: qsched.budget, qsched.prompts and qsched.heldout_prompts must be positive")
+    c = recipe.cache_search
+    if c.budget is not None and not 0.0 < c.budget <= 1.0 or not 0.0 < c.quality_floor <= 1.0:
+        raise RecipeError(f"{source}: cache_search.budget must lie in (0, 1] and quality_floor in (0, 1]")
+    if c.population < 4 or c.population % 4 or c.generations < 0 or c.prompts < 1:
+        raise RecipeError(f"{source}: cache_search.population must be a positive multiple of 4, "
+                          "generations >= 0 and prompts >= 1")
     q = recipe.quantization
     if not set(q.weight_widths) <= {2, 3, 4, 5, 6, 8} or not q.weight_widths:
         raise RecipeError(f"{source}: quantization.weight_widths must be a non-empty subset of [2, 3, 4, 5, 6, 8]")

@@ -42,7 +42,8 @@ def test_four_step_batch_of_16_is_fast(pipe):
 
 def test_default_compile_records_judged_fidelity(tmp_path):
     recipe = qsched.recipe.parse_recipe({"calibration": {"prompts": 16, "batch_size": 16},
-                                         "qsched": {"budget": 6, "prompts": 4, "heldout_prompts": 4}})
+                                         "qsched": {"budget": 6, "prompts": 4, "heldout_prompts": 4},
+                                         "cache_search": {"population": 8, "generations": 1, "prompts": 4}})
     art = qsched.compile("flux-tiny", "w4a8", out=tmp_path / "a", recipe=recipe, eval_prompts=16, progress=False)
     fid = art.metrics["fidelity"]
     assert fid["psnr_vs_fp"] > 15 and 0 <= fid["accuracy"] <= 1 and fid["fp_accuracy"] > 0.5
@@ -53,4 +54,11 @@ def test_default_compile_records_judged_fidelity(tmp_path):
     loaded = export.load(art.path)
     if stage["status"] == "done":  # the learned coefficients travel with the artifact
         assert loaded.scheduler.coefficients.to_dict() == stage["coefficients"]
+    cache = art.manifest["cache"]
+    front = cache["pareto_front"]["points"]
+    assert front and any(p["mac_fraction"] == 1.0 for p in front) and art.manifest["stages"]["cache_search"]["status"] == "done"
+    assert (cache["schedule"] is None) == (not hasattr(loaded, "qsched_cache"))
+    # the loaded artifact generates exactly what the compiled pipeline does (quantized + Q-Sched + cache)
+    prompts = sample_batch(seed=9, n=4, split="test")[1]
+    assert torch.equal(generate(loaded, prompts, TINY_SETTINGS, seed=9), generate(art.compiled_pipeline, prompts, TINY_SETTINGS, seed=9))
     assert type(loaded.transformer.transformer_blocks[0].attn.to_q).__name__ == "QuantLayer"
