@@ -84,14 +84,21 @@ class QuantLayer(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_bits is not None:
-            x = fake_quantize_activation(x, float(self.act_scale), int(self.act_zero_point), self.act_bits)
-        weight = self.dequantized_weight()
-        if self.kind == "linear":
-            return F.linear(x, weight, self.bias)
-        return F.conv2d(x, weight, self.bias, **self.conv_args)
+        return quantized_forward(self, x, float(self.act_scale) if self.act_bits is not None else 0.0,
+                                 int(self.act_zero_point) if self.act_bits is not None else 0)
 
     def extra_repr(self) -> str:
         w = "fp" if self.weight_bits is None else f"int{self.weight_bits}"
         a = "fp" if self.act_bits is None else f"int{self.act_bits}"
         return f"{self.kind}, shape={tuple(self.qweight.shape if self.weight_bits else self.weight.shape)}, w={w}, a={a}"
+
+
+def quantized_forward(layer, x: torch.Tensor, act_scale: float, act_zero_point: int) -> torch.Tensor:
+    """Fake-quantize the input (when the layer has activation bits), then the linear/conv with the
+    layer's dequantized weight: the one definition shared by simulation and dequantizing runtimes."""
+    if layer.act_bits is not None:
+        x = fake_quantize_activation(x, act_scale, act_zero_point, layer.act_bits)
+    weight = layer.dequantized_weight()
+    if layer.kind == "linear":
+        return F.linear(x, weight, layer.bias)
+    return F.conv2d(x, weight, layer.bias, **layer.conv_args)

@@ -70,35 +70,33 @@ ShardsArg = Union[Mapping[str, Mapping[str, torch.Tensor]], Iterable[tuple[str, 
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _hash_and_fsync(path: Path) -> tuple[str, int]:
-    """Hash a just-written file in chunks and fsync it; returns (sha256 hex, size in bytes)."""
+def _hash_open_file(f) -> tuple[str, int]:
+    """sha256 hex and byte count of an open binary file, read in 1 MiB chunks (files may be GBs)."""
     h = hashlib.sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     size = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            size += n
-        os.fsync(f.fileno())
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            break
+        h.update(view[:n])
+        size += n
     return h.hexdigest(), size
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    with open(path, "rb", buffering=0) as f:
+        return _hash_open_file(f)[0]
+
+
+def _hash_and_fsync(path: Path) -> tuple[str, int]:
+    """Hash a just-written file in chunks and fsync it; returns (sha256 hex, size in bytes)."""
+    with open(path, "rb", buffering=0) as f:
+        digest = _hash_open_file(f)
+        os.fsync(f.fileno())
+    return digest
 
 
 def _oserr(e: OSError) -> str:

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer
-from calibrate.quantizers import fake_quantize_activation
+from calibrate.qlayers import QuantLayer, quantized_forward
 from qsched.errors import ArtifactError
 
 from .packing import NIBBLE_BITS, pack_int
@@ -198,12 +197,7 @@ class NativeDequantLayer(nn.Module):
         return _dequantize(self.codes(), self.weight_scale, self.weight_shape, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_bits is not None:
-            x = fake_quantize_activation(x, self.act_scale, self.act_zero_point, self.act_bits)
-        weight = self.dequantized_weight()
-        if self.kind == "linear":
-            return F.linear(x, weight, self.bias)
-        return F.conv2d(x, weight, self.bias, **self.conv_args)
+        return quantized_forward(self, x, getattr(self, "act_scale", 0.0), getattr(self, "act_zero_point", 0))
 
     def extra_repr(self) -> str:
         w = "fp" if self.weight_bits is None else f"int{self.weight_bits}"
