@@ -163,11 +163,11 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
         from cache_search.stage import search_cache
         from .tinyworld.world import sample_batch
         search_prompts = list(sample_batch(seed=40_000 + seed, n=recipe_obj.cache_search.prompts, split="train")[1])
-        result, schedule = search_cache(pipe, search_prompts, settings, recipe_obj.cache_search, seed,
-                                        work_dir(out) / f"cache-{source_info['denoiser_sha256'][:12]}-{spec}",
-                                        progress)
-        stages["cache_search"] = result["record"]
-        cache_record = {"schedule": schedule.to_dict() if schedule else None, "pareto_front": result["front"]}
+        cache_result, schedule = search_cache(pipe, search_prompts, settings, recipe_obj.cache_search, seed,
+                                              work_dir(out) / f"cache-{source_info['denoiser_sha256'][:12]}-{spec}",
+                                              progress)
+        stages["cache_search"] = cache_result["record"]
+        cache_record = {"schedule": schedule.to_dict() if schedule else None, "pareto_front": cache_result["front"]}
         if schedule is not None:
             enable_cache(pipe, schedule)  # the export stage's evaluation measures the chosen point
     timings["cache_search"] = round(time.perf_counter() - timings["cache_search"], 3)

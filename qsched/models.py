@@ -139,10 +139,8 @@ def load_source_pipeline(source: dict, pipeline_class: str, **components):
 
     kind, model = source["kind"], source["model"]
     if kind == "embedded":
-        from .tinyworld.model import WEIGHTS_DIR
-        if not (WEIGHTS_DIR / "model_index.json").is_file():
-            raise ModelNotFoundError(f"the embedded flux-tiny weights are missing from {WEIGHTS_DIR}; reinstall qsched")
-        return diffusers.FluxPipeline.from_pretrained(str(WEIGHTS_DIR), local_files_only=True, **components)
+        from .tinyworld.model import load_embedded
+        return load_embedded(**components)
     if kind == "registry-random":
         from .random_init import build_random_pipeline
         return build_random_pipeline(model, seed=source.get("seed") or 0, **components)

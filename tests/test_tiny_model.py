@@ -49,7 +49,7 @@ def test_default_compile_records_judged_fidelity(tmp_path):
                                          "cache_search": {"population": 8, "generations": 1, "prompts": 4}})
     art = qsched.compile("flux-tiny", "w4a8", out=tmp_path / "a", recipe=recipe, eval_prompts=16, progress=False)
     fid = art.metrics["fidelity"]
-    assert fid["psnr_vs_fp"] > 15 and 0 <= fid["accuracy"] <= 1 and fid["fp_accuracy"] > 0.5
+    assert fid["psnr_vs_fp"] > 15 and 0 <= fid["accuracy"] <= 1 and fid["fp_score"] > 0.2  # prompt-following, see docs/results.md
     assert art.manifest["source"]["kind"] == "embedded"
     stage = art.manifest["stages"]["qsched"]
     assert stage["status"] in ("done", "kept identity") and stage["runs"] == 6

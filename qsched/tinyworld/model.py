@@ -74,15 +74,17 @@ def build_tiny_pipeline(seed: int = 0, words: list[str] | None = None):
     return pipe
 
 
-def load_embedded(weights_dir: Path = WEIGHTS_DIR):
-    """The trained flux-tiny pipeline shipped in the package (no network, fp32 compute)."""
+def load_embedded(weights_dir: Path = WEIGHTS_DIR, **components):
+    """The trained flux-tiny pipeline shipped in the package (no network, fp32 compute); ``components``
+    (e.g. a quantized ``transformer``) replace the shipped ones without loading them."""
     from diffusers import FluxPipeline
 
     if not (Path(weights_dir) / "model_index.json").is_file():
         raise ModelNotFoundError(f"the embedded flux-tiny weights are missing from {weights_dir}; "
                                  "reinstall qsched or retrain them with `python -m qsched.tinyworld.train`")
     # weights ship in fp16 to stay small; compute runs in fp32 (what the reported numbers use)
-    pipe = FluxPipeline.from_pretrained(str(weights_dir), local_files_only=True, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(str(weights_dir), local_files_only=True, torch_dtype=torch.float32,
+                                        **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
