@@ -77,7 +77,9 @@ def default_settings(model: str, pipe=None) -> GenerationSettings:
 
 def _hub_error(model: str, err: Exception) -> ModelNotFoundError:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    why = "the hub is disabled (HF_HUB_OFFLINE=1)" if offline else f"the hub is unreachable or has no such model ({type(err).__name__})"
+    detail = (str(err).strip().splitlines() or [""])[0][:160]
+    why = "the hub is disabled (HF_HUB_OFFLINE=1)" if offline else \
+        f"the hub is unreachable or has no such model ({type(err).__name__}: {detail})"
     return ModelNotFoundError(f"cannot load {model!r} from the Hugging Face hub: {why}; {_ALTERNATIVES}")
 
 
