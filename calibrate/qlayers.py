@@ -37,6 +37,7 @@ class QuantLayer(nn.Module):
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
             self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32, device=device))
         self._dequantized: torch.Tensor | None = None
+        self._act_qparams: tuple[float, int] | None = None
 
     @classmethod
     def from_module(cls, module: nn.Module, weight_bits: int | None, act_bits: int | None,
@@ -76,16 +77,22 @@ class QuantLayer(nn.Module):
         return self._dequantized
 
     def _apply(self, fn, recurse=True):
-        self._dequantized = None  # device or dtype moves invalidate the cache
+        self._dequantized = self._act_qparams = None  # device or dtype moves invalidate the caches
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._dequantized = None
+        self._dequantized = self._act_qparams = None
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def activation_qparams(self) -> tuple[float, int]:
+        """Scale and zero point as Python numbers, read from the buffers once (not per call: on a GPU each
+        read would be a device sync in every layer at every step)."""
+        if self._act_qparams is None:
+            self._act_qparams = (float(self.act_scale), int(self.act_zero_point)) if self.act_bits is not None else (0.0, 0)
+        return self._act_qparams
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_forward(self, x, float(self.act_scale) if self.act_bits is not None else 0.0,
-                                 int(self.act_zero_point) if self.act_bits is not None else 0)
+        return quantized_forward(self, x, *self.activation_qparams())
 
     def extra_repr(self) -> str:
         w = "fp" if self.weight_bits is None else f"int{self.weight_bits}"

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifact import Artifact
-from .bits import BitSpec, parse_bits
+from .bits import WEIGHT_WIDTHS, BitSpec, parse_bits
 from .errors import QschedError
 from .generation import GenerationSettings, generate
 from .models import REGISTRY, default_settings, load_pipeline
@@ -83,7 +83,7 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
         recipe_obj.cache_search.budget = cache_budget
     if spec.is_fractional and uniform:
         raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; "
-                          f"use an integer weight width ({', '.join(map(str, (2, 3, 4, 5, 6, 8)))}) with --uniform")
+                          f"use an integer weight width ({', '.join(map(str, WEIGHT_WIDTHS))}) with --uniform")
     torch.manual_seed(seed)
     bar = tqdm(total=len(STAGES), desc="qcompile", unit="stage", disable=not progress)
     try:
