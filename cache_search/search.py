@@ -418,14 +418,46 @@ class WorldQuality:
                 "quality": (1.0 - w) * score + w * fidelity}
 
     def evaluate_metrics(self, schedules: Sequence[CacheSchedule]) -> list[dict]:
+        return [m for chunk in batches(schedules, len(self.prompts), self.max_batch) for m in self.evaluate_batch(chunk)]
+
+    def evaluate_batch(self, chunk: Sequence[CacheSchedule]) -> list[dict]:
+        """Metrics of a few schedules generated in one pipeline call (a batch from :func:`batches`)."""
         p = len(self.prompts)
-        per_call = max(1, self.max_batch // p)
-        out = []
-        for start in range(0, len(schedules), per_call):
-            chunk = list(schedules[start:start + per_call])
-            images = self._generate(chunk, len(chunk))
-            out += [self.metrics(images[g * p:(g + 1) * p]) for g in range(len(chunk))]
-        return out
+        images = self._generate(list(chunk), len(chunk))
+        return [self.metrics(images[g * p:(g + 1) * p]) for g in range(len(chunk))]
+
+    def __call__(self, schedules: Sequence[CacheSchedule]) -> list[float]:
+        return [m["quality"] for m in self.evaluate_metrics(schedules)]
+
+
+def batches(schedules: Sequence[CacheSchedule], prompts: int, max_batch: int) -> list[list[CacheSchedule]]:
+    """The candidates that share one pipeline call: ``max_batch // prompts`` schedules each. Batch shapes
+    decide the floating-point results, so in-process and distributed evaluation use exactly these."""
+    per_call = max(1, max_batch // prompts)
+    return [list(schedules[i:i + per_call]) for i in range(0, len(schedules), per_call)]
+
+
+class _WorldQualityBuilder:
+    """Runs on a Ray worker, once: load the pipeline and compute its uncached reference images."""
+
+    def __init__(self, source, prompts, settings, seed, kwargs):
+        self.source, self.prompts, self.settings, self.seed, self.kwargs = source, prompts, settings, seed, kwargs
+
+    def __call__(self) -> WorldQuality:
+        return WorldQuality(self.source.load(), self.prompts, self.settings, self.seed, **self.kwargs)
+
+
+class DistributedWorldQuality:
+    """:class:`WorldQuality` over a :class:`qsched.distributed.WorkerPool`: each worker holds the pipeline
+    and the reference images; the batches of one generation go to whichever worker is free. Same batches
+    as in process, so the same qualities and the same front."""
+
+    def __init__(self, pool, prompts: int, max_batch: int):
+        self.pool, self.prompts, self.max_batch = pool, prompts, max_batch
+
+    def evaluate_metrics(self, schedules: Sequence[CacheSchedule]) -> list[dict]:
+        results = self.pool.map("evaluate_batch", batches(schedules, self.prompts, self.max_batch))
+        return [m for chunk in results for m in chunk]
 
     def __call__(self, schedules: Sequence[CacheSchedule]) -> list[float]:
         return [m["quality"] for m in self.evaluate_metrics(schedules)]
@@ -434,3 +466,18 @@ class WorldQuality:
 def world_quality(pipe, prompts: Sequence[str], settings, seed: int = 0, **kwargs) -> WorldQuality:
     """The tinyworld evaluator for :func:`nsga2_search` (see :class:`WorldQuality` for the formula)."""
     return WorldQuality(pipe, prompts, settings, seed, **kwargs)
+
+
+@contextmanager
+def distributed_world_quality(pipe, prompts: Sequence[str], settings, seed: int = 0, *, ray, source=None,
+                              max_batch: int = 64, **kwargs):
+    """:func:`world_quality` on Ray workers (``ray``: a :class:`qsched.distributed.RayConfig`), for the
+    duration of the ``with`` block. ``source`` defaults to ``pipe`` as it is now, via the object store."""
+    from qsched.distributed import PipelineSource, WorkerPool, connect
+
+    connect(ray)
+    source = source or PipelineSource.from_pipeline(pipe)
+    builder = _WorldQualityBuilder(source, list(prompts), settings, int(seed), dict(max_batch=max_batch, **kwargs))
+    device = str(getattr(pipe, "device", "cpu"))
+    with WorkerPool(ray, builder, device=device) as pool:
+        yield DistributedWorldQuality(pool, len(prompts), max_batch)

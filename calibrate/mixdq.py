@@ -29,7 +29,7 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
                seed: int = 0, batch_size: int | None = None, max_bops: float | None = None,
                work_dir: str | Path | None = None, model_digest: str | None = None,
                image_metric: Callable | None = None, time_limit: float = 60.0,
-               progress: bool = True) -> tuple[BitPlan, SensitivityTable, AllocationResult]:
+               progress: bool = True, ray=None, pipeline_source=None) -> tuple[BitPlan, SensitivityTable, AllocationResult]:
     """Choose per-layer widths for ``pipe``'s denoiser that meet ``spec`` on average.
 
     ``spec.weight_bits`` is the size-weighted weight budget (fractional budgets such as 3.5 are what this
@@ -38,7 +38,8 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
     activation budget, as MixDQ keeps its top ~1%: the program picks which. ``keep_fp`` globs stay FP and
     count at 16 bits in the weight budget. ``layers`` (globs) limits the plan to part of the model; the
     budget then applies to that part. ``act_ranges`` must be the ranges the plan will be applied with
-    (``None``: collected here first); sensitivity is measured with them.
+    (``None``: collected here first); sensitivity is measured with them. ``ray``/``pipeline_source`` spread
+    the sensitivity analysis over Ray workers (see :func:`calibrate.sensitivity.analyze_sensitivity`).
     """
     from .calibration import collect_activation_ranges
 
@@ -62,7 +63,7 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
                                 act_widths=act_widths if quantize_acts else (),
                                 act_ranges=act_ranges if quantize_acts else None, layers=decided, groups=groups, group_size=group_size, seed=seed, batch_size=batch_size,
                                 work_dir=work_dir, model_digest=model_digest, image_metric=image_metric,
-                                progress=progress)
+                                progress=progress, ray=ray, pipeline_source=pipeline_source)
     max_fp = math.ceil(fp_act_fraction * len(decided)) if quantize_acts and fp_act_fraction > 0 else 0
     candidates = sorted(set(act_widths)) + ([None] if max_fp else [])
     result = allocate(table, spec.weight_bits, spec.act_bits if quantize_acts else None,

@@ -326,7 +326,8 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
                         layers: Iterable[str] | None = None, groups: dict[str, str] | None = None,
                         group_size: int | None = None, seed: int = 0, batch_size: int | None = None,
                         momentum: float = 0.95, work_dir: str | Path | None = None, model_digest: str | None = None,
-                        image_metric: Callable | None = None, progress: bool = True) -> SensitivityTable:
+                        image_metric: Callable | None = None, progress: bool = True, ray=None,
+                        pipeline_source=None) -> SensitivityTable:
     """Score every selected layer at every candidate width, one layer at a time.
 
     ``layers``: module paths or glob patterns (default: every quantizable layer). ``act_ranges``: static
@@ -334,6 +335,8 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     ``batch_size=None`` sends all prompts in one batch. ``image_metric(images, reference)`` returns
     per-image similarities (default: the judge's SSIM). With ``work_dir`` the table is cached there,
     keyed by a hash of the model state (or ``model_digest``), prompts, widths, settings and ranges.
+    ``ray`` (a :class:`qsched.distributed.RayConfig`) spreads the layers over Ray workers, each holding the
+    model from ``pipeline_source`` (default: this ``pipe`` through the object store); the table is the same.
     """
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
@@ -362,25 +365,85 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
              "fp_run_seconds": 0.0}
     probe_stats = _zero_stats()  # stays zero when everything came from the cache
     if todo:
-        with _eval_mode(pipe):
-            need_ranges = bool(act_widths) and act_ranges is None
-            ref = _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size,
-                                {n: selected[n] for n in todo}, need_ranges, momentum)
-            ranges = ref.ranges if need_ranges else (act_ranges or {})
-            stats["fp_run_seconds"] = ref.seconds
-            probe = _Probe(pipe, denoiser, prompts, settings, seed, batch_size, ref,
-                           image_metric or _default_image_metric())
-            probe_stats = probe.stats
-            for name in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress, leave=False):
-                table.layers[name] = _analyze_layer(probe, name, selected[name], adapter.layer_group(name, groups),
-                                                    weight_widths, act_widths, ranges, group_size)
-                if cache_path is not None:
-                    table.save(cache_path)  # after every layer: a killed run resumes here
+        options = dict(prompts=prompts, settings=settings, layers=todo, groups=groups, weight_widths=weight_widths,
+                       act_widths=act_widths, act_ranges=act_ranges, group_size=group_size, seed=seed,
+                       batch_size=batch_size, momentum=momentum, image_metric=image_metric)
+        bar = tqdm(total=len(todo), desc="sensitivity", unit="layer", disable=not progress, leave=False)
+        if ray is None:
+            with _eval_mode(pipe):
+                run = LayerAnalysis(pipe, **options)
+                stats["fp_run_seconds"] = run.ref.seconds
+                results = ((name, run.analyze(name)) for name in todo)
+                probe_stats = _record(results, table, cache_path, bar)
+        else:
+            from qsched.distributed import PipelineSource, WorkerPool, connect
+            connect(ray)
+            source = pipeline_source or PipelineSource.from_pipeline(pipe)
+            with WorkerPool(ray, _LayerAnalysisBuilder(source, options), device=str(denoiser.device)) as pool:
+                stats["workers"] = len(pool)
+                results = ((todo[i], r) for i, r in pool.imap("analyze", todo))
+                probe_stats = _record(results, table, cache_path, bar)
+        bar.close()
     stats.update(probe_stats)
     for kind in ("", "content_", "quality_"):
         secs = stats[f"{kind}seconds"]
         stats[f"{kind}evaluations_per_second"] = stats[f"{kind}evaluations"] / secs if secs else None
     return SensitivityTable({n: table.layers[n] for n in selected}, weight_widths, act_widths, table.key, stats)
+
+
+def _record(results, table: SensitivityTable, cache_path, bar) -> dict:
+    """Store each finished layer (saving the cache after every one: a killed run resumes) and sum the costs."""
+    total = _zero_stats()
+    for name, (entry, cost) in results:
+        table.layers[name] = LayerSensitivity.from_dict(entry)
+        for key, value in cost.items():
+            total[key] += value
+        if cache_path is not None:
+            table.save(cache_path)
+        bar.update(1)
+    return total
+
+
+class LayerAnalysis:
+    """One FP reference run, then any layer's sensitivity on demand: what each worker (or the in-process
+    loop) holds. Observed activation ranges depend only on the pipeline, prompts and ``layers``, so every
+    worker observes the same ones."""
+
+    def __init__(self, pipe, prompts, settings, layers, groups, weight_widths, act_widths, act_ranges, group_size,
+                 seed, batch_size, momentum, image_metric):
+        self.adapter = adapter_for(pipe)
+        denoiser = self.adapter.denoiser(pipe)
+        all_layers = self.adapter.quantizable_layers(denoiser)
+        self.layers = {n: all_layers[n] for n in layers}
+        self.groups, self.weight_widths, self.act_widths = groups, weight_widths, act_widths
+        self.group_size = group_size
+        need_ranges = bool(act_widths) and act_ranges is None
+        self.ref = _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size, self.layers, need_ranges,
+                                 momentum)
+        self.ranges = self.ref.ranges if need_ranges else (act_ranges or {})
+        self.probe = _Probe(pipe, denoiser, prompts, settings, seed, batch_size, self.ref,
+                            image_metric or _default_image_metric())
+
+    def analyze(self, name: str) -> tuple[dict, dict]:
+        """``(LayerSensitivity.to_dict(), cost)`` for one layer: plain data, cheap to send back."""
+        before = dict(self.probe.stats)
+        entry = _analyze_layer(self.probe, name, self.layers[name], self.adapter.layer_group(name, self.groups),
+                               self.weight_widths, self.act_widths, self.ranges, self.group_size)
+        return entry.to_dict(), {k: self.probe.stats[k] - before[k] for k in before}
+
+
+class _LayerAnalysisBuilder:
+    """Runs on a Ray worker, once: load the pipeline from ``source`` and make its :class:`LayerAnalysis`."""
+
+    def __init__(self, source, options: dict):
+        self.source, self.options = source, options
+
+    def __call__(self) -> LayerAnalysis:
+        pipe = self.source.load()
+        for comp in (getattr(pipe, "components", None) or {}).values():
+            if isinstance(comp, nn.Module):
+                comp.eval()
+        return LayerAnalysis(pipe, **self.options)
 
 
 def _analyze_layer(probe: _Probe, name: str, module: nn.Module, group: str, weight_widths, act_widths, ranges,

@@ -5,12 +5,14 @@ Layout::
     out_dir/
         manifest.json            # sorted keys, indent=2, plain JSON types only
         transformer.safetensors  # one or more shards; names may contain sub-folders
-        report.html              # optional extra files (bytes), e.g. a report or onnx/model.onnx
+        report/data.json         # optional extra files (bytes), e.g. report data or onnx/model.onnx
+        report.html              # optional views written by ``finalize``: not listed, so regenerable
 
 ``manifest.json`` holds whatever the caller put in it, plus two keys the writer owns:
 ``schema_version`` (:data:`SCHEMA_VERSION`) and ``files``, a map from every written file's relative
 path (POSIX separators) to ``{"sha256": <hex>, "bytes": <size>}``. ``manifest.json`` itself is not
-listed.
+listed, nor is what a ``finalize`` callback adds (views derived from the listed files, such as
+``report.html``, which can then be regenerated in place without touching the manifest).
 
 Why it is built this way:
 
@@ -37,7 +39,7 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
@@ -283,6 +285,7 @@ def write_artifact(
     shards: ShardsArg,
     extra_files: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
+    finalize: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write an artifact directory atomically and return its absolute path.
 
@@ -294,7 +297,11 @@ def write_artifact(
 
     If ``out_dir`` exists, raises unless ``overwrite=True``; then an existing artifact (a directory
     with ``manifest.json``) or an empty directory is replaced, and anything else is refused so a typo
-    cannot delete an unrelated folder. Raises :class:`ArtifactError` for bad names or values, an
+    cannot delete an unrelated folder. ``finalize(tmp_dir)``, when given, runs once the temporary
+    directory holds every listed file and the manifest, before the rename; what it writes there lands
+    atomically with the rest but is not listed in ``files`` (see the module docstring).
+
+    Raises :class:`ArtifactError` for bad names or values, an
     unwritable destination or an I/O failure; on any failure nothing is left at ``out_dir`` (or the old
     artifact is left untouched) and the temporary directory is removed.
     """
@@ -350,6 +357,8 @@ def write_artifact(
         full["files"] = {k: files[k] for k in sorted(files)}
         text = json.dumps(full, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
         _write_bytes(tmp / MANIFEST_NAME, text.encode("utf-8"))
+        if finalize is not None:
+            finalize(tmp)
 
         for d in sorted(layout.dirs, key=lambda s: -s.count("/")):
             _fsync_dir(tmp / d)

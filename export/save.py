@@ -87,9 +87,10 @@ def bundle_shards_and_files(pipe, denoiser_attr: str) -> tuple[dict, dict]:
 
 def save_quantized(out_dir, pipe, denoiser_attr: str, plan: BitPlan, manifest: dict,
                    bundle: bool = False, extra_files: dict[str, bytes] | None = None, overwrite: bool = False,
-                   fp_params: int | None = None) -> Path:
+                   fp_params: int | None = None, finalize=None) -> Path:
     """Write the artifact atomically; ``manifest`` carries the compile's results, this adds the layer specs
-    and, given the source denoiser's parameter count, the measured size against BF16."""
+    and, given the source denoiser's parameter count, the measured size against BF16. ``finalize(tmp_dir)``
+    adds unlisted views (``report.html``) before the rename (see :func:`export.format.write_artifact`)."""
     denoiser = getattr(pipe, denoiser_attr)
     manifest = dict(manifest)
     manifest.update({
@@ -113,4 +114,4 @@ def save_quantized(out_dir, pipe, denoiser_attr: str, plan: BitPlan, manifest: d
         extra_shards, extra = bundle_shards_and_files(pipe, denoiser_attr)
         shards.update(extra_shards)
         files.update(extra)
-    return write_artifact(out_dir, manifest, shards, files, overwrite=overwrite)
+    return write_artifact(out_dir, manifest, shards, files, overwrite=overwrite, finalize=finalize)

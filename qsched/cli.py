@@ -15,7 +15,11 @@ EXAMPLES = """examples:
   qcompile --model flux-tiny --bits w4a8 --out out/flux-tiny-w4a8
   qcompile --model flux-schnell --bits w4a8
   qcompile --model ./my-local-pipeline --bits w8a8 --uniform --bundle
-  qcompile --model flux-schnell --init random --bits w4a8 --device cuda"""
+  qcompile --model flux-schnell --init random --bits w4a8 --device cuda
+
+the artifact's report (report.html, written by every compile):
+  qcompile report out/flux-tiny-w4a8           regenerate it
+  qcompile view out/flux-tiny-w4a8 [--port P]  serve it on http://127.0.0.1:P/ (prints the URL, opens nothing)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the cheapest point within 2%% of no-cache quality)")
     p.add_argument("--bundle", action="store_true", help="store every pipeline component: the artifact loads without the source model")
     p.add_argument("--eval-prompts", type=int, default=8, help="prompts used to measure fidelity against FP (0 skips; default 8)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run sensitivity analysis and cache-search evaluations on Ray: 'auto' (join this machine's "
+                        "cluster, else start a local one), 'local', or a cluster address such as 10.0.0.1:6379")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="Ray workers to start, each loading the model once (default: one per GPU with a CUDA "
+                        "--device, else one per CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -59,18 +69,26 @@ def _validate_device(device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("report", "view"):  # subcommands; every compile command line starts with a flag
+        from .report.cli import main as report_main
+        return report_main(argv)
     args = build_parser().parse_args(argv)
     from .errors import QschedError
     try:
         from .bits import parse_bits
         spec = parse_bits(args.bits)
         _validate_device(args.device)
+        ray = None
+        if args.ray is not None or args.ray_workers is not None:
+            from .distributed import RayConfig
+            ray = RayConfig(address=args.ray or "auto", workers=args.ray_workers)
         from .compiler import compile as run_compile
         artifact = run_compile(model=args.model, bits=spec, out=args.out, recipe=args.recipe, seed=args.seed,
                                device=args.device, init=args.init, uniform=args.uniform, qsched=not args.no_qsched,
                                cache_search=not args.no_cache_search, bundle=args.bundle,
                                eval_prompts=args.eval_prompts, overwrite=args.overwrite, progress=not args.quiet,
-                               cache_budget=args.cache_budget)
+                               cache_budget=args.cache_budget, ray=ray)
     except QschedError as err:
         print(f"qcompile: error: {err}", file=sys.stderr)
         return 2

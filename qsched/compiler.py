@@ -1,7 +1,9 @@
 """``qsched.compile``: load → calibrate → schedule → cache → export, each stage a plain function.
 
 The CLI only parses arguments and calls this. Stages that are not available yet, or that the caller
-switched off, are recorded in the manifest as skipped with the reason, never silently.
+switched off, are recorded in the manifest as skipped with the reason, never silently. Alongside the stages,
+:class:`qsched.report.measure.ReportProbe` measures the report's points and baselines (it starts at load, while
+FP is in memory, and measures at export), and the artifact gets ``report/data.json``, PNGs and ``report.html``.
 """
 from __future__ import annotations
 
@@ -66,12 +68,15 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
             recipe: str | Path | Recipe | None = None, seed: int = 0, device: str = "cpu", init: str = "pretrained",
             uniform: bool = False, qsched: bool = True, cache_search: bool = True, bundle: bool = False,
             eval_prompts: int = 8, overwrite: bool = False, progress: bool = True,
-            cache_budget: float | None = None) -> Artifact:
+            cache_budget: float | None = None, ray=None) -> Artifact:
     """Compile ``model`` at ``bits`` into an artifact directory ``out`` and return it.
 
     ``uniform`` forces round-to-nearest at the target widths; ``qsched``/``cache_search`` switch those
     stages off; ``bundle`` stores every pipeline component so the artifact loads without the source.
-    ``eval_prompts`` FP-vs-quantized images are generated to record fidelity (0 skips it).
+    ``eval_prompts`` FP-vs-quantized images are generated to record fidelity (0 skips it). ``ray`` (a
+    :class:`qsched.distributed.RayConfig`, or an address string: ``"auto"``, ``"local"``, ``host:port``)
+    runs the per-layer sensitivity analysis and the cache-search evaluations on Ray workers, each loading
+    the model once; the artifact is the same as without it.
     """
     spec = parse_bits(bits) if isinstance(bits, str) else bits
     out = Path(out or f"out/{Path(model).name}-{spec}")
@@ -84,12 +89,15 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     if spec.is_fractional and uniform:
         raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; "
                           f"use an integer weight width ({', '.join(map(str, WEIGHT_WIDTHS))}) with --uniform")
+    if isinstance(ray, str):
+        from .distributed import RayConfig
+        ray = RayConfig(address=ray)
     torch.manual_seed(seed)
     bar = tqdm(total=len(STAGES), desc="qcompile", unit="stage", disable=not progress)
     try:
         method = "uniform" if uniform else ("mixdq" if spec.is_fractional else recipe_obj.quantization.method)
         return _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, init, qsched,
-                           cache_search, bundle, eval_prompts, overwrite, progress, method)
+                           cache_search, bundle, eval_prompts, overwrite, progress, method, ray)
     except BaseException:
         bar.leave = False  # clear the bar so the error message starts its own line
         raise
@@ -98,7 +106,7 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
 
 
 def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, init, qsched, cache_search, bundle,
-                eval_prompts, overwrite, progress, method) -> Artifact:
+                eval_prompts, overwrite, progress, method, ray=None) -> Artifact:
     timings, stages = {}, {}
 
     def stage(name: str):
@@ -121,6 +129,10 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     source_info = {**source.to_dict(), "denoiser_sha256": state_digest(denoiser)}
     eval_set = calibration_prompts(model, eval_prompts, seed=seed + 1, embedded=embedded) if eval_prompts else []
     reference = generate(pipe, eval_set, settings, seed=seed, progress=progress and "FP reference") if eval_set else None
+    from .report.measure import ReportProbe
+    samples = calibration_prompts(model, min(recipe_obj.report.samples, recipe_obj.calibration.prompts),
+                                  seed=recipe_obj.calibration.seed, embedded=embedded)
+    report_probe = ReportProbe.begin(pipe, adapter.denoiser_attr, settings, samples, recipe_obj.report, embedded, seed)
     done("load", source=source.model)
 
     stage("calibrate")
@@ -132,6 +144,10 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
              "fp_act_fraction": quant.fp_act_fraction, "weight_widths": quant.weight_widths,
              "act_widths": quant.act_widths, "model_digest": source_info["denoiser_sha256"],
              "work_dir": work_dir(out)}
+    if ray is not None:
+        from .distributed import PipelineSource
+        mixdq.update(ray=ray, pipeline_source=PipelineSource.from_loader(
+            model, init=init, seed=seed, device=device, digest=source_info["denoiser_sha256"]))
     result = calibrate(pipe, spec, prompts, settings, seed=cal.seed, batch_size=cal.batch_size, momentum=cal.momentum,
                        group_size=quant.group_size, keep_fp=quant.keep_fp, groups=quant.groups,
                        progress=progress and "calibration", method=method, mixdq=mixdq)
@@ -153,6 +169,7 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
 
     stage("cache_search")
     cache_record = {"schedule": None, "pareto_front": None}
+    cache_handle = None
     if not (cache_search and recipe_obj.cache_search.enabled):
         stages["cache_search"] = {"status": "skipped", "reason": "switched off"}
     elif not embedded:
@@ -161,15 +178,15 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     else:
         from cache_search.caching import enable_cache
         from cache_search.stage import search_cache
-        from .tinyworld.world import sample_batch
-        search_prompts = list(sample_batch(seed=40_000 + seed, n=recipe_obj.cache_search.prompts, split="train")[1])
+        search_prompts = cache_search_prompts(recipe_obj.cache_search, seed)
+        key = cache_search_key(source_info["denoiser_sha256"], result, stages["qsched"], search_prompts, settings,
+                               recipe_obj.cache_search, seed)
         cache_result, schedule = search_cache(pipe, search_prompts, settings, recipe_obj.cache_search, seed,
-                                              work_dir(out) / f"cache-{source_info['denoiser_sha256'][:12]}-{spec}",
-                                              progress)
+                                              work_dir(out) / f"cache-{key[:16]}", progress, ray=ray)
         stages["cache_search"] = cache_result["record"]
         cache_record = {"schedule": schedule.to_dict() if schedule else None, "pareto_front": cache_result["front"]}
         if schedule is not None:
-            enable_cache(pipe, schedule)  # the export stage's evaluation measures the chosen point
+            cache_handle = enable_cache(pipe, schedule)  # the export stage's evaluation measures the chosen point
     timings["cache_search"] = round(time.perf_counter() - timings["cache_search"], 3)
     bar.update(1)
 
@@ -178,6 +195,10 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     if reference is not None:
         images = generate(pipe, eval_set, settings, seed=seed, progress=progress and "quantized eval")
         metrics["fidelity"] = fidelity_metrics_for(reference, images, eval_set, embedded)
+    report_files = report_probe.finish(pipe, spec, result.act_ranges, cache_record,
+                                       stages["cache_search"].get("chosen"), cache_handle,
+                                       cache_search_prompts(recipe_obj.cache_search, seed) if embedded else None)
+    timings["report"] = report_probe.seconds
     manifest = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": source_info, "bits": str(spec), "recipe": {"path": recipe_path, **recipe_obj.to_dict()},
@@ -186,16 +207,42 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
         "cache": cache_record,
         "stages": stages, "tools": tool_versions(),
     }
+    if ray is not None:
+        from .distributed import cluster_summary
+        manifest["ray"] = {**ray.to_dict(), **cluster_summary()}
     from export.save import save_quantized
     manifest["metrics"] = metrics
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items() if k != "export"}
-    extra = {"sensitivity.json": json.dumps(result.sensitivity, indent=1).encode()} if result.sensitivity else None
+    extra = {"sensitivity.json": json.dumps(result.sensitivity, indent=1).encode()} if result.sensitivity else {}
+    from .report import write_report
     path = save_quantized(out, pipe, adapter.denoiser_attr, result.plan, manifest, bundle=bundle,
-                          overwrite=overwrite, fp_params=fp_params, extra_files=extra)
+                          overwrite=overwrite, fp_params=fp_params, extra_files={**extra, **report_files},
+                          finalize=write_report)
     bar.update(1)
     artifact = Artifact.open(path)
     artifact.compiled_pipeline = pipe
     return artifact
+
+
+def cache_search_key(fp_digest: str, calibration, qsched_record: dict, prompts: list[str], settings, config,
+                     seed: int) -> str:
+    """A hash of everything the cache search's evaluations depend on (the quantized model, the Q-Sched
+    coefficients, prompts, settings, search knobs), so a checkpoint is only ever resumed by the same search.
+    Left out: ``generations`` (a rerun with more generations continues the same search) and the knobs
+    that only pick a point from the front (``budget``, ``quality_floor``)."""
+    knobs = {k: v for k, v in dataclasses.asdict(config).items()
+             if k not in ("generations", "budget", "quality_floor", "enabled")}
+    inputs = {"fp": fp_digest, "plan": calibration.plan.to_dict(),
+              "act_ranges": {k: [float(x) for x in v] for k, v in sorted(calibration.act_ranges.items())},
+              "qsched": qsched_record.get("coefficients") if qsched_record.get("status") == "done" else None,
+              "prompts": list(prompts), "settings": settings.to_dict(), "config": knobs, "seed": seed}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_search_prompts(config, seed: int) -> list[str]:
+    """The embedded world's prompts the cache search scores schedules on (the report re-scores on them)."""
+    from .tinyworld.world import sample_batch
+    return list(sample_batch(seed=40_000 + seed, n=config.prompts, split="train")[1])
 
 
 def fidelity_metrics_for(reference, images, prompts, embedded: bool) -> dict:

@@ -87,6 +87,19 @@ class CacheSearchConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What the compile measures for the artifact's ``report.html`` (see :mod:`qsched.report`).
+
+    ``samples``: how many of the first calibration prompts get sample images for every report point
+    (0 records no images and no latency; the report still shows the front, bit plan and schedules).
+    ``repeats``: timed runs of that sample generation per point (the median is reported).
+    """
+
+    samples: int = 4
+    repeats: int = 3
+
+
+@dataclass
 class Recipe:
     """Everything a compile needs beyond the model and ``--bits``."""
 
@@ -98,6 +111,7 @@ class Recipe:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     qsched: QSchedConfig = field(default_factory=QSchedConfig)
     cache_search: CacheSearchConfig = field(default_factory=CacheSearchConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,6 +188,8 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if not 0.0 <= q.content_weight <= 1.0 or not 0.0 <= q.fp_act_fraction < 1.0 or q.sensitivity_prompts < 1:
         raise RecipeError(f"{source}: quantization.content_weight must lie in [0, 1], fp_act_fraction in [0, 1), "
                           "sensitivity_prompts >= 1")
+    if not 0 <= recipe.report.samples <= 64 or not 1 <= recipe.report.repeats <= 20:
+        raise RecipeError(f"{source}: report.samples must lie in [0, 64] and report.repeats in [1, 20]")
     if not 0.0 <= recipe.calibration.momentum < 1.0:
         raise RecipeError(f"{source}: calibration.momentum must lie in [0, 1)")
     if recipe.bits is not None:

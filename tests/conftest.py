@@ -24,3 +24,17 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_report_artifact(tmp_path_factory):
+    """flux-tiny compiled once with small knobs (every stage runs, report measured): for the report tests."""
+    import qsched
+    from qsched.recipe import parse_recipe
+
+    recipe = parse_recipe({"calibration": {"prompts": 8, "batch_size": 8},
+                           "qsched": {"budget": 4, "prompts": 2, "heldout_prompts": 2},
+                           "cache_search": {"population": 8, "generations": 1, "prompts": 4},
+                           "report": {"samples": 3, "repeats": 2}})
+    out = tmp_path_factory.mktemp("report-art") / "flux-tiny-w4a8"
+    return qsched.compile("flux-tiny", "w4a8", out=out, recipe=recipe, eval_prompts=2, progress=False)

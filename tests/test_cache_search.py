@@ -156,3 +156,34 @@ def test_world_quality_evaluator_and_a_tiny_search(tmp_path):
                          work_dir=tmp_path)
     assert front.points and all(0 < p.mac_fraction <= 1 for p in front.points)
     assert all(not _dominates(p, q) for p in front.points for q in front.points)
+
+
+def test_compile_resumes_a_cache_checkpoint_only_for_the_same_search():
+    """The work-dir key covers what the evaluations depend on (a different Q-Sched result or prompt set must
+    not resume another search's archive), but not the knobs that only extend it or pick from its front."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from calibrate.bitplan import BitPlan
+    from qsched.compiler import cache_search_key
+    from qsched.recipe import CacheSearchConfig
+    from qsched.tinyworld.model import TINY_SETTINGS
+
+    cal = SimpleNamespace(plan=BitPlan(), act_ranges={"a": (0.0, 1.0)})
+    done = {"status": "done", "coefficients": {"x": [1.1, 1.0]}}
+    config = CacheSearchConfig()
+
+    def key(**over):
+        args = dict(fp_digest="f", calibration=cal, qsched_record=done, prompts=["p"], settings=TINY_SETTINGS,
+                    config=config, seed=0)
+        args.update(over)
+        return cache_search_key(**args)
+
+    base = key()
+    assert key(config=replace(config, generations=config.generations + 5)) == base
+    assert key(config=replace(config, budget=0.5, quality_floor=0.9)) == base
+    assert key(qsched_record={"status": "skipped"}) != base
+    assert key(qsched_record={"status": "done", "coefficients": {"x": [1.2, 1.0]}}) != base
+    assert key(prompts=["q"]) != base
+    assert key(config=replace(config, population=config.population + 2)) != base
+    assert key(calibration=SimpleNamespace(plan=BitPlan(), act_ranges={"a": (0.0, 2.0)})) != base
