@@ -37,14 +37,16 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 20])
     p.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w3a8", "w2a16"])
+    p.add_argument("--weights", default=str(WEIGHTS_DIR), help="a flux-tiny weights dir (default: the shipped one)")
     p.add_argument("--out", default="bench-out/tiny-report.json")
     args = p.parse_args(argv)
     _, prompts = sample_batch(seed=args.seed, n=args.prompts, split="test")
-    pipe = load_embedded()
+    weights = Path(args.weights)
+    pipe = load_embedded(weights)
     report = {"prompts": args.prompts, "seed": args.seed, "split": "test",
               "params": {name: sum(p.numel() for p in getattr(pipe, name).parameters())
                          for name in ("transformer", "vae", "text_encoder", "text_encoder_2")},
-              "weight_file_bytes": sum(f.stat().st_size for f in WEIGHTS_DIR.rglob("*.safetensors"))}
+              "weight_file_bytes": sum(f.stat().st_size for f in weights.rglob("*.safetensors"))}
     batch16 = prompts[:16]
     generate(pipe, batch16, TINY_SETTINGS, batch_size=16)  # warm-up
     t = time.perf_counter()
@@ -66,7 +68,7 @@ def main(argv=None) -> None:
     report["uniform_rtn_4steps"] = {}
     cal_prompts = calibration_prompts("flux-tiny", 64, seed=0, embedded=True)
     for bits in args.bits:
-        qpipe = load_embedded()
+        qpipe = load_embedded(weights)
         calibrate(qpipe, parse_bits(bits), cal_prompts, TINY_SETTINGS, seed=0, batch_size=16, progress=False)
         images = generate(qpipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64, progress=f"{bits}")
         row = judged(images, prompts)

@@ -12,11 +12,12 @@ Three phases, each checkpointed in ``--work`` so a killed run resumes:
 ``python -m qsched.tinyworld.train --out out/flux-tiny-weights`` trains with the shipped budgets;
 ``qsched.tinyworld.model.export_weights(out)`` then writes them into the package as fp16.
 
-Provenance of the shipped weights (seed 0, CPU): the run was resumed from its checkpoints twice with
-smaller budgets to fit a session (VAE: steps 0-1000 on a 2000-step cosine schedule, 1000-1500 on a
-1500-step one; flow: steps 0-2000 on a 4000-step schedule, 2000-3000 on a 3000-step one; no reflow), so a
-single run with these defaults gives a comparable, not bit-identical, model. The model is undertrained:
-see ``benchmarks/tiny_model_report.py`` for its judged accuracy.
+Provenance of the shipped weights (seed 0, CPU): the run was resumed from its checkpoints three times
+with changed budgets to fit the sessions (VAE: steps 0-1000 on a 2000-step cosine schedule, 1000-1500 on a
+1500-step one; flow: steps 0-2000 on a 4000-step schedule, 2000-3000 on a 3000-step one, then 3000-9000 on
+a 9000-step one with a fresh optimiser state, ``--threads 1``; no reflow), so a single run with
+``--flow-steps 9000`` gives a comparable, not bit-identical, model. The model is still undertrained (its
+loss was falling when training stopped): see ``benchmarks/tiny_model_report.py`` for its judged accuracy.
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def main(argv=None) -> None:
     p.add_argument("--work", default="out/train-flux-tiny", help="checkpoints (resume from here)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--flow-steps", type=int, default=3000)
+    p.add_argument("--flow-steps", type=int, default=9000)
     p.add_argument("--reflow-steps", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--vae-batch", type=int, default=32)
