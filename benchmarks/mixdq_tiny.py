@@ -1,0 +1,95 @@
+"""MixDQ mixed precision against uniform round-to-nearest on the embedded flux-tiny model, side by side.
+
+For each target (default W8A8, W4A8, W3.5A8, W3A8) both methods calibrate a fresh copy of the shipped
+model on the same calibration prompts (uniform RTN only exists at integer widths), then generate the
+same held-out prompts and seeds at 4 steps. Reported per row: judged accuracy (±95 %), continuous score,
+PSNR/SSIM against FP, average weight bits and denoiser size. MixDQ uses the recipe defaults
+(:class:`qsched.recipe.QuantizationConfig`); its sensitivity table is computed once and cached in
+``--work``, so later targets reuse it. ``--ablation`` adds MixDQ variants: SQNR for every layer (no
+content/quality decoupling) and no FP-activation layers.
+
+    python benchmarks/mixdq_tiny.py --prompts 1024 --out bench-out/mixdq-tiny.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from calibrate.calibration import calibrate
+from qsched.bits import parse_bits
+from qsched.generation import generate
+from qsched.prompts import calibration_prompts
+from qsched.recipe import QuantizationConfig
+from qsched.tinyworld.judge import confidence_interval, judge, psnr, ssim
+from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
+from qsched.tinyworld.world import sample_batch
+
+
+def _row(images, reference, prompts) -> dict:
+    verdict = judge(images, prompts)
+    return {"accuracy": round(float(verdict.accuracy), 4),
+            "ci95": round(float(confidence_interval(verdict.accuracy, len(prompts))), 4),
+            "score": round(float(verdict.score), 4),
+            "psnr_vs_fp": round(float(psnr(reference, images).mean()), 3) if reference is not None else None,
+            "ssim_vs_fp": round(float(ssim(reference, images).mean()), 4) if reference is not None else None}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompts", type=int, default=1024, help="held-out prompts (test split)")
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w3.5a8", "w3a8"])
+    p.add_argument("--calibration-prompts", type=int, default=64)
+    p.add_argument("--ablation", action="store_true", help="also MixDQ without decoupled metrics / FP activations")
+    p.add_argument("--weights", default=str(WEIGHTS_DIR))
+    p.add_argument("--work", default="bench-out/mixdq-work", help="sensitivity cache (reruns are cheap)")
+    p.add_argument("--out", default="bench-out/mixdq-tiny.json")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+
+    _, prompts = sample_batch(seed=args.seed, n=args.prompts, split="test")
+    cal = calibration_prompts("flux-tiny", args.calibration_prompts, seed=0, embedded=True)
+    fp = load_embedded(Path(args.weights))
+    reference = generate(fp, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64, progress="FP")
+    report = {"prompts": args.prompts, "seed": args.seed, "steps": TINY_SETTINGS.steps,
+              "fp": _row(reference, None, prompts), "rows": []}
+    print("FP", report["fp"], flush=True)
+    q = QuantizationConfig()
+    variants = [("mixdq", {"content_weight": q.content_weight, "fp_act_fraction": q.fp_act_fraction})]
+    if args.ablation:
+        variants += [("mixdq-sqnr-only", {"content_weight": q.content_weight, "fp_act_fraction": q.fp_act_fraction,
+                                          "groups": {"*": "quality"}}),
+                     ("mixdq-no-fp-acts", {"content_weight": q.content_weight, "fp_act_fraction": 0.0})]
+    for bits in args.bits:
+        spec = parse_bits(bits)
+        methods = ([("uniform", {})] if not spec.is_fractional else []) + variants
+        for name, options in methods:
+            pipe = load_embedded(Path(args.weights))
+            options = dict(options)
+            groups = options.pop("groups", None)
+            mixdq = None
+            if name != "uniform":
+                mixdq = {"sensitivity_prompts": q.sensitivity_prompts, "weight_widths": q.weight_widths,
+                         "act_widths": q.act_widths, "work_dir": args.work, **options}
+            t = time.perf_counter()
+            result = calibrate(pipe, spec, cal, TINY_SETTINGS, seed=0, batch_size=16, groups=groups, progress=False,
+                               method="uniform" if name == "uniform" else "mixdq", mixdq=mixdq)
+            seconds = time.perf_counter() - t
+            images = generate(pipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64, progress=f"{bits} {name}")
+            row = {"bits": bits, "method": name, **_row(images, reference, prompts),
+                   "average_weight_bits": round(result.plan.average_weight_bits(), 3),
+                   "fp_act_layers": sum(1 for lp in result.plan.layers.values() if lp.act_bits is None),
+                   "calibrate_seconds": round(seconds, 1)}
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
