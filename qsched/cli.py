@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   qcompile --model flux-schnell --bits w4a8
   qcompile --model ./my-local-pipeline --bits w8a8 --uniform --bundle
   qcompile --model flux-schnell --init random --bits w4a8 --device cuda
+  qcompile --model flux-schnell --bits w3.5a8 --device cuda --ray auto   # sensitivity and cache search on Ray
 
 the artifact's report (report.html, written by every compile):
   qcompile report out/flux-tiny-w4a8           regenerate it
