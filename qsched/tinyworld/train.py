@@ -14,10 +14,11 @@ Three phases, each checkpointed in ``--work`` so a killed run resumes:
 
 Provenance of the shipped weights (seed 0, CPU): the run was resumed from its checkpoints three times
 with changed budgets to fit the sessions (VAE: steps 0-1000 on a 2000-step cosine schedule, 1000-1500 on a
-1500-step one; flow: steps 0-2000 on a 4000-step schedule, 2000-3000 on a 3000-step one, then 3000-9000 on
-a 9000-step one with a fresh optimiser state, ``--threads 1``; no reflow), so a single run with
-``--flow-steps 9000`` gives a comparable, not bit-identical, model. The model is still undertrained (its
-loss was falling when training stopped): see ``benchmarks/tiny_model_report.py`` for its judged accuracy.
+1500-step one; flow: steps 0-2000 on a 4000-step schedule, 2000-3000 on a 3000-step one, 3000-9000 on a
+9000-step one, then 9000-15000 on a 15000-step one, each resume with a fresh optimiser state and
+``--threads 1``; no reflow), so a single run with ``--flow-steps 15000`` gives a comparable, not
+bit-identical, model. The model is still undertrained (its loss was falling when training stopped): see
+``benchmarks/tiny_model_report.py`` for its judged accuracy.
 """
 from __future__ import annotations
 
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
     p.add_argument("--work", default="out/train-flux-tiny", help="checkpoints (resume from here)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--flow-steps", type=int, default=9000)
+    p.add_argument("--flow-steps", type=int, default=15000)
     p.add_argument("--reflow-steps", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--vae-batch", type=int, default=32)
