@@ -275,7 +275,7 @@ def learn_schedule(pipe, model: str, embedded: bool, settings: GenerationSetting
                                                "to a local CLIP directory or hub id"}
     result = learn_coefficients(pipe, train, heldout, settings, lambda im, p: jaq(im, p, *terms, k=config.k),
                                 method=config.method, budget=config.budget, seed=seed, sigma0=config.sigma0,
-                                progress=progress)
+                                select=config.select, patience=config.patience, progress=progress)
     applied = result.heldout_jaq > result.identity_heldout_jaq
     if applied:
         pipe.scheduler = QSchedScheduler.wrap(pipe.scheduler, result.coefficients)

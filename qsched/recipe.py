@@ -60,6 +60,9 @@ class QSchedConfig:
 
     ``clip``: a local CLIP directory or hub id for real models' JAQ terms (the embedded model uses its
     world's judge). ``method``: ``cma`` (ours, per-step) or ``grid`` (Q-Sched's first-step grid).
+    ``select``: ``guard`` keeps the candidate with the best held-out JAQ (a per-step search overfits a
+    few train prompts), ``train`` the best train one. ``patience``: stop after this many train runs
+    without a held-out improvement (null: spend the whole budget).
     """
 
     enabled: bool = True
@@ -70,6 +73,8 @@ class QSchedConfig:
     heldout_prompts: int = 16
     sigma0: float = 0.05
     clip: str | None = None
+    select: str = "guard"
+    patience: int | None = None
 
 
 @dataclass
@@ -174,6 +179,11 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: qsched.method must be one of cma, grid, nelder-mead; got {recipe.qsched.method!r}")
     if recipe.qsched.budget < 1 or recipe.qsched.prompts < 1 or recipe.qsched.heldout_prompts < 1:
         raise RecipeError(f"{source}: qsched.budget, qsched.prompts and qsched.heldout_prompts must be positive")
+    if recipe.qsched.select not in ("guard", "train"):
+        raise RecipeError(f"{source}: qsched.select must be guard or train; got {recipe.qsched.select!r}")
+    if recipe.qsched.patience is not None and recipe.qsched.patience < 1:
+        raise RecipeError(f"{source}: qsched.patience must be a positive number of runs or null; "
+                          f"got {recipe.qsched.patience!r}")
     c = recipe.cache_search
     if c.budget is not None and not 0.0 < c.budget <= 1.0 or not 0.0 < c.quality_floor <= 1.0:
         raise RecipeError(f"{source}: cache_search.budget must lie in (0, 1] and quality_floor in (0, 1]")

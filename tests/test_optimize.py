@@ -65,7 +65,7 @@ def test_cma_approaches_a_known_optimum_within_an_exact_budget(qpipe):
     # held-out is measured once per new best (identity first); the curve then runs on to the last run
     history = result.history
     assert history[0] == {"runs": 1, "train_best": result.identity_train_jaq,
-                          "heldout_best": result.identity_heldout_jaq}
+                          "heldout_best": result.identity_heldout_jaq, "selected": result.identity_heldout_jaq}
     assert history[-1]["runs"] == result.runs
     improvements = {h["train_best"] for h in history}  # the closing point repeats the last best
     assert result.heldout_runs == len(improvements) and len(improvements) >= 2
@@ -78,6 +78,33 @@ def test_cma_approaches_a_known_optimum_within_an_exact_budget(qpipe):
     finally:
         qpipe.scheduler = sched
     assert again == pytest.approx(result.train_jaq, abs=1e-9)
+
+
+def test_guard_selection_and_patience(qpipe):
+    """Train and held-out prompts want different coefficients: the guard picks by held-out, not train."""
+    train_target = SchedulerCoefficients.linear_ramp(2, 1.15, 0.9)
+    train_objective = target_objective(qpipe, S2, train_target, seed=1)
+    guard_objective = target_objective(qpipe, S2, SchedulerCoefficients.ones(2), seed=1)  # identity is best
+
+    def objective(images, prompts):
+        return (train_objective if list(prompts) == TRAIN else guard_objective)(images, prompts)
+
+    by_train = learn_coefficients(qpipe, TRAIN, HELDOUT, S2, objective, method="cma", budget=30, seed=1,
+                                  select="train", progress=False)
+    by_guard = learn_coefficients(qpipe, TRAIN, HELDOUT, S2, objective, method="cma", budget=30, seed=1,
+                                  progress=False)
+    assert by_guard.history == by_train.history  # same search, different pick
+    assert by_guard.best_train_coefficients == by_train.coefficients == by_train.best_train_coefficients
+    assert by_train.train_jaq == by_train.best_train_jaq > by_train.identity_train_jaq
+    assert by_guard.select == "guard" and by_guard.coefficients == SchedulerCoefficients.ones(2)
+    assert by_guard.heldout_jaq == by_guard.identity_heldout_jaq == max(h["heldout_best"] for h in by_guard.history)
+    assert by_guard.heldout_jaq > by_train.heldout_jaq and by_guard.selected_at == 1
+    assert [h["selected"] for h in by_guard.history] == [by_guard.heldout_jaq] * len(by_guard.history)
+    # patience: stop once the guard has not improved for 7 train runs
+    early = learn_coefficients(qpipe, TRAIN, HELDOUT, S2, objective, method="cma", budget=30, seed=1,
+                               patience=7, progress=False)
+    assert early.stopped_early and early.runs == 1 + 7 and early.coefficients == by_guard.coefficients
+    assert not by_guard.stopped_early and by_guard.runs == 30
 
 
 def test_grid_finds_a_grid_point_exactly_and_counts_every_configuration(qpipe):
@@ -148,6 +175,10 @@ def test_bad_arguments_are_clear_errors(qpipe):
         learn_coefficients(qpipe, TRAIN, [], S2, lambda i, p: 0.0)
     with pytest.raises(QschedError, match="contain 1"):
         learn_coefficients(qpipe, TRAIN, HELDOUT, S2, lambda i, p: 0.0, bounds=(1.1, 1.3))
+    with pytest.raises(QschedError, match="unknown Q-Sched selection"):
+        learn_coefficients(qpipe, TRAIN, HELDOUT, S2, lambda i, p: 0.0, select="best")
+    with pytest.raises(QschedError, match="patience"):
+        learn_coefficients(qpipe, TRAIN, HELDOUT, S2, lambda i, p: 0.0, patience=0)
 
 
 def test_reference_free_with_world_jaq(qpipe, monkeypatch):

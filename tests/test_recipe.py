@@ -35,6 +35,8 @@ def test_unknown_key_names_the_key_and_valid_keys():
     ({"bits": "w7a8"}, "invalid --bits"),
     ({"quantization": {"keep_fp": "proj_out"}}, "must be a list"),
     ({"calibration": []}, "must be a mapping"),
+    ({"qsched": {"select": "best"}}, "qsched.select"),
+    ({"qsched": {"patience": 0}}, "qsched.patience"),
 ])
 def test_bad_values_are_rejected(data, match):
     with pytest.raises(RecipeError, match=match):
@@ -52,3 +54,9 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
 
 def test_ints_are_accepted_for_floats():
     assert parse_recipe({"qsched": {"k": 2}}).qsched.k == 2.0
+
+
+def test_qsched_selection_defaults_and_patience():
+    default = parse_recipe({}).qsched
+    assert default.select == "guard" and default.patience is None
+    assert parse_recipe({"qsched": {"patience": 30, "select": "train"}}).qsched.patience == 30
