@@ -13,15 +13,22 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def quantize_(denoiser: nn.Module, plan: BitPlan, act_ranges: dict[str, tuple[float, float]]) -> nn.Module:
-    """Replace every planned layer by a :class:`QuantLayer`; layers planned fully FP are left untouched."""
+def quantize_(denoiser: nn.Module, plan: BitPlan, act_ranges: dict[str, tuple[float, float]],
+              fp_tokens: dict | None = None) -> nn.Module:
+    """Replace every planned layer by a :class:`QuantLayer`; layers planned fully FP are left untouched.
+    ``fp_tokens`` (layer -> :class:`calibrate.fp_tokens.FPTokens`) supplies the FP rows of the layers
+    whose plan lists ``fp_tokens``."""
+    fp_tokens = fp_tokens or {}
     for name, layer_plan in plan.layers.items():
         if layer_plan.weight_bits is None and layer_plan.act_bits is None:
             continue
         module = denoiser.get_submodule(name)
         if isinstance(module, QuantLayer):
             raise ValueError(f"layer {name} is already quantized")
+        rows = fp_tokens.get(name) if layer_plan.fp_tokens else None
+        if layer_plan.fp_tokens and (rows is None or list(rows.positions) != list(layer_plan.fp_tokens)):
+            raise ValueError(f"layer {name} is planned with FP token rows {layer_plan.fp_tokens} but none were given")
         quant = QuantLayer.from_module(module, layer_plan.weight_bits, layer_plan.act_bits,
-                                       act_ranges.get(name), layer_plan.group_size)
+                                       act_ranges.get(name), layer_plan.group_size, rows)
         set_submodule(denoiser, name, quant)
     return denoiser

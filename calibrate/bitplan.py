@@ -19,9 +19,14 @@ class LayerPlan:
     group_size: int | None = None
     reason: str = ""
     params: int = 0
+    #: token positions whose output rows are precomputed in FP (MixDQ's BOS-aware text layers)
+    fp_tokens: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if not data["fp_tokens"]:  # omitted when unused: plans (and keys hashed from them) stay as before
+            del data["fp_tokens"]
+        return data
 
 
 @dataclass

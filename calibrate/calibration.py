@@ -10,6 +10,7 @@ from qsched.generation import GenerationSettings, generate
 
 from .apply import quantize_
 from .bitplan import BitPlan
+from .fp_tokens import FPTokenReport, FPTokens, fp_tokens_from_rows, record_rows
 from .statistics import observe_inputs
 from .uniform import uniform_plan
 
@@ -23,36 +24,85 @@ class CalibrationResult:
     prompts: list[str] = field(default_factory=list)
     sensitivity: dict | None = None  # SensitivityTable.to_dict() for mixed precision
     allocation: dict | None = None  # AllocationResult.to_dict() for mixed precision
+    fp_tokens: FPTokenReport = field(default_factory=FPTokenReport)  # BOS rows: where applied, where refused
 
     def to_dict(self) -> dict:
         return {"plan": self.plan.to_dict(), "act_ranges": {k: list(v) for k, v in sorted(self.act_ranges.items())},
-                "prompts": list(self.prompts), "sensitivity": self.sensitivity, "allocation": self.allocation}
+                "prompts": list(self.prompts), "sensitivity": self.sensitivity, "allocation": self.allocation,
+                "fp_tokens": self.fp_tokens.to_dict()}
 
 
 def collect_activation_ranges(pipe, prompts: list[str], settings: GenerationSettings, seed: int = 0,
                               batch_size: int = 8, momentum: float = 0.95, progress: bool = True) -> dict:
     """Static (min, max) of every quantizable layer's input over full-precision calibration runs."""
+    return collect_statistics(pipe, prompts, settings, seed, batch_size, momentum, progress)[0]
+
+
+def collect_statistics(pipe, prompts: list[str], settings: GenerationSettings, seed: int = 0, batch_size: int = 8,
+                       momentum: float = 0.95, progress: bool = True,
+                       fp_token_candidates: dict[str, tuple[int, ...]] | None = None
+                       ) -> tuple[dict, dict[str, FPTokens], FPTokenReport]:
+    """One FP calibration run: activation ranges, plus FP token rows for the candidate layers.
+
+    A candidate whose rows turn out constant gets :class:`FPTokens` and a range without those rows; one
+    whose rows vary keeps its full range and is listed in the report with the reason.
+    """
     adapter = adapter_for(pipe)
     layers = adapter.quantizable_layers(adapter.denoiser(pipe))
-    with observe_inputs(layers, momentum) as observers:
+    candidates = {n: p for n, p in (fp_token_candidates or {}).items() if n in layers}
+    with observe_inputs(layers, momentum) as full, \
+            observe_inputs({n: layers[n] for n in candidates}, momentum, candidates) as without, \
+            record_rows(layers, candidates) as rows:
         generate(pipe, prompts, settings, seed=seed, batch_size=batch_size, progress=progress)
-    return {name: obs.range for name, obs in observers.items() if obs.calls}
+    ranges = {name: obs.range for name, obs in full.items() if obs.calls}
+    fp_tokens, report = {}, FPTokenReport()
+    for name, positions in sorted(candidates.items()):
+        found = fp_tokens_from_rows(layers[name], positions, rows[name], len(set(prompts)))
+        if isinstance(found, str):
+            report.rejected[name] = found
+        else:
+            fp_tokens[name], report.applied[name] = found, list(positions)
+            ranges[name] = without[name].range
+    return ranges, fp_tokens, report
+
+
+def mark_fp_tokens(plan: BitPlan, fp_tokens: dict[str, FPTokens]) -> dict[str, FPTokens]:
+    """Record the FP rows in the plan for the layers it quantizes; returns the rows ``quantize_`` needs."""
+    used = {}
+    for name, tokens in fp_tokens.items():
+        lp = plan.layers.get(name)
+        if lp is None or (lp.weight_bits is None and lp.act_bits is None):
+            continue
+        lp.fp_tokens = list(tokens.positions)
+        lp.reason = f"{lp.reason}; token(s) {list(tokens.positions)} (BOS) served in FP" if lp.reason else \
+            f"token(s) {list(tokens.positions)} (BOS) served in FP"
+        used[name] = tokens
+    return used
 
 
 def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSettings, seed: int = 0,
               batch_size: int = 8, momentum: float = 0.95, group_size: int | None = None,
               keep_fp: list[str] | None = None, groups: dict[str, str] | None = None,
-              progress: bool = True, method: str = "uniform", mixdq: dict | None = None) -> CalibrationResult:
+              progress: bool = True, method: str = "uniform", mixdq: dict | None = None,
+              bos_aware: bool = True) -> CalibrationResult:
     """Quantize ``pipe``'s denoiser in place at ``spec`` and return what was done.
 
     ``method="uniform"``: round-to-nearest at the target widths. ``method="mixdq"``: per-layer widths from
     decoupled sensitivity and one integer program (``mixdq`` holds :func:`calibrate.mixdq.mixdq_plan`'s
     options, e.g. ``sensitivity_prompts``, ``content_weight``, ``work_dir``, ``model_digest``).
+    ``bos_aware``: when activations are quantized, the adapter's text layers serve a constant BOS row in
+    FP and their ranges leave it out (:mod:`calibrate.fp_tokens`); sensitivity is measured that way too.
     """
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
-    ranges = collect_activation_ranges(pipe, prompts, settings, seed, batch_size, momentum, progress) \
-        if spec.quantize_activations else {}
+    ranges, fp_tokens, report = {}, {}, FPTokenReport()
+    if spec.quantize_activations:
+        candidates = adapter.bos_layers(pipe) if bos_aware else {}
+        ranges, fp_tokens, report = collect_statistics(pipe, prompts, settings, seed, batch_size, momentum,
+                                                       progress, candidates)
+        if not candidates:
+            report.note = "switched off (quantization.bos_aware: false)" if not bos_aware else \
+                "no text layer reads a BOS-led sequence (the text tokenizers add no BOS)"
     sensitivity = allocation = None
     if method == "mixdq":
         from .mixdq import mixdq_plan
@@ -60,7 +110,7 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
         n = options.pop("sensitivity_prompts", 8)
         plan, table, result = mixdq_plan(pipe, spec, prompts[:n], settings, ranges or None, seed=seed,
                                          group_size=group_size, keep_fp=keep_fp, groups=groups,
-                                         progress=progress, **options)
+                                         progress=progress, fp_tokens=fp_tokens or None, **options)
         sensitivity, allocation = table.to_dict(), result.to_dict()
     elif method == "uniform":
         plan = uniform_plan(denoiser, adapter, spec, group_size, keep_fp, groups)
@@ -69,5 +119,5 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     missing = [n for n, p in plan.layers.items() if p.act_bits is not None and n not in ranges]
     if missing:
         raise RuntimeError(f"calibration never reached {len(missing)} layer(s), e.g. {missing[:3]}")
-    quantize_(denoiser, plan, ranges)
-    return CalibrationResult(plan, ranges, list(prompts), sensitivity, allocation)
+    quantize_(denoiser, plan, ranges, mark_fp_tokens(plan, fp_tokens))
+    return CalibrationResult(plan, ranges, list(prompts), sensitivity, allocation, report)

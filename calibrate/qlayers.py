@@ -4,8 +4,14 @@ It holds exactly what the artifact stores (integer codes, scales, activation sca
 so the model in memory after calibration and the model rebuilt from disk compute the same numbers bit for
 bit. The dequantized weight is cached (not saved): simulation trades memory for speed; the packed
 runtimes in ``export`` keep weights packed.
+
+A layer may also hold FP token rows (MixDQ's BOS-aware text handling, :mod:`calibrate.fp_tokens`): the
+output rows of fixed token positions, precomputed in floating point, which replace the quantized rows
+whenever the input at those positions is the stored constant row.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +25,15 @@ class QuantLayer(nn.Module):
 
     def __init__(self, kind: str, weight_shape: tuple[int, ...], weight_bits: int | None, act_bits: int | None,
                  group_size: int | None = None, conv_args: dict | None = None, has_bias: bool = True,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 fp_token_positions: tuple[int, ...] = ()):
         super().__init__()
         if kind not in ("linear", "conv2d"):
             raise ValueError(f"unsupported layer kind {kind!r}")
         self.kind, self.weight_bits, self.act_bits, self.group_size = kind, weight_bits, act_bits, group_size
         self.conv_args = dict(conv_args or {})
         self.compute_dtype = dtype
-        groups = 1 if not group_size else int(torch.tensor(weight_shape[1:]).prod()) // group_size
+        groups = 1 if not group_size else math.prod(weight_shape[1:]) // group_size  # no tensor: built on meta
         if weight_bits is None:
             self.weight = nn.Parameter(torch.empty(weight_shape, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -36,13 +43,22 @@ class QuantLayer(nn.Module):
         if act_bits is not None:
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
             self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32, device=device))
+        self.fp_token_positions = tuple(int(p) for p in fp_token_positions)
+        if self.fp_token_positions:
+            if kind != "linear":
+                raise ValueError("FP token rows apply to linear layers over token sequences only")
+            n = len(self.fp_token_positions)
+            self.register_buffer("fp_token_inputs", torch.empty((n, weight_shape[1]), dtype=dtype, device=device))
+            self.register_buffer("fp_token_outputs", torch.empty((n, weight_shape[0]), dtype=dtype, device=device))
         self._dequantized: torch.Tensor | None = None
         self._act_qparams: tuple[float, int] | None = None
 
     @classmethod
     def from_module(cls, module: nn.Module, weight_bits: int | None, act_bits: int | None,
-                    act_range: tuple[float, float] | None = None, group_size: int | None = None) -> "QuantLayer":
-        """Quantize an existing ``nn.Linear`` / ``nn.Conv2d`` (its weights are read, not modified)."""
+                    act_range: tuple[float, float] | None = None, group_size: int | None = None,
+                    fp_tokens=None) -> "QuantLayer":
+        """Quantize an existing ``nn.Linear`` / ``nn.Conv2d`` (its weights are read, not modified).
+        ``fp_tokens``: a :class:`calibrate.fp_tokens.FPTokens` whose rows this layer serves in FP."""
         from .quantizers import activation_qparams
 
         kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
@@ -51,7 +67,8 @@ class QuantLayer(nn.Module):
         if kind == "conv2d" and module.padding_mode != "zeros":
             raise ValueError(f"conv padding mode {module.padding_mode!r} is not supported")
         layer = cls(kind, tuple(module.weight.shape), weight_bits, act_bits, group_size, conv_args,
-                    module.bias is not None, module.weight.dtype, module.weight.device)
+                    module.bias is not None, module.weight.dtype, module.weight.device,
+                    fp_tokens.positions if fp_tokens is not None else ())
         with torch.no_grad():
             if weight_bits is None:
                 layer.weight.copy_(module.weight)
@@ -67,7 +84,19 @@ class QuantLayer(nn.Module):
                 scale, zero_point = activation_qparams(*act_range, act_bits)
                 layer.act_scale.fill_(scale)
                 layer.act_zero_point.fill_(zero_point)
+            if fp_tokens is not None:
+                layer.fp_token_inputs.copy_(fp_tokens.inputs)
+                layer.fp_token_outputs.copy_(fp_tokens.outputs)
         return layer
+
+    @property
+    def in_features(self) -> int:
+        """``nn.Linear``'s attribute, which pipelines read (SDXL sizes its time ids from ``add_embedding.linear_1``)."""
+        return (self.qweight if self.weight_bits is not None else self.weight).shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return (self.qweight if self.weight_bits is not None else self.weight).shape[0]
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.weight_bits is None:
@@ -92,12 +121,14 @@ class QuantLayer(nn.Module):
         return self._act_qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_forward(self, x, *self.activation_qparams())
+        out = quantized_forward(self, x, *self.activation_qparams())
+        return substitute_fp_tokens(self, x, out) if self.fp_token_positions else out
 
     def extra_repr(self) -> str:
         w = "fp" if self.weight_bits is None else f"int{self.weight_bits}"
         a = "fp" if self.act_bits is None else f"int{self.act_bits}"
-        return f"{self.kind}, shape={tuple(self.qweight.shape if self.weight_bits else self.weight.shape)}, w={w}, a={a}"
+        rows = f", fp_tokens={list(self.fp_token_positions)}" if self.fp_token_positions else ""
+        return f"{self.kind}, shape={tuple(self.qweight.shape if self.weight_bits else self.weight.shape)}, w={w}, a={a}{rows}"
 
 
 def quantized_forward(layer, x: torch.Tensor, act_scale: float, act_zero_point: int) -> torch.Tensor:
@@ -109,3 +140,45 @@ def quantized_forward(layer, x: torch.Tensor, act_scale: float, act_zero_point: 
     if layer.kind == "linear":
         return F.linear(x, weight, layer.bias)
     return F.conv2d(x, weight, layer.bias, **layer.conv_args)
+
+
+#: A token row counts as the stored constant row when it is within this fraction of the row's largest
+#: magnitude: loose enough for batch-dependent kernel rounding (bf16 included), far tighter than any
+#: other token or the zeroed unconditional embedding differs by.
+FP_TOKEN_RTOL = 0.02
+
+
+def substitute_fp_tokens(layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Put ``layer``'s precomputed FP output rows at its token positions, for every sequence whose input
+    row there matches the stored one; other rows (e.g. SDXL's all-zero unconditional embedding) keep the
+    quantized result. Elementwise selection, no host sync."""
+    positions = layer.fp_token_positions
+    if x.dim() < 3 or x.shape[-2] <= max(positions):
+        return out
+    ref = layer.fp_token_inputs.to(x.dtype)                                     # [P, in]
+    rows = x[..., list(positions), :]                                           # [..., P, in]
+    tol = FP_TOKEN_RTOL * ref.abs().amax(-1, keepdim=True)
+    match = (rows - ref).abs().amax(-1, keepdim=True) <= tol                    # [..., P, 1]
+    out = out.clone()
+    out[..., list(positions), :] = torch.where(match, layer.fp_token_outputs.to(out.dtype), out[..., list(positions), :])
+    return out
+
+
+class FPTokenRows(nn.Module):
+    """Wraps a deployment layer (native, bitsandbytes, ...) with a :class:`QuantLayer`'s FP token rows, so
+    every runtime serves the BOS rows the way the simulation does."""
+
+    def __init__(self, inner: nn.Module, layer: QuantLayer):
+        super().__init__()
+        self.inner, self.fp_token_positions = inner, layer.fp_token_positions
+        self.register_buffer("fp_token_inputs", layer.fp_token_inputs.detach().clone())
+        self.register_buffer("fp_token_outputs", layer.fp_token_outputs.detach().clone())
+        self.path = getattr(inner, "path", type(inner).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return substitute_fp_tokens(self, x, self.inner(x))
+
+
+def with_fp_tokens(inner: nn.Module, layer: QuantLayer) -> nn.Module:
+    """``inner`` itself, or wrapped in :class:`FPTokenRows` when ``layer`` holds FP token rows."""
+    return FPTokenRows(inner, layer) if getattr(layer, "fp_token_positions", ()) else inner

@@ -136,7 +136,7 @@ def model_state_digest(pipe) -> str:
 
 
 def _cache_key(model_digest, prompts, weight_widths, act_widths, settings, seed, batch_size, group_size,
-               groups, act_ranges, momentum, image_metric) -> str:
+               groups, act_ranges, momentum, image_metric, fp_tokens=None) -> str:
     ranges = ({k: [float(v) for v in r] for k, r in sorted(act_ranges.items())} if act_ranges is not None
               else f"observed(momentum={momentum})")
     inputs = {"version": CACHE_VERSION, "model": model_digest, "prompts": list(prompts),
@@ -145,6 +145,8 @@ def _cache_key(model_digest, prompts, weight_widths, act_widths, settings, seed,
               "groups": dict(sorted((groups or {}).items())), "act_ranges": ranges,
               "image_metric": "judge.ssim" if image_metric is None else
               f"{getattr(image_metric, '__module__', '')}.{getattr(image_metric, '__qualname__', repr(image_metric))}"}
+    if fp_tokens:  # only when used, so keys of tables measured without FP rows stay what they were
+        inputs["fp_tokens"] = {n: list(t.positions) for n, t in sorted(fp_tokens.items())}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -198,7 +200,8 @@ def _layer_macs(module: nn.Module, inputs, output) -> int:
     return (output.numel() // output.shape[1]) * module.weight.numel()  # conv: output positions x kernel MACs
 
 
-def _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size, layers, observe_ranges, momentum) -> _Reference:
+def _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size, layers, observe_ranges, momentum,
+                  exclude_rows=None) -> _Reference:
     """One FP sampler run that records every denoiser call, the images, and the layers' ranges and MACs."""
     ref = _Reference()
     macs = {name: 0 for name in layers}
@@ -219,7 +222,7 @@ def _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size, layers, o
             lambda m, i, o, n=name: macs.__setitem__(n, macs[n] + _layer_macs(m, i, o))))
     t0 = time.perf_counter()
     try:
-        with observe_inputs(layers if observe_ranges else {}, momentum) as observers:
+        with observe_inputs(layers if observe_ranges else {}, momentum, exclude_rows) as observers:
             ref.images = generate(pipe, prompts, settings, seed=seed, batch_size=batch_size)
         ref.ranges = {n: o.range for n, o in observers.items() if o.calls}
     finally:
@@ -327,7 +330,7 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
                         group_size: int | None = None, seed: int = 0, batch_size: int | None = None,
                         momentum: float = 0.95, work_dir: str | Path | None = None, model_digest: str | None = None,
                         image_metric: Callable | None = None, progress: bool = True, ray=None,
-                        pipeline_source=None) -> SensitivityTable:
+                        pipeline_source=None, fp_tokens: dict | None = None) -> SensitivityTable:
     """Score every selected layer at every candidate width, one layer at a time.
 
     ``layers``: module paths or glob patterns (default: every quantizable layer). ``act_ranges``: static
@@ -337,6 +340,8 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     keyed by a hash of the model state (or ``model_digest``), prompts, widths, settings and ranges.
     ``ray`` (a :class:`qsched.distributed.RayConfig`) spreads the layers over Ray workers, each holding the
     model from ``pipeline_source`` (default: this ``pipe`` through the object store); the table is the same.
+    ``fp_tokens`` (layer -> :class:`calibrate.fp_tokens.FPTokens`): BOS rows served in FP, as the final
+    model will; observed ranges then leave those rows out.
     """
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
@@ -354,7 +359,7 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     cache_path = None
     if work_dir is not None:
         table.key = _cache_key(model_digest or model_state_digest(pipe), prompts, weight_widths, act_widths, settings,
-                               seed, batch_size, group_size, groups, act_ranges, momentum, image_metric)
+                               seed, batch_size, group_size, groups, act_ranges, momentum, image_metric, fp_tokens)
         cache_path = Path(work_dir) / f"sensitivity-{table.key[:16]}.json"
         if cache_path.is_file():
             cached = SensitivityTable.load(cache_path)
@@ -367,7 +372,7 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     if todo:
         options = dict(prompts=prompts, settings=settings, layers=todo, groups=groups, weight_widths=weight_widths,
                        act_widths=act_widths, act_ranges=act_ranges, group_size=group_size, seed=seed,
-                       batch_size=batch_size, momentum=momentum, image_metric=image_metric)
+                       batch_size=batch_size, momentum=momentum, image_metric=image_metric, fp_tokens=fp_tokens)
         bar = tqdm(total=len(todo), desc="sensitivity", unit="layer", disable=not progress, leave=False)
         if ray is None:
             with _eval_mode(pipe):
@@ -410,16 +415,16 @@ class LayerAnalysis:
     worker observes the same ones."""
 
     def __init__(self, pipe, prompts, settings, layers, groups, weight_widths, act_widths, act_ranges, group_size,
-                 seed, batch_size, momentum, image_metric):
+                 seed, batch_size, momentum, image_metric, fp_tokens=None):
         self.adapter = adapter_for(pipe)
         denoiser = self.adapter.denoiser(pipe)
         all_layers = self.adapter.quantizable_layers(denoiser)
         self.layers = {n: all_layers[n] for n in layers}
         self.groups, self.weight_widths, self.act_widths = groups, weight_widths, act_widths
-        self.group_size = group_size
+        self.group_size, self.fp_tokens = group_size, dict(fp_tokens or {})
         need_ranges = bool(act_widths) and act_ranges is None
         self.ref = _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size, self.layers, need_ranges,
-                                 momentum)
+                                 momentum, {n: t.positions for n, t in self.fp_tokens.items()})
         self.ranges = self.ref.ranges if need_ranges else (act_ranges or {})
         self.probe = _Probe(pipe, denoiser, prompts, settings, seed, batch_size, self.ref,
                             image_metric or _default_image_metric())
@@ -428,7 +433,8 @@ class LayerAnalysis:
         """``(LayerSensitivity.to_dict(), cost)`` for one layer: plain data, cheap to send back."""
         before = dict(self.probe.stats)
         entry = _analyze_layer(self.probe, name, self.layers[name], self.adapter.layer_group(name, self.groups),
-                               self.weight_widths, self.act_widths, self.ranges, self.group_size)
+                               self.weight_widths, self.act_widths, self.ranges, self.group_size,
+                               self.fp_tokens.get(name))
         return entry.to_dict(), {k: self.probe.stats[k] - before[k] for k in before}
 
 
@@ -447,8 +453,9 @@ class _LayerAnalysisBuilder:
 
 
 def _analyze_layer(probe: _Probe, name: str, module: nn.Module, group: str, weight_widths, act_widths, ranges,
-                   group_size) -> LayerSensitivity:
-    """Weights and activations separately, each at every candidate width, the rest of the model in FP."""
+                   group_size, fp_tokens=None) -> LayerSensitivity:
+    """Weights and activations separately, each at every candidate width, the rest of the model in FP
+    (a BOS-aware layer keeps its FP rows, as it will in the final model)."""
     metric = metric_for_group(group)
     entry = LayerSensitivity(group=group, params=module.weight.numel(), metric=metric,
                              macs=float(probe.ref.macs[name]))
@@ -456,8 +463,9 @@ def _analyze_layer(probe: _Probe, name: str, module: nn.Module, group: str, weig
         raise QschedError(f"no activation range for layer {name}: the calibration runs never reached it")
     width = group_size_for(module, group_size)
     for bits in weight_widths:
-        entry.weight[bits] = probe.score(name, module, QuantLayer.from_module(module, bits, None, None, width), metric)
+        entry.weight[bits] = probe.score(name, module, QuantLayer.from_module(module, bits, None, None, width,
+                                                                              fp_tokens), metric)
     for bits in act_widths:
-        entry.act[bits] = probe.score(name, module, QuantLayer.from_module(module, None, bits, ranges[name], None),
-                                      metric)
+        entry.act[bits] = probe.score(name, module, QuantLayer.from_module(module, None, bits, ranges[name], None,
+                                                                           fp_tokens), metric)
     return entry

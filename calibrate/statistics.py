@@ -35,11 +35,19 @@ class RangeObserver:
 
 
 @contextmanager
-def observe_inputs(layers: dict[str, nn.Module], momentum: float = 0.95):
-    """Attach range observers to the inputs of ``layers`` for the duration of the block."""
+def observe_inputs(layers: dict[str, nn.Module], momentum: float = 0.95,
+                   exclude_rows: dict[str, tuple[int, ...]] | None = None):
+    """Attach range observers to the inputs of ``layers`` for the duration of the block.
+
+    ``exclude_rows`` (layer -> token positions) leaves those rows out of a layer's range: rows served
+    in FP (a BOS outlier) must not set the scale of the quantized rest."""
+    from .fp_tokens import drop_rows
+
+    exclude_rows = exclude_rows or {}
     observers = {name: RangeObserver(momentum) for name in layers}
-    handles = [m.register_forward_pre_hook(lambda _m, args, o=observers[n]: o.update(args[0]))
-               for n, m in layers.items()]
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args, o=observers[n], p=exclude_rows.get(n, ()): o.update(drop_rows(args[0], p)))
+        for n, m in layers.items()]
     try:
         yield observers
     finally:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer
+from calibrate.qlayers import QuantLayer, with_fp_tokens
 from calibrate.quantizers import dequantize_weight
 from qsched.errors import QschedError
 
@@ -159,7 +159,7 @@ def to_bnb_(denoiser: nn.Module, four_bit: str = "nf4", blocksize: int = 64, thr
         require_bitsandbytes(device or next(targets[0][1].buffers()).device)  # fail before changing anything
     for name, module in targets:
         new = bnb_layer(module, four_bit, blocksize, threshold, device)
-        set_submodule(denoiser, name, new)
         kind = type(new).__name__
+        set_submodule(denoiser, name, with_fp_tokens(new, module))
         counts[kind] = counts.get(kind, 0) + 1
     return counts

@@ -32,6 +32,8 @@ def layer_specs(denoiser: torch.nn.Module) -> dict[str, dict]:
                            "conv_args": {k: list(v) if isinstance(v, tuple) else v for k, v in module.conv_args.items()},
                            "has_bias": module.bias is not None, "dtype": str(module.compute_dtype).removeprefix("torch."),
                            "weight_bits": module.weight_bits, "act_bits": module.act_bits, "group_size": module.group_size}
+            if module.fp_token_positions:  # BOS rows served in FP; their tensors are in the shard
+                specs[name]["fp_tokens"] = list(module.fp_token_positions)
     return specs
 
 
@@ -53,9 +55,32 @@ def scheduler_record(scheduler) -> dict:
 
     if isinstance(scheduler, QSchedScheduler):
         rec = scheduler.to_dict()
-        return {"class": rec["base_class"], "config": rec["base_config"], "coefficients": rec["coefficients"],
-                "interpolate": rec["interpolate"]}
-    return {"class": type(scheduler).__name__, "config": json.loads(scheduler.to_json_string()), "coefficients": None}
+        return {"class": rec["base_class"], "config": _finite_config(rec["base_class"], rec["base_config"]),
+                "coefficients": rec["coefficients"], "interpolate": rec["interpolate"]}
+    name = type(scheduler).__name__
+    return {"class": name, "config": _finite_config(name, json.loads(scheduler.to_json_string())), "coefficients": None}
+
+
+def _finite_config(class_name: str, config: dict) -> dict:
+    """The config without non-finite floats, which JSON cannot hold (DPM-Solver, PixArt's sampler, defaults
+    ``lambda_min_clipped`` to -inf). Such an entry is left out when it is the class default, which
+    ``from_config`` restores; any other non-finite value is refused rather than silently changed."""
+    import inspect
+    import math
+
+    import diffusers
+
+    defaults = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            default = defaults[key].default if key in defaults else None
+            if not (isinstance(default, float) and (default == value or math.isnan(default) and math.isnan(value))):
+                raise ValueError(f"scheduler config {key}={value} is not finite and not the class default; "
+                                 "an artifact cannot store it")
+            continue
+        out[key] = value
+    return out
 
 
 def bundle_shards_and_files(pipe, denoiser_attr: str) -> tuple[dict, dict]:

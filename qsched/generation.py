@@ -1,6 +1,7 @@
 """One way to run any supported pipeline: the sampler settings a compile calibrates and measures with."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,7 +38,27 @@ def generate(pipe, prompts: list[str], settings: GenerationSettings, seed: int =
                       generator=torch.Generator("cpu").manual_seed(seed + start // batch_size))
         if settings.max_sequence_length:
             kwargs["max_sequence_length"] = settings.max_sequence_length
+        kwargs.update(_family_kwargs(pipe))
         with torch.inference_mode():
             images = pipe(prompts[start:start + batch_size], **kwargs).images
         out.append(images.float().cpu())
     return torch.cat(out)
+
+
+_BINNED_SAMPLE_SIZES = (32, 64, 128)  # PixArt's aspect-ratio bins exist only for its 256/512/1024 models
+
+
+def _family_kwargs(pipe) -> dict:
+    """Call arguments some pipelines need to honour ``settings`` as given. PixArt snaps sizes to its
+    aspect-ratio bins and refuses a denoiser of any other sample size, so binning is off for those; its
+    caption cleaning needs bs4 and ftfy and, without them, is skipped anyway with two warnings per call."""
+    import importlib.util
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    kwargs = {}
+    size = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "sample_size", None)
+    if "use_resolution_binning" in params and size not in _BINNED_SAMPLE_SIZES:
+        kwargs["use_resolution_binning"] = False
+    if "clean_caption" in params and not all(importlib.util.find_spec(m) for m in ("bs4", "ftfy")):
+        kwargs["clean_caption"] = False
+    return kwargs
