@@ -11,6 +11,12 @@ Two measurements, every variant side by side in one run (median of ``--repeat`` 
    with ``--random-model``): fp32, bf16, simulated W8A8, and native W8A8 / W4A8 / W4A16. Activation ranges
    come from one captured pipeline call; the table also reports how far each output is from fp32.
 
+Both also run onnxruntime (CPU EP, as many threads as torch) on graphs made by the artifact's own export
+path (:mod:`export.onnx_graph`): fp32, W8A8 as QDQ (onnxruntime fuses it into ``MatMulIntegerToFloat``) and
+4-bit ``MatMulNBits`` (accuracy level 0: fp32 compute, what the simulation computes; level 4: int8 compute).
+The "ort kernels" column lists the quantized kernels onnxruntime actually runs after its graph
+optimizations. ``--skip-onnx`` leaves them out (needs ``pip install 'qsched[onnx]'``).
+
     python benchmarks/runtime_latency.py --tokens 256 1024 4096 --repeat 10 --out bench-out/runtime-latency.json
     python benchmarks/runtime_latency.py --tokens 32 --repeat 2 --in-features 256 --out-features 512   # smoke test
 """
@@ -58,6 +64,51 @@ def _bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+class _Call(nn.Module):
+    """A module called like a diffusers denoiser (keyword input, tuple output), which is what the ONNX export
+    path traces."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, return_dict=True):
+        return (self.inner(hidden_states),)
+
+
+_ORT_KERNELS = ("MatMulIntegerToFloat", "MatMulNBits", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger")
+
+
+def ort_session(module: nn.Module, inputs: dict, threads: int, accuracy_level: int = 0, dynamic: bool = False):
+    """``module`` exported as the artifact export does it, in a CPU session; returns (session, input names,
+    the quantized kernels onnxruntime chose after its graph optimizations, model bytes)."""
+    import tempfile
+
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from export.onnx_graph import export_graph
+    from export.runtime_onnx import session_settings
+
+    model, info = export_graph(module, inputs, dynamic=dynamic, accuracy_level=accuracy_level)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, optimized = f"{tmp}/model.onnx", f"{tmp}/optimized.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+        settings = session_settings(info["layers"], accuracy_level)  # what OnnxDenoiser's sessions use
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        for key, value in settings["config"].items():
+            options.add_session_config_entry(key, value)
+        options.optimized_model_filepath = optimized
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=settings["disabled_optimizers"] or None)
+        ops = [n.op_type for n in onnx.load(optimized, load_external_data=False).graph.node]
+    kernels = {k: ops.count(k) for k in _ORT_KERNELS if k in ops}
+    return session, info["inputs"], kernels, size
+
+
 def quant_layer(weight: torch.Tensor, bias: torch.Tensor, weight_bits: int, act_bits: int | None,
                 act_range: tuple[float, float]) -> QuantLayer:
     linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
@@ -68,7 +119,7 @@ def quant_layer(weight: torch.Tensor, bias: torch.Tensor, weight_bits: int, act_
 
 
 def bench_linear(in_features: int, out_features: int, tokens: list[int], repeat: int, warmup: int,
-                 device: torch.device) -> list[dict]:
+                 device: torch.device, onnx: bool = False) -> list[dict]:
     """Latency of one linear layer per variant and token count."""
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_features, in_features, generator=gen) * 0.02).to(device)
@@ -82,6 +133,22 @@ def bench_linear(in_features: int, out_features: int, tokens: list[int], repeat:
     sizes = {"fp32": weight.numel() * 4, "bf16": weight.numel() * 2, "native int8 (W8A8)": _bytes(w8a8),
              "_int_mm kernel only": weight.numel(), "native int4 -> fp32": _bytes(int4_fp32),
              "native int4 -> bf16": _bytes(int4_bf16)}
+    sessions, kernels = {}, {}
+    if onnx and device.type == "cpu":
+        linear = nn.Linear(in_features, out_features)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            linear.bias.copy_(bias)
+        example = {"hidden_states": torch.randn(max(tokens), in_features, generator=gen)}
+        threads = torch.get_num_threads()
+        for name, layer, level in (("ort fp32", linear, 0),
+                                   ("ort W8A8 QDQ", quant_layer(weight, bias, 8, 8, act_range), 0),
+                                   ("ort int4 MatMulNBits", quant_layer(weight, bias, 4, None, act_range), 0),
+                                   ("ort int4 NBits acc4", quant_layer(weight, bias, 4, None, act_range), 4)):
+            print(f"  exporting {name} ...", flush=True)
+            sess, _, kernels[name], sizes[name] = ort_session(_Call(layer).eval(), example, threads, level,
+                                                              dynamic=True)
+            sessions[name] = sess
     rows = []
     for m in tokens:
         x = (torch.randn(m, in_features, generator=gen) * 1.5).to(device)
@@ -95,12 +162,15 @@ def bench_linear(in_features: int, out_features: int, tokens: list[int], repeat:
             "native int4 -> fp32": lambda: int4_fp32(x),
             "native int4 -> bf16": lambda: int4_bf16(x_bf16),
         }
+        x_np = x.cpu().numpy()
+        for name, sess in sessions.items():
+            variants[name] = lambda sess=sess: sess.run(None, {"hidden_states": x_np})
         base = None
         for name, fn in variants.items():
             timing = median_seconds(fn, repeat, warmup, device)
             base = base or timing["median_ms"]
             rows.append({"tokens": m, "variant": name, **timing, "speedup_vs_fp32": base / timing["median_ms"],
-                         "weight_bytes": sizes[name]})
+                         "weight_bytes": sizes[name], "ort_kernels": kernels.get(name)})
             print(f"  linear {in_features}x{out_features} tokens={m:<5} {name:<22} {timing['median_ms']:9.2f} ms",
                   flush=True)
     return rows
@@ -160,7 +230,8 @@ def quantized_copy(denoiser: nn.Module, ranges: dict, weight_bits: int, act_bits
     return model.eval()
 
 
-def bench_denoiser(random_model: bool, batch: int, repeat: int, warmup: int, device: torch.device) -> dict:
+def bench_denoiser(random_model: bool, batch: int, repeat: int, warmup: int, device: torch.device,
+                   onnx: bool = False) -> dict:
     pipe, which = tiny_pipeline(random_model)
     inputs, ranges = capture_step(pipe, batch)
     fp32 = pipe.transformer.eval()
@@ -175,6 +246,8 @@ def bench_denoiser(random_model: bool, batch: int, repeat: int, warmup: int, dev
     with torch.inference_mode():
         reference = fp32(**inputs, return_dict=False)[0].float()
     rows = []
+    if onnx and device.type == "cpu":
+        rows += bench_denoiser_onnx(fp32, inputs, ranges, reference, repeat, warmup, device)
     for name, (model, dtype) in variants.items():
         model.to(device)
         args = {k: (v.to(device, dtype) if v.is_floating_point() and not k.endswith("_ids") else v.to(device))
@@ -193,6 +266,31 @@ def bench_denoiser(random_model: bool, batch: int, repeat: int, warmup: int, dev
     return {"model": which, "batch": batch, "tokens_per_sample": tokens, "rows": rows}
 
 
+def bench_denoiser_onnx(fp32: nn.Module, inputs: dict, ranges: dict, reference: torch.Tensor, repeat: int,
+                        warmup: int, device: torch.device) -> list[dict]:
+    """The same step in onnxruntime: fp32, W8A8 QDQ, W4A8 and W4A16 MatMulNBits (static shapes)."""
+    threads = torch.get_num_threads()
+    rows = []
+    for name, wb, ab, level in (("ort fp32", None, None, 0), ("ort W8A8 QDQ", 8, 8, 0),
+                                ("ort W4A8 NBits", 4, 8, 0), ("ort W4A16 NBits", 4, None, 0),
+                                ("ort W4A16 NBits acc4", 4, None, 4)):
+        model = fp32 if wb is None else quantized_copy(fp32, ranges, wb, ab)
+        print(f"  exporting flux-tiny {name} ...", flush=True)
+        session, names, kernels, size = ort_session(model, inputs, threads, level)
+        feed = {n: inputs[n].cpu().numpy() for n in names}
+
+        def step():
+            return session.run(None, feed)[0]
+        timing = median_seconds(step, repeat, warmup, device)
+        out = torch.from_numpy(step()).float()
+        rel = float((out - reference).abs().max() / reference.abs().max())
+        rows.append({"variant": name, **timing, "state_bytes": size, "max_rel_diff_vs_fp32": rel,
+                     "ort_kernels": kernels})
+        print(f"  flux-tiny step {name:<20} {timing['median_ms']:9.2f} ms   max|Δ|/max vs fp32 {rel:.2e}   "
+              f"{kernels}", flush=True)
+    return rows
+
+
 def print_linear_table(rows: list[dict]) -> None:
     names = list(dict.fromkeys(r["variant"] for r in rows))
     tokens = list(dict.fromkeys(r["tokens"] for r in rows))
@@ -201,17 +299,20 @@ def print_linear_table(rows: list[dict]) -> None:
     for name in names:
         cells = {r["tokens"]: r for r in rows if r["variant"] == name}
         mb = cells[tokens[0]]["weight_bytes"] / 2**20
+        kernels = cells[tokens[0]].get("ort_kernels")
         print(f"{name:<22} {mb:9.1f} " + " ".join(
-            f"{cells[m]['median_ms']:10.2f} ({cells[m]['speedup_vs_fp32']:4.2f}x)" for m in tokens))
+            f"{cells[m]['median_ms']:10.2f} ({cells[m]['speedup_vs_fp32']:4.2f}x)" for m in tokens)
+            + (f"  ort kernels: {kernels}" if kernels is not None else ""))
 
 
 def print_denoiser_table(result: dict) -> None:
     print(f"\nflux-tiny denoiser step ({result['model']} weights, batch {result['batch']}, "
           f"{result['tokens_per_sample']} tokens/sample), median ms")
-    base = result["rows"][0]["median_ms"]
+    base = next(r["median_ms"] for r in result["rows"] if r["variant"] == "fp32")
     for r in result["rows"]:
-        print(f"{r['variant']:<16} {r['median_ms']:9.2f} ({base / r['median_ms']:4.2f}x)  "
-              f"state {r['state_bytes'] / 2**20:6.2f} MB  max|Δ|/max vs fp32 {r['max_rel_diff_vs_fp32']:.2e}")
+        kernels = f"  ort kernels: {r['ort_kernels']}" if r.get("ort_kernels") is not None else ""
+        print(f"{r['variant']:<21} {r['median_ms']:9.2f} ({base / r['median_ms']:4.2f}x)  "
+              f"size {r['state_bytes'] / 2**20:6.2f} MB  max|Δ|/max vs fp32 {r['max_rel_diff_vs_fp32']:.2e}{kernels}")
 
 
 def main(argv=None) -> dict:
@@ -226,6 +327,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=4, help="images per flux-tiny denoiser step")
     p.add_argument("--random-model", action="store_true", help="random flux-tiny even if trained weights are shipped")
     p.add_argument("--skip-denoiser", action="store_true")
+    p.add_argument("--skip-onnx", action="store_true", help="leave out the onnxruntime variants")
     p.add_argument("--out", default="bench-out/runtime-latency.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -236,10 +338,16 @@ def main(argv=None) -> dict:
                       "processor": platform.processor()},
               "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
-    result["linear"] = bench_linear(args.in_features, args.out_features, args.tokens, args.repeat, args.warmup, device)
+    onnx = not args.skip_onnx
+    if onnx:
+        import onnxruntime
+        result["env"]["onnxruntime"] = onnxruntime.__version__
+    result["linear"] = bench_linear(args.in_features, args.out_features, args.tokens, args.repeat, args.warmup, device,
+                                    onnx)
     print_linear_table(result["linear"])
     if not args.skip_denoiser:
-        result["denoiser_step"] = bench_denoiser(args.random_model, args.batch, args.repeat, args.warmup, device)
+        result["denoiser_step"] = bench_denoiser(args.random_model, args.batch, args.repeat, args.warmup, device,
+                                                 onnx)
         print_denoiser_table(result["denoiser_step"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -54,6 +55,7 @@ __all__ = [
     "write_artifact",
     "read_manifest",
     "load_shard",
+    "open_shard",
     "shard_names",
     "sha256_file",
 ]
@@ -543,3 +545,57 @@ def load_shard(path: PathLike, name: str, device: str | int = "cpu") -> dict[str
             f"corrupt or truncated: {name} cannot be read as safetensors ({msg}); "
             f"re-export or re-download the artifact {p}"
         ) from e
+
+
+class ShardReader:
+    """One open shard, read tensor by tensor; see :func:`open_shard`."""
+
+    def __init__(self, handle, name: str, path: Path, copy: bool):
+        self._handle, self.name, self._path, self._copy = handle, name, path, copy
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` in memory the caller owns (no view of a file mapping)."""
+        try:
+            tensor = self._handle.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error type (and OSError on a short read)
+            raise _unreadable(self.name, self._path, e) from e
+        return tensor.clone() if self._copy else tensor
+
+
+def _unreadable(name: str, p: Path, e: BaseException) -> ArtifactError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ArtifactError(f"corrupt or truncated: {name} cannot be read as safetensors ({msg}); "
+                         f"re-export or re-download the artifact {p}")
+
+
+@contextlib.contextmanager
+def open_shard(path: PathLike, name: str, manifest: Mapping[str, Any] | None = None) -> Iterator[ShardReader]:
+    """Open one shard for reading tensor by tensor (a streaming loader's view of :func:`load_shard`).
+
+    Only the header is read on open; :meth:`ShardReader.get` then reads one tensor into memory the caller
+    owns: safetensors' ``pread`` backend (0.8+) reads straight into a fresh tensor, and older releases map
+    the file and the tensor is copied out. Either way no tensor keeps the file mapped, so a loader that
+    keeps what it reads holds only that, and the file is closed when the block ends. ``manifest``: the
+    already-read manifest (saves re-reading it per shard); the same checks as :func:`load_shard`.
+    """
+    from safetensors import safe_open
+
+    p = _artifact_dir(path)
+    _check_relpath(name, "shard")
+    shards = shard_names(manifest if manifest is not None else read_manifest(p, verify=False))
+    if name not in shards:
+        raise ArtifactError(
+            f"artifact {p} has no shard {name!r} (shards: {', '.join(shards) or 'none'}); pick one of those"
+        )
+    try:
+        handle, copy = safe_open(str(p / name), framework="pt", device="cpu", backend="pread"), False
+    except Exception:  # safetensors < 0.8 has no backend argument: mapped, so each tensor is copied out
+        try:
+            handle, copy = safe_open(str(p / name), framework="pt", device="cpu"), True
+        except Exception as e:
+            raise _unreadable(name, p, e) from e
+    with handle:
+        yield ShardReader(handle, name, p, copy)

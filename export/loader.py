@@ -1,7 +1,8 @@
 """Artifact directory → diffusers pipeline that generates with the quantized denoiser.
 
 Loading reads only JSON and safetensors (never pickle), verifies checksums and the schema version, and
-rebuilds the denoiser on the meta device so its FP weights are never materialised twice.
+rebuilds the denoiser on the meta device so its FP weights are never materialised twice. The native
+runtime is streamed from the shards layer by layer (:func:`build_native_denoiser`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from calibrate.apply import set_submodule
 from calibrate.qlayers import QuantLayer
 from qsched.errors import ArtifactError
 
-from .format import load_shard, read_manifest
+from .format import load_shard, open_shard, read_manifest
 from .packing import unpack_int
 
 
@@ -26,8 +27,8 @@ def _diffusers_class(name: str):
     return cls
 
 
-def build_denoiser(manifest: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Rebuild the quantized denoiser from its config, layer specs and stored tensors."""
+def _meta_denoiser(manifest: dict):
+    """The denoiser on the meta device with an empty :class:`QuantLayer` per manifest layer: (model, class, config)."""
     info = manifest["denoiser"]
     cls = _diffusers_class(info["class"])
     config = {k: v for k, v in info["config"].items() if not k.startswith("_")}
@@ -36,19 +37,73 @@ def build_denoiser(manifest: dict, tensors: dict[str, torch.Tensor]) -> torch.nn
         for name, spec in manifest["layers"].items():
             layer = QuantLayer(spec["kind"], tuple(spec["weight_shape"]), spec["weight_bits"], spec["act_bits"],
                                spec["group_size"], {k: tuple(v) if isinstance(v, list) else v for k, v in spec["conv_args"].items()},
-                               spec["has_bias"], getattr(torch, spec["dtype"]))
+                               spec["has_bias"], getattr(torch, spec["dtype"]),
+                               fp_token_positions=tuple(spec.get("fp_tokens", ())))
             set_submodule(denoiser, name, layer)
+    return denoiser, cls, config
+
+
+def _check_tensor_names(denoiser, names) -> None:
+    expected = set(denoiser.state_dict())
+    missing, unexpected = expected - set(names), set(names) - expected
+    if missing or unexpected:
+        raise ArtifactError(f"artifact denoiser tensors do not match its manifest (missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}); the artifact is corrupt or from an incompatible qsched")
+
+
+def build_denoiser(manifest: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Rebuild the quantized denoiser from its config, layer specs and stored tensors."""
+    denoiser, cls, config = _meta_denoiser(manifest)
     state = dict(tensors)
     for name, spec in manifest["layers"].items():
         if spec["weight_bits"] is not None:
             key = f"{name}.qweight"
             state[key] = unpack_int(state[key], spec["weight_bits"], tuple(spec["weight_shape"]))
-    expected = set(denoiser.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ArtifactError(f"artifact denoiser tensors do not match its manifest (missing {sorted(missing)[:3]}, "
-                            f"unexpected {sorted(unexpected)[:3]}); the artifact is corrupt or from an incompatible qsched")
+    _check_tensor_names(denoiser, state)
     denoiser.load_state_dict(state, assign=True, strict=True)
+    _materialise_leftover_buffers(denoiser, cls, config)
+    return denoiser.eval()
+
+
+def build_native_denoiser(manifest: dict, path, int_matmul: bool = True) -> torch.nn.Module:
+    """The denoiser with native runtime layers, streamed from the artifact's shards layer by layer.
+
+    Gives the same modules, buffers and outputs as ``to_native_(build_denoiser(...))`` without what that
+    holds at its peak (every shard loaded, the whole model's codes unpacked to int8, then packed again):
+    each layer's tensors are read from its shard into memory of their own (:func:`export.format.open_shard`;
+    nothing stays memory-mapped, and each shard is closed once read), turned into its native layer (2-4 bit
+    codes kept as the stored packed bytes) and released, so the peak is the native model plus one layer.
+    """
+    from .runtime_torch import native_from_stored
+
+    denoiser, cls, config = _meta_denoiser(manifest)
+    shards = manifest["denoiser"]["shards"]
+    names = []
+    for shard in shards:  # headers only: the whole name check happens before any tensor is read
+        with open_shard(path, shard, manifest) as reader:
+            names += reader.keys()
+    _check_tensor_names(denoiser, names)
+    templates = {name: denoiser.get_submodule(name) for name in manifest["layers"]}
+    owner = {f"{name}.{leaf}": (name, leaf) for name, layer in templates.items() for leaf in layer.state_dict()}
+    needed = {name: len(layer.state_dict()) for name, layer in templates.items()}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    others = {}
+    for shard in shards:
+        with open_shard(path, shard, manifest) as reader:
+            for key in reader.keys():
+                tensor = reader.get(key)
+                if key not in owner:  # FP tensors outside the quantized layers (norms, embeddings, ...)
+                    others[key] = tensor
+                    continue
+                name, leaf = owner[key]
+                parts = pending.setdefault(name, {})
+                parts[leaf] = tensor
+                del tensor
+                if len(parts) == needed[name]:  # complete: build the native layer, which keeps only what it needs
+                    set_submodule(denoiser, name, native_from_stored(templates[name], pending.pop(name), int_matmul, name))
+    if pending:  # cannot happen after the name check, unless a shard lists a tensor twice
+        raise ArtifactError(f"artifact layers {sorted(pending)[:3]} are incomplete; the artifact is corrupt")
+    denoiser.load_state_dict(others, assign=True, strict=False)  # names checked above; shapes checked here
     _materialise_leftover_buffers(denoiser, cls, config)
     return denoiser.eval()
 
@@ -89,20 +144,29 @@ def build_scheduler(record: dict):
 def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulated"):
     """Load an artifact written by ``qcompile`` and return a ready diffusers pipeline.
 
-    ``runtime="native"`` swaps the simulated layers for integer/packed ones (:mod:`export.runtime_torch`).
+    ``runtime="native"`` swaps the simulated layers for integer/packed ones (:mod:`export.runtime_torch`);
+    ``runtime="onnx"`` runs the artifact's ONNX export with onnxruntime (:mod:`export.runtime_onnx`).
     """
-    if runtime not in ("simulated", "native"):
-        raise ArtifactError(f"unknown runtime {runtime!r}; use 'simulated' or 'native'")
+    if runtime not in ("simulated", "native", "onnx"):
+        raise ArtifactError(f"unknown runtime {runtime!r}; use 'simulated', 'native' or 'onnx'")
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
-    tensors = {}
-    for shard in manifest["denoiser"]["shards"]:  # large denoisers are written one block group per shard
-        tensors.update(load_shard(path, shard))
-    denoiser = build_denoiser(manifest, tensors)
-    if runtime == "native":
-        from .runtime_torch import to_native_
-        to_native_(denoiser)
-    pipe = _other_components(manifest, path, denoiser)
+    if runtime == "onnx":  # the torch denoiser is never built: the graph carries the weights
+        from .runtime_onnx import onnx_denoiser
+        denoiser = onnx_denoiser(path, manifest, device=device)
+    elif runtime == "native":  # streamed layer by layer; the W4 codes stay packed throughout
+        denoiser = build_native_denoiser(manifest, path)
+    else:
+        tensors = {}
+        for shard in manifest["denoiser"]["shards"]:  # large denoisers are written one block group per shard
+            tensors.update(load_shard(path, shard))
+        denoiser = build_denoiser(manifest, tensors)
+    if runtime == "onnx":  # diffusers warns that the denoiser is not its usual class; that is the point
+        from .runtime_onnx import quiet_component_type_check
+        with quiet_component_type_check():
+            pipe = _other_components(manifest, path, denoiser)
+    else:
+        pipe = _other_components(manifest, path, denoiser)
     scheduler = manifest.get("scheduler")
     if scheduler:
         pipe.scheduler = build_scheduler(scheduler)
@@ -110,6 +174,8 @@ def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulat
     if cache:  # the chosen cache schedule, applied through the pipeline's own __call__
         from cache_search.caching import enable_cache
         from cache_search.schedule import CacheSchedule
+        if runtime == "onnx":
+            from .runtime_onnx import enable_onnx_cache as enable_cache  # noqa: F811
         pipe.qsched_cache = enable_cache(pipe, CacheSchedule.from_dict(cache))
     pipe.set_progress_bar_config(disable=True)
     pipe.qsched_manifest = manifest

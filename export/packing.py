@@ -28,7 +28,7 @@ import torch
 
 from qsched.errors import ArtifactError
 
-__all__ = ["NIBBLE_BITS", "BYTE_BITS", "SUPPORTED_BITS", "pack_int", "unpack_int", "packed_nbytes"]
+__all__ = ["NIBBLE_BITS", "BYTE_BITS", "SUPPORTED_BITS", "pack_int", "unpack_int", "check_packed", "packed_nbytes"]
 
 #: Bit widths stored two codes per byte.
 NIBBLE_BITS = (2, 3, 4)
@@ -104,14 +104,8 @@ def pack_int(q: torch.Tensor, bits: int) -> torch.Tensor:
     return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
 
 
-def unpack_int(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_int`: int8 codes of shape ``shape`` from a packed tensor.
-
-    Raises :class:`ArtifactError` when the packed tensor has the wrong dtype or size for ``shape`` and
-    ``bits``, or decodes to codes outside the ``bits`` range (a sign that the recorded bit width is
-    wrong or the data is corrupt).
-    """
-    bits = _check_bits(bits)
+def _checked_flat(packed: torch.Tensor, bits: int, shape) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """Dtype and size checks shared by :func:`unpack_int` and :func:`check_packed`: (flat, shape, numel)."""
     try:
         shape = tuple(int(d) for d in shape)
     except (TypeError, ValueError):
@@ -119,7 +113,7 @@ def unpack_int(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch
     if any(d < 0 for d in shape):
         raise ArtifactError(f"shape must not have negative sizes, got {shape}")
     if not isinstance(packed, torch.Tensor):
-        raise ArtifactError(f"unpack_int expects a torch.Tensor, got {type(packed).__name__}")
+        raise ArtifactError(f"packed weights must be a torch.Tensor, got {type(packed).__name__}")
     numel = math.prod(shape)
     expect_dtype = torch.uint8 if bits in NIBBLE_BITS else torch.int8
     if packed.dtype != expect_dtype:
@@ -133,7 +127,18 @@ def unpack_int(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch
             f"packed int{bits} weights for shape {list(shape)} need {nbytes} bytes, got "
             f"{packed.numel()}; the shard is corrupt or the manifest is wrong, re-export the artifact"
         )
-    flat = packed.detach().reshape(-1)
+    return packed.detach().reshape(-1), shape, numel
+
+
+def unpack_int(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_int`: int8 codes of shape ``shape`` from a packed tensor.
+
+    Raises :class:`ArtifactError` when the packed tensor has the wrong dtype or size for ``shape`` and
+    ``bits``, or decodes to codes outside the ``bits`` range (a sign that the recorded bit width is
+    wrong or the data is corrupt).
+    """
+    bits = _check_bits(bits)
+    flat, shape, numel = _checked_flat(packed, bits, shape)
     if bits in BYTE_BITS:
         out = flat.clone(memory_format=torch.contiguous_format)
     else:
@@ -144,3 +149,33 @@ def unpack_int(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch
     if bits != 8:
         _check_codes_in_range(out, bits, f"packed int{bits} tensor")
     return out.reshape(shape)
+
+
+def check_packed(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The checks of :func:`unpack_int` without unpacking: returns ``packed`` as a flat tensor (a view,
+    no copy) once its dtype and size fit ``shape`` and ``bits`` and every code is in the ``bits`` range.
+
+    For loaders that keep the codes in the :func:`pack_int` layout (the native runtime keeps 2-4 bit
+    codes packed in memory). A nibble always decodes into the int4 range, so only 2- and 3-bit codes
+    (and 5-7 bit bytes) are range-checked, on the stored bytes themselves; the padding nibble of an odd
+    element count is ignored, as :func:`unpack_int` ignores it.
+    """
+    bits = _check_bits(bits)
+    flat, shape, numel = _checked_flat(packed, bits, shape)
+    if bits in BYTE_BITS:
+        if bits != 8:
+            _check_codes_in_range(flat, bits, f"packed int{bits} tensor")
+        return flat
+    if bits < 4 and numel:
+        lo, hi = _code_range(bits)
+        found = []
+        for nibbles in (flat & 0x0F, flat[: numel // 2] >> 4):  # low nibbles: elements 0, 2, ...; high: 1, 3, ...
+            if nibbles.numel():
+                nmin, nmax = torch.aminmax(nibbles)
+                found += [int(nmin) - _NIBBLE_OFFSET, int(nmax) - _NIBBLE_OFFSET]
+        if min(found) < lo or max(found) > hi:
+            raise ArtifactError(
+                f"packed int{bits} tensor holds codes in [{min(found)}, {max(found)}], outside the int{bits} range "
+                f"[{lo}, {hi}]; clamp the codes or use more bits"
+            )
+    return flat

@@ -20,6 +20,12 @@ keeps only what the artifact stores and does the arithmetic a deployment would d
 * **W(5-8)A16 and conv layers** — :class:`NativeDequantLayer` with int8 codes (or packed nibbles),
   dequantized on the fly.
 
+Loading: :func:`export.loader.build_native_denoiser` (what ``export.load(..., runtime="native")`` uses)
+builds each native layer straight from the artifact's stored tensors (:class:`StoredLayer`,
+:func:`native_from_stored`), layer by layer: the packed bytes on disk are already :func:`pack_int`'s
+layout, so they become ``packed`` as they are; the result equals ``to_native_`` on the simulated model
+rebuilt from the same artifact, buffer for buffer.
+
 Numerics: the dequantize-on-the-fly path reproduces the simulation bit for bit (same formulas, same
 order); the integer path agrees to fp32 rounding (tested: max |diff| / max |y| < 1e-4 in fp32).
 
@@ -37,13 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer, quantized_forward
+from calibrate.qlayers import QuantLayer, quantized_forward, with_fp_tokens
 from qsched.errors import ArtifactError
 
-from .packing import NIBBLE_BITS, pack_int
+from .packing import NIBBLE_BITS, check_packed, pack_int
 
-__all__ = ["NativeInt8Linear", "NativeDequantLayer", "native_layer", "to_native_", "int_mm",
-           "unpack_nibbles", "int_matmul_eligible"]
+__all__ = ["NativeInt8Linear", "NativeDequantLayer", "StoredLayer", "native_layer", "native_from_stored", "to_native_",
+           "int_mm", "unpack_nibbles", "int_matmul_eligible"]
 
 _ACT_OFFSET = 128  # unsigned activation code q in [0, 255] -> int8 code q - 128
 
@@ -166,21 +172,29 @@ class NativeDequantLayer(nn.Module):
         self.compute_dtype = layer.compute_dtype
         if layer.act_bits is not None:
             self.act_scale, self.act_zero_point = _act_qparams(layer)
+        packed = getattr(layer, "packed", None)  # a StoredLayer's bytes, already in pack_int's layout
         if layer.weight_bits is None:
             self.weight_shape = tuple(layer.weight.shape)
             self.register_buffer("weight", layer.weight.detach().clone())
             self.path = "fp"
         else:
-            self.weight_shape = tuple(layer.qweight.shape)
-            codes = layer.qweight.detach()
-            if layer.weight_bits in NIBBLE_BITS:
+            if packed is not None:
+                self.weight_shape = tuple(layer.weight_shape)
+                self.register_buffer("packed", packed.detach())  # kept as stored: the loader's own copy
+                self.path = f"dequant-packed{layer.weight_bits}"
+            elif layer.weight_bits in NIBBLE_BITS:
+                self.weight_shape = tuple(layer.qweight.shape)
+                codes = layer.qweight.detach()
                 self.register_buffer("packed", pack_int(codes.cpu(), layer.weight_bits).to(codes.device))
                 self.path = f"dequant-packed{layer.weight_bits}"
             else:
+                self.weight_shape = tuple(layer.qweight.shape)
+                codes = layer.qweight.detach()
                 self.register_buffer("qweight", codes.contiguous().clone())
                 self.path = "dequant-int8"
             self.register_buffer("weight_scale", layer.weight_scale.detach().float().clone())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        self.out_features, self.in_features = self.weight_shape[:2]  # pipelines read these (SDXL's add_embedding)
 
     def codes(self) -> torch.Tensor:
         """The integer weight codes (unpacked now if stored packed)."""
@@ -205,8 +219,55 @@ class NativeDequantLayer(nn.Module):
         return f"{self.kind}, shape={self.weight_shape}, w={w}, a={a}, path={self.path}"
 
 
+class StoredLayer:
+    """One quantized layer as the artifact stores it, with 2-4 bit codes still packed: what a loader builds
+    the native layer from, so the whole model's unpacked int8 codes and a simulated copy never exist.
+
+    ``template`` is the (meta-device) :class:`QuantLayer` the manifest spec describes: it gives the layer's
+    kind, bits, group size, conv arguments, compute dtype, FP token positions and the tensor names and
+    shapes to expect. ``tensors`` maps those names (``qweight``, ``weight_scale``, ``bias``, ...) to the
+    stored tensors, which this object takes over: they should be memory the caller owns (e.g. read with
+    :func:`export.format.open_shard`), since :class:`NativeDequantLayer` keeps the stored ``packed`` bytes
+    as they are. It exposes the attributes the native layers read from a :class:`QuantLayer`: ``qweight``
+    (int8 codes, 5-8 bits, a view of the stored bytes), ``packed`` (2-4 bits, the stored bytes, which are
+    :func:`export.packing.pack_int`'s layout, the one the native layer keeps), ``weight`` (FP weights),
+    ``weight_scale``, ``bias``, ``act_scale``, ``act_zero_point``, ``fp_token_inputs`` / ``_outputs``.
+    """
+
+    def __init__(self, template: QuantLayer, tensors: dict[str, torch.Tensor], name: str = "layer"):
+        self.kind, self.weight_bits, self.act_bits = template.kind, template.weight_bits, template.act_bits
+        self.group_size, self.conv_args = template.group_size, dict(template.conv_args)
+        self.compute_dtype, self.fp_token_positions = template.compute_dtype, template.fp_token_positions
+        expected = template.state_dict(keep_vars=True)
+        missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+        if missing or unexpected:
+            raise ArtifactError(f"artifact layer {name} does not match its manifest spec (missing {sorted(missing)}, "
+                                f"unexpected {sorted(unexpected)}); the artifact is corrupt or from an incompatible qsched")
+        for key, want in expected.items():
+            if key != "qweight" and tuple(tensors[key].shape) != tuple(want.shape):
+                raise ArtifactError(f"artifact tensor {name}.{key} has shape {list(tensors[key].shape)}, its manifest "
+                                    f"spec needs {list(want.shape)}; the artifact is corrupt or from an incompatible qsched")
+        self.bias = tensors.get("bias")
+        if self.weight_bits is None:
+            self.weight = tensors["weight"]
+            self.weight_shape = tuple(self.weight.shape)
+        else:
+            self.weight_shape = tuple(template.qweight.shape)
+            flat = check_packed(tensors["qweight"], self.weight_bits, self.weight_shape)  # validated, not copied
+            if self.weight_bits in NIBBLE_BITS:
+                self.packed = flat
+            else:
+                self.qweight = flat.view(self.weight_shape)
+            self.weight_scale = tensors["weight_scale"]
+        if self.act_bits is not None:
+            self.act_scale, self.act_zero_point = tensors["act_scale"], tensors["act_zero_point"]
+        if self.fp_token_positions:
+            self.fp_token_inputs, self.fp_token_outputs = tensors["fp_token_inputs"], tensors["fp_token_outputs"]
+
+
 def native_layer(layer: QuantLayer, int_matmul: bool = True) -> nn.Module:
-    """The deployment layer for one simulated layer (integer matmul when eligible and ``int_matmul``)."""
+    """The deployment layer for one simulated (or :class:`StoredLayer`) layer (integer matmul when eligible and
+    ``int_matmul``)."""
     if int_matmul and int_matmul_eligible(layer):
         return NativeInt8Linear(layer)
     return NativeDequantLayer(layer)
@@ -224,7 +285,15 @@ def to_native_(denoiser: nn.Module, int_matmul: bool = True) -> dict[str, int]:
     for name, module in targets:
         if any(t.is_meta for t in module.buffers()):
             raise ArtifactError(f"layer {name} has no weights yet (meta device); load the artifact before going native")
-        native = native_layer(module, int_matmul).train(module.training)
+        native = with_fp_tokens(native_layer(module, int_matmul), module).train(module.training)
         set_submodule(denoiser, name, native)
         counts[native.path] = counts.get(native.path, 0) + 1
     return counts
+
+
+def native_from_stored(template: QuantLayer, tensors: dict[str, torch.Tensor], int_matmul: bool = True,
+                       name: str = "layer") -> nn.Module:
+    """The deployment layer for one stored layer (see :class:`StoredLayer`): the same module, buffers and
+    numbers as ``to_native_`` gives for the simulated layer rebuilt from the same tensors, built without it."""
+    stored = StoredLayer(template, tensors, name)
+    return with_fp_tokens(native_layer(stored, int_matmul), stored)

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-workers", type=int, metavar="N",
                    help="Ray workers to start, each loading the model once (default: one per GPU with a CUDA "
                         "--device, else one per CPU)")
+    p.add_argument("--export", action="append", choices=("onnx", "modelopt"), default=[],
+                   help="add an optional export to the artifact (repeatable); modelopt: an nvidia-modelopt "
+                        "checkpoint for the TensorRT path, checked per layer (pip install qsched[modelopt]); onnx: the "
+                        "denoiser as an ONNX graph (int8 QDQ, 4-bit MatMulNBits) for onnxruntime (pip install "
+                        "qsched[onnx])")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -84,12 +89,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.ray is not None or args.ray_workers is not None:
             from .distributed import RayConfig
             ray = RayConfig(address=args.ray or "auto", workers=args.ray_workers)
+        if "modelopt" in args.export:  # fail before compiling, not after
+            from calibrate.modelopt_bridge import require_modelopt
+            require_modelopt()
+        if "onnx" in args.export:
+            from export.runtime_onnx import require_onnx
+            require_onnx()
         from .compiler import compile as run_compile
         artifact = run_compile(model=args.model, bits=spec, out=args.out, recipe=args.recipe, seed=args.seed,
                                device=args.device, init=args.init, uniform=args.uniform, qsched=not args.no_qsched,
                                cache_search=not args.no_cache_search, bundle=args.bundle,
                                eval_prompts=args.eval_prompts, overwrite=args.overwrite, progress=not args.quiet,
                                cache_budget=args.cache_budget, ray=ray)
+        exports = {}
+        if "modelopt" in args.export:
+            from export.runtime_modelopt import export_modelopt
+            exports["modelopt"] = export_modelopt(artifact.path, overwrite=args.overwrite)
+        if "onnx" in args.export:  # onnx/ added to the artifact in place, atomically
+            from export.runtime_onnx import export_onnx
+            record = export_onnx(artifact.path, overwrite=args.overwrite)
+            exports["onnx"] = {k: record[k] for k in ("graph", "steps", "counts")}
     except QschedError as err:
         print(f"qcompile: error: {err}", file=sys.stderr)
         return 2
@@ -97,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print("qcompile: interrupted; no artifact was written", file=sys.stderr)
         return 130
     summary = {"artifact": str(artifact.path), "bits": artifact.manifest["bits"], **artifact.metrics}
+    if exports:
+        summary["exports"] = exports
     print(json.dumps(summary, indent=2))
     return 0
 

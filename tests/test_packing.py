@@ -10,6 +10,7 @@ from export.packing import (
     BYTE_BITS,
     NIBBLE_BITS,
     SUPPORTED_BITS,
+    check_packed,
     pack_int,
     packed_nbytes,
     unpack_int,
@@ -130,3 +131,37 @@ def test_large_matrix_is_fast():
     assert packed.numel() == 12288 * 3072 // 2
     assert torch.equal(out, q)
     assert elapsed < 20.0  # generous: shared 2-core CI box; a Python loop would take minutes
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("shape", [(5, 3), (4, 4), (1,), (0, 3)])
+def test_check_packed_accepts_what_unpack_accepts_and_returns_the_bytes(bits, shape):
+    """check_packed validates like unpack_int but returns the stored bytes themselves (a view, no copy)."""
+    packed = pack_int(_codes(shape, bits, seed=bits), bits)
+    flat = check_packed(packed, bits, shape)
+    assert flat.data_ptr() == packed.data_ptr() and torch.equal(flat, packed)
+    assert torch.equal(unpack_int(flat, bits, shape), _codes(shape, bits, seed=bits))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
+def test_check_packed_refuses_codes_out_of_range_like_unpack(bits):
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    for bad in ([0, 0, hi + 1], [lo - 1, 0, 0], [0, hi + 1, 0]):  # low nibble, low nibble, high nibble
+        codes = torch.tensor(bad, dtype=torch.int8)
+        packed = pack_int(codes, 4) if bits <= 4 else codes.clone()
+        with pytest.raises(ArtifactError, match=f"outside the int{bits} range"):
+            unpack_int(packed, bits, (3,))
+        with pytest.raises(ArtifactError, match=f"outside the int{bits} range"):
+            check_packed(packed, bits, (3,))
+
+
+def test_check_packed_ignores_the_padding_nibble_and_checks_size_and_dtype():
+    packed = pack_int(torch.tensor([1, -2, 0], dtype=torch.int8), 2)  # odd count: high nibble of byte 1 is padding
+    assert int(packed[1]) >> 4 == 0  # padding nibble 0 decodes to -8, out of the int2 range, yet must pass
+    check_packed(packed, 2, (3,))
+    with pytest.raises(ArtifactError, match="need 2 bytes"):
+        check_packed(packed[:1], 2, (3,))
+    with pytest.raises(ArtifactError, match="must be torch.uint8"):
+        check_packed(packed.view(torch.int8), 2, (3,))
+    with pytest.raises(ArtifactError, match="torch.Tensor"):
+        check_packed([1, 2], 2, (3,))  # type: ignore[arg-type]

@@ -223,8 +223,221 @@ def test_native_artifact_generates_like_simulated(artifact):
         assert torch.equal(got, expected)
 
 
+def test_native_load_of_a_compiled_artifact_streams_the_same_model(artifact):
+    """export.load(runtime="native") on a qcompile artifact (one shard) builds what to_native_ built from the
+    simulated model, buffer for buffer, and none of its tensors views the memory-mapped shard."""
+    import export
+
+    native = export.load(artifact.path, runtime="native")
+    expected, _ = legacy_native(artifact.path)  # its FP tensors (norms) still view the mapped shard
+    assert tensors_in_mappings(expected, artifact.path) != []
+    assert tensors_in_mappings(native.transformer, artifact.path) == []
+    assert_same_native_model(native.transformer, expected)
+
+
 def test_unknown_runtime_is_refused(tmp_path):
     import export
     from qsched.errors import QschedError
     with pytest.raises(QschedError, match="runtime"):
         export.load(tmp_path, runtime="tensorrt")
+
+
+# ------------------------------------------------------------------ streaming native load from an artifact
+
+# (weight_bits, act_bits, group_size, fp_token_positions) cycled over a model's layers: every native path
+LAYER_CONFIGS = [(8, 8, None, ()), (4, 8, None, ()), (8, 8, 16, ()), (4, 8, 32, ()), (8, None, None, ()),
+                 (4, None, None, ()), (None, 8, None, ()), (3, 8, 16, ()), (6, 8, None, ()), (2, None, None, ()),
+                 (8, 8, None, (0,)), (4, 8, None, (0, 2))]
+
+
+def quantize_all(model: nn.Module, seed: int = 0, fp_layers: tuple[str, ...] = ()) -> dict[str, str]:
+    """Replace every Linear/Conv2d of ``model`` by a QuantLayer, cycling LAYER_CONFIGS (a config a layer cannot
+    take, e.g. a group size its width does not divide, or FP rows on a conv, moves on to the next); the layers
+    in ``fp_layers`` get an FP row at position 0 whatever their config."""
+    from calibrate.apply import set_submodule
+    from calibrate.fp_tokens import FPTokens
+
+    gen = torch.Generator().manual_seed(seed)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    kinds, i = {}, 0
+    for name, module in targets:
+        while True:
+            bits, act, group, rows = LAYER_CONFIGS[i % len(LAYER_CONFIGS)]
+            i += 1
+            fan_in = math.prod(module.weight.shape[1:])
+            if (group is None or fan_in % group == 0) and not (rows and isinstance(module, nn.Conv2d)):
+                break
+        if name in fp_layers:
+            rows = rows or (0,)
+        fp = None
+        if rows:
+            n_out, n_in = module.weight.shape
+            fp = FPTokens(rows, (torch.randn(len(rows), n_in, generator=gen) * 2).to(module.weight.dtype),
+                          torch.randn(len(rows), n_out, generator=gen).to(module.weight.dtype))
+        layer = QuantLayer.from_module(module, bits, act, ACT_RANGE if act else None, group, fp_tokens=fp)
+        set_submodule(model, name, layer)
+        kinds[name] = f"w{bits}a{act}g{group}" + ("+fp" if rows else "")
+    return kinds
+
+
+def write_test_artifact(model: nn.Module, path, n_shards: int = 3):
+    """``model`` (already quantized) as an artifact with ``n_shards`` shards; one layer's bias is put in another
+    shard than its codes, which a streaming loader must handle too."""
+    import json
+
+    from export.format import write_artifact
+    from export.save import denoiser_tensors, layer_specs
+
+    tensors = denoiser_tensors(model)
+    shards = [{} for _ in range(n_shards)]
+    for j, key in enumerate(sorted(tensors)):
+        top = key.split(".")[0] + (key.split(".")[1] if key.split(".")[1].isdigit() else "")
+        shards[sum(map(ord, top)) % n_shards][key] = tensors[key]
+    split = next(k for k in sorted(tensors) if k.endswith(".qweight") and k.replace("qweight", "bias") in tensors)
+    bias = split.replace("qweight", "bias")
+    for s in shards:
+        s.pop(bias, None)
+    owner = next(i for i, s in enumerate(shards) if split in s)
+    shards[(owner + 1) % n_shards][bias] = tensors[bias]
+    names = {f"transformer-{i:05d}.safetensors": s for i, s in enumerate(shards) if s}
+    manifest = {"denoiser": {"attr": "transformer", "class": type(model).__name__,
+                             "config": json.loads(model.to_json_string()), "shards": sorted(names)},
+                "layers": layer_specs(model)}
+    return write_artifact(path, manifest, names)
+
+
+def legacy_native(path):
+    """What runtime="native" built before streaming: every shard loaded, the simulated model, then to_native_."""
+    from export.format import load_shard, read_manifest
+    from export.loader import build_denoiser
+
+    manifest = read_manifest(path)
+    tensors = {}
+    for shard in manifest["denoiser"]["shards"]:
+        tensors.update(load_shard(path, shard))
+    denoiser = build_denoiser(manifest, tensors)
+    counts = to_native_(denoiser)
+    return denoiser, counts
+
+
+def assert_same_native_model(got: nn.Module, expected: nn.Module):
+    assert [(n, type(m)) for n, m in got.named_modules()] == [(n, type(m)) for n, m in expected.named_modules()]
+    for (n, a), (_, b) in zip(got.named_modules(), expected.named_modules()):
+        if isinstance(a, (NativeDequantLayer, NativeInt8Linear)):
+            assert a.extra_repr() == b.extra_repr(), n
+    got_state, expected_state = got.state_dict(), expected.state_dict()
+    assert list(got_state) == list(expected_state)
+    for key, value in expected_state.items():
+        assert got_state[key].dtype == value.dtype and torch.equal(got_state[key], value), key
+
+
+def shard_mappings(path) -> list[str]:
+    """Lines of /proc/self/maps that map one of the artifact's files."""
+    return [line for line in open("/proc/self/maps") if str(path) in line]
+
+
+def tensors_in_mappings(model: nn.Module, path) -> list[str]:
+    """Names of ``model``'s tensors whose memory lies in a mapping of one of the artifact's files."""
+    ranges = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in shard_mappings(path)]
+    return [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+            if any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in ranges)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_native_flux_is_identical_to_to_native_of_build_denoiser(tmp_path, dtype):
+    """Tiny FLUX with every native path (W8A8 int8_mm, grouped int8_mm, W4A8 / W3 / W2 packed, grouped packed,
+    int8 dequant, FP weights with int8 activations, FP token rows): same modules, same buffers bit for bit,
+    same outputs bit for bit as the old load; the shard files are not mapped once it returns."""
+    from diffusers import FluxTransformer2DModel
+
+    from export.loader import build_native_denoiser
+    from export.format import read_manifest
+    from qsched.tinyworld.model import TRANSFORMER_CONFIG
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**TRANSFORMER_CONFIG).to(dtype)
+    quantize_all(model, fp_layers=("context_embedder",))
+    path = write_test_artifact(model, tmp_path / "flux")
+    got = build_native_denoiser(read_manifest(path), path)
+    assert shard_mappings(path) == []  # checked first: the old load keeps the shards mapped (its FP tensors view them)
+    assert not any(isinstance(m, QuantLayer) for m in got.modules())
+    expected, counts = legacy_native(path)
+    assert shard_mappings(path) != []
+    assert {"int8_mm", "dequant-packed4", "dequant-packed3", "dequant-packed2", "dequant-int8", "fp"} <= set(counts)
+    assert sum(1 for m in expected.modules() if m.__class__.__name__ == "FPTokenRows") >= 2
+    assert any(isinstance(m, NativeInt8Linear) and m.groups > 1 for m in expected.modules())
+    assert_same_native_model(got, expected)
+
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randn(2, 6, TRANSFORMER_CONFIG["joint_attention_dim"], generator=gen)
+    text[0, 0] = got.context_embedder.fp_token_inputs[0].float()  # the first sequence's row 0 is served in FP
+    inputs = dict(hidden_states=torch.randn(2, 16, TRANSFORMER_CONFIG["in_channels"], generator=gen).to(dtype),
+                  encoder_hidden_states=text.to(dtype),
+                  pooled_projections=torch.randn(2, TRANSFORMER_CONFIG["pooled_projection_dim"], generator=gen).to(dtype),
+                  timestep=torch.full((2,), 0.5, dtype=dtype), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(6, 3),
+                  return_dict=False)
+    with torch.no_grad():
+        rows = got.context_embedder(inputs["encoder_hidden_states"])
+        assert torch.equal(rows[0, 0], got.context_embedder.fp_token_outputs[0])
+        assert not torch.equal(rows[1, 0], got.context_embedder.fp_token_outputs[0])
+        y_got, y_expected = got(**inputs)[0], expected(**inputs)[0]
+    assert torch.isfinite(y_expected.float()).all() and torch.equal(y_got, y_expected)
+
+
+def test_streamed_native_conv_unet_is_identical(tmp_path):
+    """Conv layers (W8A8, W4A8, W4A16, FP weights with int8 activations, ...) of a small UNet load the same way."""
+    from diffusers import UNet2DModel
+
+    from export.loader import build_native_denoiser
+    from export.format import read_manifest
+
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=8)
+    kinds = quantize_all(model, seed=2)
+    convs = [n for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.kind == "conv2d"]
+    assert len({kinds[n] for n in convs}) >= 4
+    path = write_test_artifact(model, tmp_path / "unet", n_shards=2)
+    got = build_native_denoiser(read_manifest(path), path)
+    assert shard_mappings(path) == []
+    expected, counts = legacy_native(path)
+    assert {"dequant-packed4", "dequant-int8", "fp"} <= set(counts)
+    assert_same_native_model(got, expected)
+    x = activations((2, 3, 8, 8), seed=4)
+    with torch.no_grad():
+        assert torch.equal(got(x, 10).sample, expected(x, 10).sample)
+
+
+def test_streamed_native_load_refuses_corrupt_tensors(tmp_path):
+    """Codes out of their bit range, a tensor of the wrong shape or a missing tensor are refused (ArtifactError)."""
+    from export.format import read_manifest
+    from export.loader import build_native_denoiser
+    from export.runtime_torch import native_from_stored
+    from export.save import denoiser_tensors
+    from qsched.errors import ArtifactError
+
+    sim = random_layer(weight_bits=4, shape=(16, 32))
+    stored = {k: v for k, v in denoiser_tensors(nn.Sequential(sim)).items()}
+    stored = {k.partition(".")[2]: v for k, v in stored.items()}
+
+    def template(bits):
+        return QuantLayer("linear", (16, 32), bits, 8, None, None, True, torch.float32, device="meta")
+
+    assert torch.equal(native_from_stored(template(4), dict(stored)).packed, stored["qweight"])
+    with pytest.raises(ArtifactError, match="outside the int2 range"):  # int4 codes read as int2
+        native_from_stored(template(2), dict(stored))
+    with pytest.raises(ArtifactError, match="shape"):
+        native_from_stored(template(4), {**stored, "bias": torch.zeros(15)})
+    with pytest.raises(ArtifactError, match="missing"):
+        native_from_stored(template(4), {k: v for k, v in stored.items() if k != "act_scale"})
+
+    from diffusers import FluxTransformer2DModel
+    from qsched.tinyworld.model import TRANSFORMER_CONFIG
+    model = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+    quantize_all(model)
+    path = write_test_artifact(model, tmp_path / "flux", n_shards=1)
+    manifest = read_manifest(path)
+    manifest["layers"]["proj_out"]["has_bias"] = False  # the shard's proj_out.bias is now unexpected
+    with pytest.raises(ArtifactError, match="do not match its manifest"):
+        build_native_denoiser(manifest, path)
