@@ -1,73 +1,226 @@
-"""ECAD-style cache-schedule search on the embedded flux-tiny model, with the heuristics as baselines.
+"""ECAD-style cache-schedule search on the embedded flux-tiny model, against FORA every 2/3/4 and no cache.
 
-Searches on ``--prompts`` training-split prompts (quality: :class:`cache_search.search.WorldQuality`),
-then re-scores the front and the heuristics (no cache, FORA 2/3/4, attention-only, FF-only) on
-``--val-prompts`` held-out prompts and seeds, so the reported numbers are not the ones searched on.
+1. Search (NSGA-II, prefix-shared batched evaluation) on ``--prompts`` training-split prompts, with the
+   quality :class:`cache_search.search.WorldQuality` uses (judge score + PSNR fidelity to no-cache). Reports
+   candidates evaluated, wall time, evaluations per second, and the block (component) evaluations and
+   MACs that prefix sharing ran against evaluating each candidate on its own.
+2. Optionally (``--check-sharing N``) re-evaluates the first N schedules of the final population with and
+   without prefix sharing: wall time of each, and the largest quality difference (rounding only).
+3. Validates on ``--val-prompts`` held-out prompts (the test split, seed 2024, batches of 64: the prompts
+   and seeds ``tiny_model_report.py`` uses) the baselines (no cache, FORA 2/3/4, attention-only,
+   FF-only) and, for each MAC threshold (the FORA points' and ``--thresholds``), the front point with the
+   most MACs within it: judged accuracy (Wilson 95 % interval), its paired difference to no cache (same
+   prompts and noise; normal 95 % interval of the per-prompt differences), judge score, PSNR to no cache,
+   MAC fraction and measured latency (median of ``--repeats`` interleaved timings of a 16-prompt batch).
+
 Resumable: rerun with the same ``--work`` to continue a killed search.
 
-    python benchmarks/cache_search_tiny.py --prompts 64 --population 24 --generations 30 \
-        --work bench-out/cache-search --out bench-out/cache-search.json
+    OMP_NUM_THREADS=1 python benchmarks/cache_search_tiny.py --steps 20 --prompts 16 --population 24 \
+        --generations 12 --val-prompts 512 --work bench-out/cache-20 --out bench-out/cache-20.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from cache_search.caching import enable_cache
 from cache_search.cost import CostModel
 from cache_search.schedule import CacheSchedule, block_layout
-from cache_search.search import SearchConfig, nsga2_search, world_quality
+from cache_search.search import SearchConfig, nsga2_search, sharing_summary, world_quality
+from qsched.generation import generate
+from qsched.tinyworld.judge import confidence_interval, judge, psnr
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline, load_embedded
 from qsched.tinyworld.world import sample_batch
+
+VAL_SEED = 2024  # tiny_model_report.py's held-out prompts and noise
+
+
+def load(args):
+    if args.random_model:
+        return build_tiny_pipeline(seed=args.seed)
+    pipe = load_embedded()
+    if args.bits != "fp":  # uniform RTN, the recipe default for flux-tiny (no Q-Sched coefficients)
+        from calibrate.calibration import calibrate
+        from qsched.bits import parse_bits
+        from qsched.prompts import calibration_prompts
+
+        calibrate(pipe, parse_bits(args.bits), calibration_prompts("flux-tiny", 64, seed=0, embedded=True),
+                  TINY_SETTINGS, seed=0, batch_size=16, progress=False)
+    return pipe
+
+
+def pick_front(front, thresholds: list[float]) -> dict[str, CacheSchedule]:
+    """For each MAC-fraction threshold, the front point with the most MACs within it (the search's best
+    quality at that budget)."""
+    out = {}
+    for limit in sorted(set(thresholds), reverse=True):
+        within = [(i, p) for i, p in enumerate(front.points) if p.mac_fraction <= limit + 1e-9]
+        if within:
+            i, p = max(within, key=lambda ip: ip[1].macs)
+            out.setdefault(f"front_{i}", p.schedule)
+    return out
+
+
+def generate_with(pipe, schedule, prompts, settings, seed, batch_size=64):
+    if schedule is None or not schedule.num_reused:
+        return generate(pipe, prompts, settings, seed=seed, batch_size=batch_size)
+    with enable_cache(pipe, schedule):
+        return generate(pipe, prompts, settings, seed=seed, batch_size=batch_size)
+
+
+def denoise_with(pipe, schedule, prompts, settings):
+    """The sampling loop alone (text encoding included, no VAE decode): ``output_type='latent'``."""
+    kwargs = dict(num_inference_steps=settings.steps, height=settings.height, width=settings.width,
+                  guidance_scale=settings.guidance_scale, max_sequence_length=settings.max_sequence_length,
+                  output_type="latent", generator=torch.Generator().manual_seed(0))
+    if schedule is None or not schedule.num_reused:
+        return pipe(prompts, **kwargs)
+    with enable_cache(pipe, schedule):
+        return pipe(prompts, **kwargs)
+
+
+def latency(pipe, named: dict, prompts, settings, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds to generate one batch of ``prompts`` under each schedule, end to end and the
+    sampling loop alone, in interleaved rounds."""
+    runs = {name: ([], []) for name in named}
+    for name, s in named.items():  # warm-up
+        generate_with(pipe, s, prompts, settings, 0, len(prompts))
+    for _ in range(repeats):
+        for name, s in named.items():
+            start = time.perf_counter()
+            generate_with(pipe, s, prompts, settings, 0, len(prompts))
+            mid = time.perf_counter()
+            denoise_with(pipe, s, prompts, settings)
+            runs[name][0].append(mid - start)
+            runs[name][1].append(time.perf_counter() - mid)
+    return {name: (float(np.median(full)), float(np.median(loop))) for name, (full, loop) in runs.items()}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--val-prompts", type=int, default=256)
+    p.add_argument("--steps", type=int, default=TINY_SETTINGS.steps)
+    p.add_argument("--bits", default="fp", help="fp, or a uniform RTN target such as w4a8")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--val-prompts", type=int, default=512)
     p.add_argument("--population", type=int, default=24)
-    p.add_argument("--generations", type=int, default=30)
+    p.add_argument("--generations", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-batch", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--mutation-prob", type=float, default=SearchConfig.mutation_prob,
+                   help="bit-flip probability per gene (ECAD's 0.05 flips ~17 genes per child at 20 steps)")
+    p.add_argument("--max-batch", type=int, default=384, help="rows per search pipeline call")
+    p.add_argument("--no-share", action="store_true", help="search without prefix sharing (ablation)")
+    p.add_argument("--check-sharing", type=int, default=0, metavar="N",
+                   help="time N final-population schedules with and without prefix sharing")
+    p.add_argument("--baselines", nargs="*", default=None,
+                   help="which baselines to validate (default all; no_cache is always validated)")
+    p.add_argument("--thresholds", type=float, nargs="*", default=[0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1])
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--random-model", action="store_true", help="a random flux-tiny (smoke runs, no weights)")
     p.add_argument("--work", default="bench-out/cache-search")
     p.add_argument("--out", default="bench-out/cache-search.json")
     args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
 
-    pipe = (build_tiny_pipeline(seed=args.seed) if args.random_model else load_embedded()).to(args.device)
-    settings = TINY_SETTINGS
+    pipe = load(args)
+    settings = dataclasses.replace(TINY_SETTINGS, steps=args.steps)
     blocks = block_layout(pipe)
     cost = CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
     _, prompts = sample_batch(seed=args.seed + 101, n=args.prompts, split="train")
-    evaluator = world_quality(pipe, prompts, settings, seed=args.seed, max_batch=args.max_batch)
-
+    evaluator = world_quality(pipe, prompts, settings, seed=args.seed, max_batch=args.max_batch,
+                              share_prefixes=not args.no_share)
+    state = {}
     start = time.perf_counter()
-    front = nsga2_search(settings.steps, blocks, evaluator, cost.schedule_macs,
-                         SearchConfig(population=args.population, generations=args.generations, seed=args.seed),
-                         work_dir=args.work,
-                         on_generation=lambda g, s: print(f"generation {g}: {len(s.archive)} evaluated", flush=True))
-    search_s = time.perf_counter() - start
 
-    _, val_prompts = sample_batch(seed=args.seed + 202, n=args.val_prompts, split="test")
-    val = world_quality(pipe, val_prompts, settings, seed=args.seed + 7, max_batch=args.max_batch)
+    def on_generation(g, search):
+        state["population"] = [search.schedule(ind) for ind in search.population]
+        s = sharing_summary(search.counts).get("block_evaluations") or {}
+        print(f"generation {g}: {len(search.archive)} evaluated, {time.perf_counter() - start:.0f} s, "
+              f"block evaluations saved vs naive {s.get('saved_vs_naive')}", flush=True)
+
+    config = SearchConfig(population=args.population, generations=args.generations, seed=args.seed,
+                          mutation_prob=args.mutation_prob)
+    front = nsga2_search(settings.steps, blocks, evaluator, cost.schedule_macs, config, work_dir=args.work,
+                         on_generation=on_generation)
+    search_s = time.perf_counter() - start
+    run_candidates = evaluator.counts.get("candidates", 0)  # evaluated by this process (not resumed ones)
+    search = {"candidates": front.evaluations, "generations": front.generations, "wall_seconds": round(search_s, 1),
+              "evaluator_seconds": round(evaluator.seconds, 1), "candidates_this_run": run_candidates,
+              "evaluations_per_second": round(run_candidates / search_s, 3) if run_candidates else None,
+              "prompts": args.prompts, "prefix_sharing": not args.no_share, "counts": front.counts,
+              "sharing": sharing_summary(front.counts)}
+    print(json.dumps(search, indent=1), flush=True)
+
+    check = None
+    if args.check_sharing and state.get("population"):
+        scheds = state["population"][:args.check_sharing]
+        check = {}
+        for share in (True, False):
+            ev = world_quality(pipe, prompts, settings, seed=args.seed, max_batch=args.max_batch, share_prefixes=share)
+            t = time.perf_counter()
+            check[share] = (ev(scheds), time.perf_counter() - t, ev.counts)
+        check = {"schedules": len(scheds), "seconds_shared": round(check[True][1], 2),
+                 "seconds_unshared": round(check[False][1], 2),
+                 "max_quality_difference": float(np.max(np.abs(np.subtract(check[True][0], check[False][0])))),
+                 "shared": sharing_summary(check[True][2]), "unshared": sharing_summary(check[False][2])}
+        print(json.dumps(check, indent=1), flush=True)
+
+    # --- held-out validation -------------------------------------------------------------------------
     steps = settings.steps
-    named = {"no_cache": CacheSchedule.no_cache(steps, blocks),
-             **{f"fora_{n}": CacheSchedule.fora(steps, blocks, n) for n in (2, 3, 4)},
-             "attention_only": CacheSchedule.attention_only(steps, blocks),
-             "ff_only": CacheSchedule.ff_only(steps, blocks)}
-    named.update({f"front_{i}": pt.schedule for i, pt in enumerate(front.points)})
-    metrics = val.evaluate_metrics(list(named.values()))
-    rows = {name: {"mac_fraction": round(cost.mac_fraction(s), 4), **{k: round(v, 4) for k, v in m.items()}}
-            for (name, s), m in zip(named.items(), metrics)}
-    report = {"settings": settings.to_dict(), "cost": cost.to_dict(), "search_seconds": round(search_s, 1),
-              "validation": rows, "front": front.to_dict()}
+    baselines = {"no_cache": CacheSchedule.no_cache(steps, blocks),
+                 **{f"fora_{n}": CacheSchedule.fora(steps, blocks, n) for n in (2, 3, 4)},
+                 "attention_only": CacheSchedule.attention_only(steps, blocks),
+                 "ff_only": CacheSchedule.ff_only(steps, blocks)}
+    fora_fractions = [cost.mac_fraction(baselines[f"fora_{n}"]) for n in (2, 3, 4)]
+    named = {k: v for k, v in baselines.items() if args.baselines is None or k == "no_cache" or k in args.baselines}
+    named.update(pick_front(front, fora_fractions + list(args.thresholds)))
+    from cache_search.search import CHECKPOINT
+
+    archive = json.loads((Path(args.work) / CHECKPOINT).read_text())["archive"]  # genome → (quality, MACs)
+    _, val_prompts = sample_batch(seed=VAL_SEED, n=args.val_prompts, split="test")
+    ref_images = reference = None
+    rows = {}
+    for name, sched in named.items():
+        t = time.perf_counter()
+        images = generate_with(pipe, sched, val_prompts, settings, VAL_SEED)
+        verdict = judge(images, val_prompts)
+        if ref_images is None:
+            ref_images, reference = images, verdict
+        diff = verdict.correct.astype(float) - reference.correct.astype(float)
+        n = len(val_prompts)
+        acc = float(verdict.accuracy)
+        rows[name] = {"mac_fraction": round(cost.mac_fraction(sched), 4),
+                      "speedup_macs": round(1.0 / cost.mac_fraction(sched), 3),
+                      "accuracy": round(acc, 4), "ci95": round(confidence_interval(acc, n), 4),
+                      "delta_vs_no_cache": round(float(diff.mean()), 4),
+                      "delta_ci95": round(float(1.96 * diff.std(ddof=1) / np.sqrt(n)), 4) if name != "no_cache" else 0.0,
+                      "score": round(float(verdict.score), 4),
+                      "psnr_vs_no_cache": round(float(np.mean(np.minimum(psnr(images, ref_images), 100.0))), 2),
+                      "search_quality": (archive.get("".join(map(str, sched.to_genome()))) or [None])[0],
+                      "reuse_fraction": round(sched.reuse_fraction, 4)}
+        print(f"validated {name} in {time.perf_counter() - t:.0f} s: {rows[name]}", flush=True)
+    for name, (full, loop) in latency(pipe, named, val_prompts[:16], settings, args.repeats).items():
+        rows[name]["latency_ms_batch16"] = round(1000 * full, 1)
+        rows[name]["latency_ms_batch16_sampling"] = round(1000 * loop, 1)
+
+    report = {"settings": settings.to_dict(), "bits": args.bits, "cost": cost.to_dict(), "search": search,
+              "sharing_check": check, "validation": {"prompts": args.val_prompts, "seed": VAL_SEED, "split": "test",
+                                                      "rows": rows},
+              "front": front.to_dict()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    for name, row in rows.items():
-        print(f"{name:16s} MACs {row['mac_fraction']:.3f}  quality {row['quality']:.4f}  "
-              f"score {row['score']:.4f}  PSNR {row['psnr']:.2f}")
+    print(f"{'schedule':16s} {'MACs':>6s} {'speed-up':>8s} {'accuracy':>15s} {'Δ vs no cache':>15s} {'score':>6s} "
+          f"{'PSNR':>6s} {'ms/16':>6s} {'loop':>6s}")
+    for name, r in rows.items():
+        print(f"{name:16s} {r['mac_fraction']:6.3f} {r['speedup_macs']:7.2f}× {100 * r['accuracy']:6.1f} ± "
+              f"{100 * r['ci95']:4.1f} % {100 * r['delta_vs_no_cache']:+6.1f} ± {100 * r['delta_ci95']:4.1f} "
+              f"{r['score']:6.3f} {r['psnr_vs_no_cache']:6.2f} {r['latency_ms_batch16']:6.1f} "
+              f"{r['latency_ms_batch16_sampling']:6.1f}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ Why this shape:
   FF-only), then random genomes whose reuse density is itself drawn uniformly from [0, 1], so the seeds
   span the whole MAC axis rather than clustering at 50 % reuse;
 * quality is pluggable: ``evaluate(schedules) -> list[float]`` is called once per generation with every
-  new schedule, so an evaluator can batch them (:class:`WorldQuality` does); MACs come from a cheap
-  ``macs(schedule)`` (normally :meth:`cache_search.cost.CostModel.schedule_macs`);
+  new schedule, so an evaluator can batch them (:class:`WorldQuality` does, in genome order, running
+  each prefix the candidates of a call share only once); MACs come from a cheap ``macs(schedule)``
+  (normally :meth:`cache_search.cost.CostModel.schedule_macs`). An evaluator's integer work counters
+  (``evaluate.counts``: block evaluations run and saved by prefix sharing, MACs) are summed per generation
+  into the checkpoint and the front, so they survive a resume;
 * deterministic and resumable: DEAP draws from the global ``random`` module, so the search keeps its own
   ``random`` state and swaps it in only around its own draws (the evaluator cannot perturb it, and the
   caller's state is left untouched); initial genomes come from a seeded numpy ``Generator``. After every
@@ -42,6 +45,9 @@ from .schedule import CacheSchedule, _normalise_blocks
 
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_FORMAT = "qsched-cache-search"
+# Bumped whenever the evaluator's batching changes its floating-point results (2: genome-ordered batches and
+# prefix sharing), so a compile never resumes an archive scored by a differently batched evaluator.
+EVALUATOR_VERSION = 2
 
 
 @dataclass
@@ -110,16 +116,17 @@ class ParetoFront:
     generations: int = 0
     evaluations: int = 0
     config: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)  # the evaluator's work counters, summed over the search
 
     def to_dict(self) -> dict:
         return {"baseline_macs": self.baseline_macs, "generations": self.generations,
-                "evaluations": self.evaluations, "config": self.config,
+                "evaluations": self.evaluations, "config": self.config, "evaluation_counts": self.counts,
                 "points": [p.to_dict() for p in self.points]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ParetoFront":
         return cls([FrontPoint.from_dict(p) for p in d["points"]], d["baseline_macs"], d.get("generations", 0),
-                   d.get("evaluations", 0), d.get("config", {}))
+                   d.get("evaluations", 0), d.get("config", {}), dict(d.get("evaluation_counts", {})))
 
 
 def non_dominated(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -188,6 +195,7 @@ class _Search:
         if self.length < 1:
             raise ValueError("nothing to search: the schedule has one step (step 0 always computes)")
         self.archive: dict[str, tuple[float, float]] = {}
+        self.counts: dict[str, int] = {}  # the evaluator's integer work counters, summed over finished generations
         self.population: list[_Individual] = []
         self.generation = 0
         rng = random.Random(config.seed)
@@ -209,7 +217,11 @@ class _Search:
                 new.append(ind)
         if new:
             schedules = [self.schedule(ind) for ind in new]
+            before = _evaluator_counts(self.evaluate)
             qualities = list(self.evaluate(schedules))
+            after = _evaluator_counts(self.evaluate)
+            for key, value in after.items():
+                self.counts[key] = self.counts.get(key, 0) + value - before.get(key, 0)
             if len(qualities) != len(schedules):
                 raise ValueError(f"evaluate returned {len(qualities)} values for {len(schedules)} schedules")
             for ind, sched, q in zip(new, schedules, qualities):
@@ -297,7 +309,8 @@ class _Search:
             q, m = pts[i]
             sched = self.schedule([int(c) for c in keys[i]])
             points.append(FrontPoint(sched, q, m, m / baseline if baseline else float("nan")))
-        return ParetoFront(points, baseline, self.generation, len(self.archive), self.config.to_dict())
+        return ParetoFront(points, baseline, self.generation, len(self.archive), self.config.to_dict(),
+                           dict(self.counts))
 
     # checkpoints ------------------------------------------------------------------------------------
 
@@ -314,6 +327,7 @@ class _Search:
             "population": [{"genome": _key(ind), "fitness": list(ind.fitness.values),
                             "crowding": ind.fitness.crowding_dist} for ind in self.population],
             "archive": {k: list(v) for k, v in self.archive.items()},
+            "evaluation_counts": self.counts,
             "random_state": _random_state_to_json(self.py_state),
             "numpy_state": self.np_rng.bit_generator.state,
         }
@@ -339,6 +353,7 @@ class _Search:
             raise ValueError(f"checkpoint in {self.work_dir} is for a different schedule layout")
         self.generation = int(data["generation"])
         self.archive = {k: (float(v[0]), float(v[1])) for k, v in data["archive"].items()}
+        self.counts = {k: int(v) for k, v in data.get("evaluation_counts", {}).items()}
         self.population = []
         for item in data["population"]:
             ind = _Individual(int(c) for c in item["genome"])
@@ -348,6 +363,13 @@ class _Search:
         self.py_state = _random_state_from_json(data["random_state"])
         self.np_rng.bit_generator.state = data["numpy_state"]
         return True
+
+
+def _evaluator_counts(evaluate) -> dict[str, int]:
+    """An evaluator's cumulative integer work counters (``evaluate.counts``), if it keeps any. Only integers
+    that are a function of the evaluated schedules belong there: they go into the checkpoint and the front,
+    which must not depend on timing or on where the evaluation ran."""
+    return {k: int(v) for k, v in (getattr(evaluate, "counts", None) or {}).items()}
 
 
 def nsga2_search(steps: int, blocks, evaluate: Callable[[list[CacheSchedule]], list[float]],
@@ -378,18 +400,31 @@ class WorldQuality:
     Candidates are batched: up to ``max_batch // len(prompts)`` schedules run in one pipeline call with the
     prompts repeated per candidate (``enable_cache`` with a schedule per row group), and every row draws its
     initial noise from its own generator (seed + prompt index), so each candidate sees exactly the noise the
-    reference saw, whatever the batch.
+    reference saw, whatever the batch. :func:`batch_plan` sorts the candidates by genome before cutting
+    them into calls, so candidates with long common prefixes share a call, and ``share_prefixes`` (on by
+    default) runs each shared prefix once (see :mod:`cache_search.caching`).
+
+    ``counts`` sums what the evaluations ran (integers, a function of the schedules only, so the search
+    keeps them in its checkpoint): candidates, pipeline calls, component and denoiser rows run / naive
+    (each candidate on its own) / batched without sharing, and the same weighted by MACs. ``seconds`` is
+    the wall time spent in evaluation.
     """
 
     def __init__(self, pipe, prompts: Sequence[str], settings, seed: int = 0, max_batch: int = 64,
-                 fidelity_weight: float = 0.5, psnr_cap: float = 40.0, call_kwargs: dict | None = None):
+                 fidelity_weight: float = 0.5, psnr_cap: float = 40.0, call_kwargs: dict | None = None,
+                 share_prefixes: bool = True):
         self.pipe, self.prompts, self.settings, self.seed = pipe, list(prompts), settings, int(seed)
         self.max_batch, self.fidelity_weight, self.psnr_cap = int(max_batch), float(fidelity_weight), float(psnr_cap)
         self.call_kwargs = dict(call_kwargs or {})
-        self.reference = self._generate(None, 1)
+        self.share_prefixes = bool(share_prefixes)
+        self.counts: dict[str, int] = {}
+        self.seconds = 0.0
+        self._cost = _cost_model(pipe, settings)
+        self.reference = self._generate(None, 1)[0]
         self.reference_metrics = self.metrics(self.reference)
 
     def _generate(self, schedules: list[CacheSchedule] | None, groups: int):
+        """Images of ``groups`` row groups (one per schedule) and the counters of the call."""
         import torch
 
         from .caching import enable_cache
@@ -401,40 +436,114 @@ class WorldQuality:
             kwargs["max_sequence_length"] = s.max_sequence_length
         gens = [torch.Generator("cpu").manual_seed(self.seed + i) for _ in range(groups) for i in range(p)]
         self.pipe.set_progress_bar_config(disable=True)
-        ctx = enable_cache(self.pipe, schedules, rows_per_group=p) if schedules else nullcontext()
-        with ctx, torch.inference_mode():
+        handle = (enable_cache(self.pipe, schedules, rows_per_group=p, share_prefixes=self.share_prefixes)
+                  if schedules else None)
+        with handle or nullcontext(), torch.inference_mode():
             images = self.pipe(self.prompts * groups, generator=gens, **kwargs).images
-        return images.float().cpu()
+        counts = {"candidates": len(schedules or ()), "calls": 1}
+        if handle is not None:
+            counts.update(handle.row_counts())
+            if self._cost is not None:
+                comp = np.array([self._cost.components[slot] for slot in handle.schedule.slots], dtype=np.int64)
+                over = self._cost.overhead
+                counts["macs"] = int(handle.rows_run @ comp) + handle.denoiser_rows * over
+                counts["macs_naive"] = int(handle.rows_naive @ comp) + handle.denoiser_rows_naive * over
+                counts["macs_batched"] = int(handle.rows_batched @ comp) + handle.denoiser_rows_naive * over
+        return images.float().cpu(), counts
 
     def metrics(self, images) -> dict:
-        """Judge score, mean PSNR to the reference, fidelity and the combined quality of P images."""
+        """Judge score and accuracy, mean PSNR to the reference, fidelity and the combined quality of P images."""
         from qsched.tinyworld.judge import judge, psnr
 
-        score = judge(images, self.prompts).score
+        verdict = judge(images, self.prompts)
         db = psnr(images, self.reference)
         fidelity = float(np.mean(np.minimum(db, self.psnr_cap) / self.psnr_cap))
         w = self.fidelity_weight
-        return {"score": score, "psnr": float(np.mean(np.minimum(db, 100.0))), "fidelity": fidelity,
-                "quality": (1.0 - w) * score + w * fidelity}
+        return {"score": verdict.score, "accuracy": float(verdict.accuracy),
+                "psnr": float(np.mean(np.minimum(db, 100.0))), "fidelity": fidelity,
+                "quality": (1.0 - w) * verdict.score + w * fidelity}
 
     def evaluate_metrics(self, schedules: Sequence[CacheSchedule]) -> list[dict]:
-        return [m for chunk in batches(schedules, len(self.prompts), self.max_batch) for m in self.evaluate_batch(chunk)]
+        """Metrics of each schedule, in the given order (evaluated in the calls :func:`batch_plan` makes)."""
+        plan = batch_plan(schedules, len(self.prompts), self.max_batch)
+        results = [self.evaluate_batch([schedules[i] for i in chunk]) for chunk in plan]
+        return _in_input_order(plan, results, len(schedules))
 
     def evaluate_batch(self, chunk: Sequence[CacheSchedule]) -> list[dict]:
         """Metrics of a few schedules generated in one pipeline call (a batch from :func:`batches`)."""
+        metrics, counts = self.evaluate_batch_counted(chunk)
+        _add_counts(self.counts, counts)
+        return metrics
+
+    def evaluate_batch_counted(self, chunk: Sequence[CacheSchedule]) -> tuple[list[dict], dict]:
+        """:meth:`evaluate_batch` and that call's counters, without adding them to ``counts`` (what a Ray
+        worker returns: the driver's evaluator keeps the sums)."""
+        import time
+
+        start = time.perf_counter()
         p = len(self.prompts)
-        images = self._generate(list(chunk), len(chunk))
-        return [self.metrics(images[g * p:(g + 1) * p]) for g in range(len(chunk))]
+        images, counts = self._generate(list(chunk), len(chunk))
+        metrics = [self.metrics(images[g * p:(g + 1) * p]) for g in range(len(chunk))]
+        self.seconds += time.perf_counter() - start
+        return metrics, counts
 
     def __call__(self, schedules: Sequence[CacheSchedule]) -> list[float]:
         return [m["quality"] for m in self.evaluate_metrics(schedules)]
 
 
-def batches(schedules: Sequence[CacheSchedule], prompts: int, max_batch: int) -> list[list[CacheSchedule]]:
-    """The candidates that share one pipeline call: ``max_batch // prompts`` schedules each. Batch shapes
-    decide the floating-point results, so in-process and distributed evaluation use exactly these."""
+def _cost_model(pipe, settings):
+    """The pipeline's MAC table, to weight the row counters; None for a denoiser without MAC rules."""
+    from .cost import CostModel
+
+    try:
+        return CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
+    except (ValueError, TypeError):
+        return None
+
+
+def _add_counts(total: dict, counts: dict) -> None:
+    for key, value in counts.items():
+        total[key] = total.get(key, 0) + int(value)
+
+
+def _in_input_order(plan: list[list[int]], results: list[list], n: int) -> list:
+    out = [None] * n
+    for chunk, values in zip(plan, results):
+        for i, value in zip(chunk, values):
+            out[i] = value
+    return out
+
+
+def sharing_summary(counts: dict) -> dict:
+    """What prefix sharing saved, from an evaluator's (or a front's) ``counts``: component evaluations
+    (sample rows × component calls) and MACs run against evaluating each candidate on its own (``naive``)
+    and against the unshared batched call (``batched``, which recomputes every row whenever any candidate
+    recomputes)."""
+    out = {"candidates": counts.get("candidates", 0), "calls": counts.get("calls", 0)}
+    for name, run, naive, batched in (("block_evaluations", "component_rows", "component_rows_naive",
+                                       "component_rows_batched"), ("macs", "macs", "macs_naive", "macs_batched")):
+        if counts.get(naive):
+            out[name] = {"run": counts[run], "naive": counts[naive], "batched": counts.get(batched),
+                         "saved_vs_naive": round(1.0 - counts[run] / counts[naive], 4),
+                         "saved_vs_batched": round(1.0 - counts[run] / counts[batched], 4) if counts.get(batched)
+                         else None}
+    return out
+
+
+def batch_plan(schedules: Sequence[CacheSchedule], prompts: int, max_batch: int) -> list[list[int]]:
+    """Which candidates share one pipeline call: indices into ``schedules``, ``max_batch // prompts`` per
+    call, taken in genome order (step-major, as the sampler runs) so that candidates with long common
+    prefixes land in the same call and prefix sharing finds them. Batch shapes decide the floating-point
+    results, so in-process and distributed evaluation use exactly this plan; it depends only on the
+    schedules given (a generation's new candidates), so a resumed search repeats it."""
     per_call = max(1, max_batch // prompts)
-    return [list(schedules[i:i + per_call]) for i in range(0, len(schedules), per_call)]
+    order = sorted(range(len(schedules)), key=lambda i: (schedules[i].table.tobytes(), i))
+    return [order[i:i + per_call] for i in range(0, len(order), per_call)]
+
+
+def batches(schedules: Sequence[CacheSchedule], prompts: int, max_batch: int) -> list[list[CacheSchedule]]:
+    """The schedules of each call of :func:`batch_plan`."""
+    return [[schedules[i] for i in chunk] for chunk in batch_plan(schedules, prompts, max_batch)]
 
 
 class _WorldQualityBuilder:
@@ -450,14 +559,23 @@ class _WorldQualityBuilder:
 class DistributedWorldQuality:
     """:class:`WorldQuality` over a :class:`qsched.distributed.WorkerPool`: each worker holds the pipeline
     and the reference images; the batches of one generation go to whichever worker is free. Same batches
-    as in process, so the same qualities and the same front."""
+    as in process, so the same qualities, the same counters and the same front."""
 
     def __init__(self, pool, prompts: int, max_batch: int):
         self.pool, self.prompts, self.max_batch = pool, prompts, max_batch
+        self.counts: dict[str, int] = {}
+        self.seconds = 0.0
 
     def evaluate_metrics(self, schedules: Sequence[CacheSchedule]) -> list[dict]:
-        results = self.pool.map("evaluate_batch", batches(schedules, self.prompts, self.max_batch))
-        return [m for chunk in results for m in chunk]
+        import time
+
+        start = time.perf_counter()
+        plan = batch_plan(schedules, self.prompts, self.max_batch)
+        results = self.pool.map("evaluate_batch_counted", [[schedules[i] for i in chunk] for chunk in plan])
+        for _, counts in results:
+            _add_counts(self.counts, counts)
+        self.seconds += time.perf_counter() - start
+        return _in_input_order(plan, [metrics for metrics, _ in results], len(schedules))
 
     def __call__(self, schedules: Sequence[CacheSchedule]) -> list[float]:
         return [m["quality"] for m in self.evaluate_metrics(schedules)]

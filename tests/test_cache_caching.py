@@ -84,32 +84,93 @@ def test_reuse_regates_the_stored_output(flux):
     assert not torch.equal(block.norm1(calls[0][0]["hidden_states"], emb=calls[0][0]["temb"])[1], gate_msa)
 
 
+def _run_batched(flux, schedules, groups, p, share=True):
+    """Images of ``groups`` candidates × the first ``p`` prompts in one call (per-row seeded noise), and the
+    cache handle (None for a plain call)."""
+    gens = [torch.Generator().manual_seed(i) for _ in range(groups) for i in range(p)]
+    kw = dict(num_inference_steps=STEPS, height=32, width=32, guidance_scale=0.0, output_type="pt",
+              max_sequence_length=16, generator=gens)
+    handle = enable_cache(flux, schedules, rows_per_group=p, share_prefixes=share) if schedules else None
+    with torch.inference_mode():
+        try:
+            return flux(PROMPTS[:p] * groups, **kw).images, handle
+        finally:
+            handle is not None and handle.disable()
+
+
 def test_batched_candidates_match_separate_runs(flux):
-    """K schedules in one call (rows_per_group): all-recompute groups are bit-exact to a plain call with the
-    same batch; each group matches its own separate run up to batch-size rounding."""
+    """K schedules in one call (rows_per_group): without prefix sharing, all-recompute groups are bit-exact
+    to a plain call with the same batch; each group matches its own separate run up to batch-size
+    rounding. With sharing, K identical schedules collapse into one group (the denoiser runs P rows)."""
     blocks = block_layout(flux)
     scheds = [CacheSchedule.no_cache(STEPS, blocks), CacheSchedule.fora(STEPS, blocks, 2),
               CacheSchedule.attention_only(STEPS, blocks)]
     p, k = 2, len(scheds)
 
-    def run(schedules, groups):
-        gens = [torch.Generator().manual_seed(i) for _ in range(groups) for i in range(p)]
-        kw = dict(num_inference_steps=STEPS, height=32, width=32, guidance_scale=0.0, output_type="pt",
-                  max_sequence_length=16, generator=gens)
-        ctx = enable_cache(flux, schedules, rows_per_group=p) if schedules else None
-        with torch.inference_mode():
-            try:
-                return flux(PROMPTS[:p] * groups, **kw).images
-            finally:
-                ctx is not None and ctx.disable()
+    def run(schedules, groups, share=True):
+        return _run_batched(flux, schedules, groups, p, share)[0]
 
     plain = run(None, k)
-    assert torch.equal(run([scheds[0]] * k, k), plain)
-    batched = run(scheds, k)
-    for g, s in enumerate(scheds):
-        alone = run([s], 1)
-        torch.testing.assert_close(batched[g * p:(g + 1) * p], alone, atol=1e-5, rtol=0)
-    assert not torch.equal(batched[p:2 * p], batched[:p])
+    assert torch.equal(run([scheds[0]] * k, k, share=False), plain)
+    same, handle = _run_batched(flux, [scheds[0]] * k, k, p)
+    assert handle.row_counts()["denoiser_rows"] * k == handle.row_counts()["denoiser_rows_naive"] == k * p * STEPS
+    assert all(torch.equal(same[g * p:(g + 1) * p], same[:p]) for g in range(k))
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    for share in (False, True):
+        batched = run(scheds, k, share)
+        for g, s in enumerate(scheds):
+            alone = run([s], 1)
+            torch.testing.assert_close(batched[g * p:(g + 1) * p], alone, atol=1e-5, rtol=0)
+        assert not torch.equal(batched[p:2 * p], batched[:p])
+
+
+def test_prefix_sharing_runs_each_shared_prefix_once(flux):
+    """A hand-built batch whose candidates share prefixes of different lengths: the images equal the
+    unshared batched run's up to rounding (modules run on fewer rows; see the caching module docstring),
+    a duplicate candidate gets bit-identical images, and the row counts are those worked out by hand."""
+    blocks = block_layout(flux)
+    n = sum(len(c) for _, c in blocks)  # 18 slots
+    first, last = 0, n - 1  # transformer_blocks.0.attn runs first in a forward, the last proj_out last
+    none = CacheSchedule.no_cache(STEPS, blocks)
+
+    def reuse_at(step, slot):
+        table = np.zeros((STEPS, n), dtype=bool)
+        table[step, slot] = True
+        return CacheSchedule(STEPS, blocks, table)
+
+    a, b, c, d = none, reuse_at(3, last), reuse_at(2, first), CacheSchedule.fora(STEPS, blocks, 2)
+    scheds, p = [a, b, c, d, b], 2  # b twice
+    shared, handle = _run_batched(flux, scheds, len(scheds), p, share=True)
+    plain, plain_handle = _run_batched(flux, scheds, len(scheds), p, share=False)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    assert torch.equal(shared[p:2 * p], shared[4 * p:5 * p])  # the duplicate is the same computation
+    assert not torch.equal(shared[:p], shared[p:2 * p])
+    # denoiser rows per step: classes agreeing on steps 0..t are {abcde}, {abce}{d}, {abe}{c}{d}, {a}{be}{c}{d}
+    # components, step by step (× p rows): 18 · 1 unit; 18 · 1 (d reuses everything); step 2: the first slot
+    # runs a (= c's input) and d, the other 17 run a, c, d; step 3: d reuses, 17 slots run {a,b} and c, the
+    # last runs a and c. Naive: a 72 computes, b, c and the duplicate 71 each, FORA-2 36.
+    assert handle.row_counts() == {
+        "component_rows": p * (18 + 18 + (2 + 3 * 17) + (2 * 17 + 2)), "component_rows_naive": p * (72 + 3 * 71 + 36),
+        "component_rows_batched": p * len(scheds) * 72, "denoiser_rows": p * (1 + 2 + 3 + 4),
+        "denoiser_rows_naive": p * len(scheds) * STEPS}
+    unshared = plain_handle.row_counts()
+    assert unshared["component_rows"] == unshared["component_rows_batched"] == handle.row_counts()["component_rows_batched"]
+    assert unshared["component_rows_naive"] == handle.row_counts()["component_rows_naive"]
+
+
+def test_prefix_sharing_cuts_only_known_batched_arguments():
+    """Rows are cut by argument name: batched names are cut, known per-token tensors are left alone even
+    when their length equals the batch, and an unknown batch-sized tensor is an error, not a guess."""
+    from cache_search.caching import _cut_kwargs
+
+    index = torch.tensor([0, 2])
+    rope = torch.zeros(4, 8)  # 4 tokens: as long as the batch
+    out = _cut_kwargs({"hidden_states": torch.arange(4.0), "image_rotary_emb": (rope, rope), "txt_ids": rope,
+                       "added_cond_kwargs": {"resolution": torch.arange(4.0), "aspect_ratio": None}}, 4, index, "x")
+    assert out["hidden_states"].tolist() == [0.0, 2.0] and out["txt_ids"] is rope
+    assert out["added_cond_kwargs"]["resolution"].tolist() == [0.0, 2.0]
+    with pytest.raises(RuntimeError, match="'mystery'.*share_prefixes=False"):
+        _cut_kwargs({"mystery": torch.zeros(4, 3)}, 4, index, "denoiser")
 
 
 def test_quantized_components_are_cached_like_any_module():
@@ -167,13 +228,18 @@ def test_pixart_with_classifier_free_guidance():
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
 
     # two candidates in one CFG call: rows are [uncond K·P ; cond K·P], grouped by (row // P) % K
-    def run(schedules, groups):
+    def run(schedules, groups, share=True):
         kw = pixart_call_kwargs(STEPS)
         kw["generator"] = [torch.Generator().manual_seed(i) for _ in range(groups) for i in range(len(PROMPTS))]
-        with enable_cache(pipe, schedules, rows_per_group=len(PROMPTS)), torch.inference_mode():
-            return pipe(PROMPTS * groups, **kw).images
+        with enable_cache(pipe, schedules, rows_per_group=len(PROMPTS), share_prefixes=share) as handle, \
+                torch.inference_mode():
+            return pipe(PROMPTS * groups, **kw).images, handle.row_counts()
 
     scheds = [CacheSchedule.fora(STEPS, blocks, 2), CacheSchedule.no_cache(STEPS, blocks)]
-    batched = run(scheds, 2)
+    batched, counts = run(scheds, 2)
+    # prefix sharing with both CFG halves in one call: step 0 runs once per prompt and half
+    assert counts["denoiser_rows"] == 2 * 3 * (1 + 2 + 2 + 2) and counts["denoiser_rows_naive"] == 2 * 3 * 2 * STEPS
+    assert counts["component_rows"] == 2 * 3 * 6 * (1 + 1 + 2 + 1) == counts["component_rows_naive"] - 2 * 3 * 6
+    torch.testing.assert_close(batched, run(scheds, 2, share=False)[0], atol=1e-5, rtol=0)
     for g, s in enumerate(scheds):
-        torch.testing.assert_close(batched[g * 3:(g + 1) * 3], run([s], 1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched[g * 3:(g + 1) * 3], run([s], 1)[0], atol=1e-5, rtol=0)

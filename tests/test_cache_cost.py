@@ -122,3 +122,23 @@ def test_unknown_layers_are_refused(flux):
             module_macs(flux, tokens)
     finally:
         del flux.transformer.extra_head
+
+
+def test_prefix_shared_batches_run_the_macs_they_count(flux):
+    """The work counters of a prefix-shared batched call (what the search reports as block evaluations and
+    MACs saved) are what the denoiser really ran, measured by the flop counter; less than evaluating each
+    candidate on its own (``macs_naive`` = the sum of their schedule MACs)."""
+    cost = CostModel.from_pipeline(flux, 32, 32, 16)
+    blocks = block_layout(flux)
+    scheds = [CacheSchedule.no_cache(4, blocks), CacheSchedule.fora(4, blocks, 2)] + _random_schedules(4, blocks, 2, 3)
+    p = 2
+    comp = np.array([cost.components[s] for s in scheds[0].slots])
+    gens = [torch.Generator().manual_seed(i) for _ in scheds for i in range(p)]
+    call = lambda: flux(["a red circle", "a blue square"] * len(scheds), num_inference_steps=4, height=32,  # noqa: E731
+                        width=32, guidance_scale=0.0, max_sequence_length=16, output_type="pt", generator=gens)
+    with enable_cache(flux, scheds, rows_per_group=p) as handle:
+        counted = _flops(call)
+    run = int(handle.rows_run @ comp) + handle.denoiser_rows * cost.overhead
+    naive = int(handle.rows_naive @ comp) + handle.denoiser_rows_naive * cost.overhead
+    assert counted["FluxTransformer2DModel"] == 2 * run
+    assert naive == sum(cost.schedule_macs(s, batch=p) for s in scheds) > run

@@ -23,10 +23,12 @@ class Synthetic:
 
     def __init__(self):
         self.calls, self.evaluated = 0, []
+        self.counts = {"candidates": 0}  # summed into the checkpoint and the front by the search
 
     def __call__(self, schedules):
         self.calls += 1
         self.evaluated += [s.to_genome() for s in schedules]
+        self.counts["candidates"] += len(schedules)
         return [1.0 - float((s.table * _W).sum()) / _W.sum() - 0.05 * np.sin(3.0 * s.num_reused) ** 2
                 * (s.num_reused > 0) for s in schedules]
 
@@ -105,7 +107,8 @@ def test_killed_search_resumes_to_the_same_front(tmp_path):
     assert resumed.to_dict() == unbroken.to_dict()
     a = json.loads((tmp_path / "a" / CHECKPOINT).read_text())
     b = json.loads((tmp_path / "b" / CHECKPOINT).read_text())
-    assert a == b  # population, fitnesses, crowding, archive and RNG states
+    assert a == b  # population, fitnesses, crowding, archive, counters and RNG states
+    assert resumed.counts == {"candidates": resumed.evaluations}  # counted across the kill, nothing twice
     assert not {tuple(g) for g in first.evaluated} & {tuple(g) for g in second.evaluated}
     # no-op resume of a finished search; and extending it is allowed
     again = Synthetic()
@@ -187,3 +190,36 @@ def test_compile_resumes_a_cache_checkpoint_only_for_the_same_search():
     assert key(prompts=["q"]) != base
     assert key(config=replace(config, population=config.population + 2)) != base
     assert key(calibration=SimpleNamespace(plan=BitPlan(), act_ranges={"a": (0.0, 2.0)})) != base
+
+
+def test_prefix_sharing_search_ends_with_the_same_front():
+    """The same search with and without prefix sharing: same front (schedules, MACs; qualities equal up to
+    the rounding that running modules on fewer rows causes), same per-candidate work, less work run. The
+    batch plan puts candidates in genome order, so one call holds the candidates with common prefixes."""
+    from dataclasses import replace
+
+    from conftest import TEST_WORDS
+    from cache_search.cost import CostModel
+    from cache_search.search import batch_plan
+    from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0, words=TEST_WORDS)
+    settings = replace(TINY_SETTINGS, steps=3)
+    blocks = block_layout(pipe)
+    scheds = [CacheSchedule.fora(3, blocks, 2), CacheSchedule.no_cache(3, blocks), CacheSchedule.ff_only(3, blocks)]
+    assert batch_plan(scheds, 2, 4) == [[1, 2], [0]]  # no-cache < FF-only < FORA-2 in genome order
+    cost = CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
+    prompts = ["a red circle", "a blue square on the left"]
+    config = SearchConfig(population=8, generations=2, seed=5)
+    fronts = {share: nsga2_search(3, blocks, world_quality(pipe, prompts, settings, max_batch=16, share_prefixes=share),
+                                  cost.schedule_macs, config) for share in (True, False)}
+    shared, plain = fronts[True], fronts[False]
+    assert [p.schedule for p in shared.points] == [p.schedule for p in plain.points]
+    assert [p.macs for p in shared.points] == [p.macs for p in plain.points]
+    assert [p.quality for p in shared.points] == pytest.approx([p.quality for p in plain.points], abs=1e-6)
+    a, b = shared.counts, plain.counts
+    assert a["candidates"] == b["candidates"] == shared.evaluations > config.population
+    assert a["component_rows_naive"] == b["component_rows_naive"] and a["macs_naive"] == b["macs_naive"]
+    assert b["component_rows"] == b["component_rows_batched"] >= b["component_rows_naive"]  # unshared overshoots
+    assert a["component_rows"] < a["component_rows_naive"] and a["macs"] < a["macs_naive"]
+    assert a["denoiser_rows"] < b["denoiser_rows"] == b["denoiser_rows_naive"]

@@ -152,7 +152,8 @@ def test_cache_search_on_ray_finds_the_same_front(pipe):
     with distributed_world_quality(pipe, PROMPTS, settings, ray=TWO, max_batch=4) as evaluator:
         remote = nsga2_search(settings.steps, layout, evaluator, cost.schedule_macs, config)
     assert remote.evaluations == local.evaluations > config.population
-    assert remote.to_dict() == local.to_dict()
+    assert remote.to_dict() == local.to_dict()  # qualities, and the prefix-sharing counters
+    assert local.counts["component_rows"] < local.counts["component_rows_naive"]
 
 
 def test_cli_rejects_bad_ray_options(capsys):

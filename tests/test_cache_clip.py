@@ -1,0 +1,62 @@
+"""Cache search on a model without a judge: CLIP text-image match + CLIP-IQA + fidelity to no-cache."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from cache_search.clip_quality import ClipQuality
+from cache_search.schedule import CacheSchedule, block_layout
+from cache_search.stage import search_cache
+from qsched.recipe import CacheSearchConfig
+from qsched.scoring.clip import clip_iqa, clip_score, load_clip
+
+from conftest import TEST_WORDS
+from test_clip_scoring import _tiny_clip, _tokenizer
+
+PROMPTS = ["a red circle", "a blue square on the left"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_clip")
+    _tiny_clip().save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    return load_clip(str(d))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from qsched.tinyworld.model import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0, words=TEST_WORDS)
+
+
+def test_clip_quality_scores_and_fidelity(pipe, bundle):
+    from qsched.tinyworld.model import TINY_SETTINGS
+
+    settings = replace(TINY_SETTINGS, steps=3)
+    blocks = block_layout(pipe)
+    evaluator = ClipQuality(pipe, PROMPTS, settings, bundle, seed=0, k=2.0, max_batch=4)
+    ref = evaluator.reference
+    expected = (clip_score(bundle, ref, PROMPTS).mean() / 100.0 + 2.0 * clip_iqa(bundle, ref).mean()) / 3.0
+    assert evaluator.reference_metrics["score"] == pytest.approx(expected, rel=1e-6)
+    none, fora = evaluator.evaluate_metrics([CacheSchedule.no_cache(3, blocks), CacheSchedule.fora(3, blocks, 2)])
+    assert none["fidelity"] == 1.0 and none["score"] == pytest.approx(expected, rel=1e-5)
+    assert none["quality"] == pytest.approx(0.5 * expected + 0.5, rel=1e-5)
+    assert fora["psnr"] < none["psnr"] == 100.0 and 0.0 <= fora["clip_iqa"] <= 1.0  # cached images differ
+    assert set(fora) >= {"score", "clip_score", "clip_iqa", "psnr", "fidelity", "quality"}
+
+
+def test_search_cache_with_clip_gives_a_front(pipe, bundle, tmp_path):
+    from qsched.tinyworld.model import TINY_SETTINGS
+
+    settings = replace(TINY_SETTINGS, steps=3)
+    config = CacheSearchConfig(population=4, generations=1, prompts=2, budget=0.8)
+    result, schedule = search_cache(pipe, PROMPTS, settings, config, seed=0, work=tmp_path, progress=False, clip=bundle)
+    front = result["front"]
+    assert result["record"]["status"] == "done" and front["points"]
+    points = [(p["quality"], p["mac_fraction"]) for p in front["points"]]
+    for q, m in points:  # a front: no point is beaten on both objectives by another
+        assert not any(q2 >= q and m2 <= m and (q2, m2) != (q, m) for q2, m2 in points)
+    if schedule is not None:
+        assert result["record"]["mac_fraction"] <= 0.8 + 1e-9
