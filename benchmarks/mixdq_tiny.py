@@ -5,10 +5,18 @@ model on the same calibration prompts (uniform RTN only exists at integer widths
 same held-out prompts and seeds at 4 steps. Reported per row: judged accuracy (±95 %), continuous score,
 PSNR/SSIM against FP, average weight bits and denoiser size. MixDQ uses the recipe defaults
 (:class:`qsched.recipe.QuantizationConfig`); its sensitivity table is computed once and cached in
-``--work``, so later targets reuse it. ``--ablation`` adds MixDQ variants: SQNR for every layer (no
-content/quality decoupling) and no FP-activation layers.
+``--work``, so later targets reuse it.
+
+``--ablation`` gives the rows of MixDQ's ablation, each adding one thing to the previous: ``naive``
+(uniform RTN, text tokens as they come) → ``+bos`` (BOS/outlier-aware text layers,
+:mod:`calibrate.fp_tokens`) → ``+sqnr-only`` (mixed precision with every layer scored by SQNR) →
+``+decoupled`` (content layers by SSIM: full MixDQ), plus ``mixdq-no-fp-acts`` (full MixDQ without
+FP-activation layers). Fractional targets have no uniform rows. On flux-tiny ``+bos`` equals ``naive``:
+its text stream is T5 (no BOS) and ``benchmarks/text_outliers.py`` finds no outlier tokens in it; each
+row's ``fp_tokens`` says what the calibration did.
 
     python benchmarks/mixdq_tiny.py --prompts 1024 --out bench-out/mixdq-tiny.json
+    python benchmarks/mixdq_tiny.py --ablation --bits w8a8 w4a8 --prompts 1024 --out bench-out/mixdq-ablation.json
 """
 from __future__ import annotations
 
@@ -45,7 +53,10 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w3.5a8", "w3a8"])
     p.add_argument("--calibration-prompts", type=int, default=64)
-    p.add_argument("--ablation", action="store_true", help="also MixDQ without decoupled metrics / FP activations")
+    p.add_argument("--allocation-study", action="store_true",
+                   help="MixDQ with and without the width floor, groups normalised by spread and by budget")
+    p.add_argument("--ablation", action="store_true",
+                   help="rows naive → +bos → +sqnr-only → +decoupled (and MixDQ without FP activations)")
     p.add_argument("--weights", default=str(WEIGHTS_DIR))
     p.add_argument("--work", default="bench-out/mixdq-work", help="sensitivity cache (reruns are cheap)")
     p.add_argument("--out", default="bench-out/mixdq-tiny.json")
@@ -60,31 +71,43 @@ def main(argv=None) -> None:
               "fp": _row(reference, None, prompts), "rows": []}
     print("FP", report["fp"], flush=True)
     q = QuantizationConfig()
-    variants = [("mixdq", {"content_weight": q.content_weight, "fp_act_fraction": q.fp_act_fraction})]
+    mixdq_options = {"content_weight": q.content_weight, "fp_act_fraction": q.fp_act_fraction,
+                     "min_weight_bits": q.min_weight_bits, "normalise": q.normalise}
+    # (row, method, options, BOS-aware): each ablation row adds one thing to the one before it
     if args.ablation:
-        variants += [("mixdq-sqnr-only", {"content_weight": q.content_weight, "fp_act_fraction": q.fp_act_fraction,
-                                          "groups": {"*": "quality"}}),
-                     ("mixdq-no-fp-acts", {"content_weight": q.content_weight, "fp_act_fraction": 0.0})]
+        variants = [("naive", "uniform", {}, False), ("+bos", "uniform", {}, True),
+                    ("+sqnr-only", "mixdq", {**mixdq_options, "groups": {"*": "quality"}}, True),
+                    ("+decoupled", "mixdq", mixdq_options, True),
+                    ("mixdq-no-fp-acts", "mixdq", {**mixdq_options, "fp_act_fraction": 0.0}, True),
+                    ("mixdq-no-width-floor", "mixdq", {**mixdq_options, "min_weight_bits": None}, True)]
+    elif args.allocation_study:  # the width floor and the groups' normalisation, on one sensitivity table
+        variants = [("uniform", "uniform", {}, q.bos_aware)] + [
+            (f"mixdq-{norm}-{'floor3' if floor else 'nofloor'}", "mixdq",
+             {**mixdq_options, "normalise": norm, "min_weight_bits": floor}, q.bos_aware)
+            for norm in ("spread", "budget") for floor in (None, 3)]
+    else:
+        variants = [("uniform", "uniform", {}, q.bos_aware), ("mixdq", "mixdq", mixdq_options, q.bos_aware)]
     for bits in args.bits:
         spec = parse_bits(bits)
-        methods = ([("uniform", {})] if not spec.is_fractional else []) + variants
-        for name, options in methods:
+        for name, method, options, bos_aware in variants:
+            if method == "uniform" and spec.is_fractional:
+                continue
             pipe = load_embedded(Path(args.weights))
             options = dict(options)
             groups = options.pop("groups", None)
             mixdq = None
-            if name != "uniform":
+            if method == "mixdq":
                 mixdq = {"sensitivity_prompts": q.sensitivity_prompts, "weight_widths": q.weight_widths,
                          "act_widths": q.act_widths, "work_dir": args.work, **options}
             t = time.perf_counter()
             result = calibrate(pipe, spec, cal, TINY_SETTINGS, seed=0, batch_size=16, groups=groups, progress=False,
-                               method="uniform" if name == "uniform" else "mixdq", mixdq=mixdq)
+                               method=method, mixdq=mixdq, bos_aware=bos_aware)
             seconds = time.perf_counter() - t
             images = generate(pipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64, progress=f"{bits} {name}")
             row = {"bits": bits, "method": name, **_row(images, reference, prompts),
                    "average_weight_bits": round(result.plan.average_weight_bits(), 3),
                    "fp_act_layers": sum(1 for lp in result.plan.layers.values() if lp.act_bits is None),
-                   "calibrate_seconds": round(seconds, 1)}
+                   "fp_tokens": result.fp_tokens.to_dict(), "calibrate_seconds": round(seconds, 1)}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

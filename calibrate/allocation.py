@@ -115,7 +115,8 @@ def _losses(metric: str, scores: dict, candidates: list[int | None], monotone: b
     return {bits: value - best for bits, value in raw.items()}
 
 
-def _prepare(table: "SensitivityTable", weight_widths, act_widths, content_weight, monotone, fixed_fp_params):
+def _prepare(table: "SensitivityTable", weight_widths, act_widths, content_weight, monotone, fixed_fp_params,
+             reference: tuple | None = None):
     names = sorted(table.layers)
     if not names:
         raise QschedError("the sensitivity table is empty: nothing to allocate")
@@ -132,16 +133,40 @@ def _prepare(table: "SensitivityTable", weight_widths, act_widths, content_weigh
                              float(entry.macs or entry.params), w_cand, a_cand,
                              _losses(entry.metric, entry.weight, w_cand, monotone),
                              _losses(entry.metric, entry.act, a_cand, monotone)))
-    # Normalise each group by its spread so the groups share a scale.
+    # Put the groups on one scale: each group's losses are divided by a reference total of that group.
     spread: dict[str, float] = {}
     for layer in layers:
-        spread[layer.group] = spread.get(layer.group, 0.0) + max(layer.w_loss.values()) + max(layer.a_loss.values())
+        spread[layer.group] = spread.get(layer.group, 0.0) + _reference_loss(layer, reference)
     for layer in layers:
         weight = content_weight if layer.group == "content" else 1.0 - content_weight
         scale = weight / spread[layer.group] if spread[layer.group] > 0 else 0.0
         layer.w_loss = {b: v * scale for b, v in layer.w_loss.items()}
         layer.a_loss = {b: v * scale for b, v in layer.a_loss.items()}
     return layers, fixed_fp_params / total_params
+
+
+NORMALISATIONS = ("budget", "spread")
+
+
+def reference_widths(weight_budget: float, act_budget: float | None, weight_widths, act_widths) -> tuple:
+    """The uniform widths a budget stands for: the widest weight candidate within the budget (else the
+    narrowest), and the narrowest quantized activation candidate that meets the activation budget."""
+    ws = sorted(width_cost(b) for b in weight_widths if b is not None)
+    w_ref = max((b for b in ws if b <= weight_budget + 1e-9), default=ws[0]) if ws else None
+    quant = sorted(a for a in act_widths if a is not None)
+    a_ref = None if act_budget is None or not quant else min((a for a in quant if a >= act_budget - 1e-9),
+                                                              default=quant[-1])
+    return w_ref, a_ref
+
+
+def _reference_loss(layer: "_Layer", reference: tuple | None) -> float:
+    """The layer's loss at the reference widths (``None``: its narrowest candidates, the old 'spread')."""
+    if reference is None:
+        return max(layer.w_loss.values()) + max(layer.a_loss.values())
+    w_ref, a_ref = reference
+    w = layer.w_loss.get(w_ref, max(layer.w_loss.values())) if w_ref is not None else 0.0
+    a = layer.a_loss.get(a_ref, 0.0) if a_ref is not None else 0.0
+    return w + a
 
 
 @dataclass
@@ -224,7 +249,7 @@ def allocate(table: "SensitivityTable", weight_budget: float, act_budget: float 
              weight_widths: list[int | None] | None = None, act_widths: list[int | None] | None = None,
              content_weight: float = 0.5, max_fp_act: int | None = None, fp_act_exempt: bool = True,
              max_bops: float | None = None, budget_tolerance: float = 0.02, fixed_fp_params: int = 0,
-             monotone: bool = True, time_limit: float = 60.0) -> AllocationResult:
+             monotone: bool = True, time_limit: float = 60.0, normalise: str = "spread") -> AllocationResult:
     """Solve the joint weight/activation width program for ``table``.
 
     ``weight_budget``: size-weighted average weight bits (``fixed_fp_params`` count as FP weights in it).
@@ -240,7 +265,10 @@ def allocate(table: "SensitivityTable", weight_budget: float, act_budget: float 
     size class are aggregated exactly into one binary per class total T (value: the best split of T,
     by dynamic programming). Per-layer x over 502 FLUX layers leaves CBC a knapsack whose LP bound it
     cannot close in minutes; the aggregated program (10 size classes) is proven optimal in about a
-    second. BOPs depend on each layer's MACs and on both widths, so ``max_bops`` switches to one binary
+    second. ``normalise`` sets the groups' exchange rate: ``"spread"`` divides each group's losses by
+    its total at the narrowest candidates, ``"budget"`` by its total at the uniform widths the budget
+    stands for (:func:`reference_widths`), i.e. by what round-to-nearest at the target would cost that
+    group. BOPs depend on each layer's MACs and on both widths, so ``max_bops`` switches to one binary
     per layer and (weight, act) pair: exact, but at FLUX size CBC then usually stops at the time limit
     with a good solution that it has not proven optimal (``status`` says so).
     """
@@ -248,6 +276,8 @@ def allocate(table: "SensitivityTable", weight_budget: float, act_budget: float 
 
     if not 0.0 <= content_weight <= 1.0:
         raise QschedError(f"content_weight must lie in [0, 1], got {content_weight}")
+    if normalise not in NORMALISATIONS:
+        raise QschedError(f"unknown normalisation {normalise!r}: expected one of {', '.join(NORMALISATIONS)}")
     if act_budget is None:
         act_widths = [None]
     elif act_widths is None:
@@ -255,7 +285,10 @@ def allocate(table: "SensitivityTable", weight_budget: float, act_budget: float 
     if not act_widths:
         raise QschedError("no activation width candidates")
     t0 = time.perf_counter()
-    layers, fixed_frac = _prepare(table, weight_widths, act_widths, content_weight, monotone, fixed_fp_params)
+    reference = None if normalise == "spread" else reference_widths(
+        weight_budget, act_budget, weight_widths if weight_widths is not None else table.weight_widths, act_widths)
+    layers, fixed_frac = _prepare(table, weight_widths, act_widths, content_weight, monotone, fixed_fp_params,
+                                  reference)
 
     lowest = sum(l.frac * min(width_cost(b) for b in l.w_cand) for l in layers) + fixed_frac * FP_BITS
     highest = sum(l.frac * max(width_cost(b) for b in l.w_cand) for l in layers) + fixed_frac * FP_BITS
@@ -389,12 +422,14 @@ def _summarise(layers, weight_bits, act_bits, fixed_frac, status, solve_seconds,
 
 
 def evaluate_assignment(table: "SensitivityTable", weight_bits: dict, act_bits: dict, *, act_widths: list,
-                        weight_widths: list | None = None, content_weight: float = 0.5, monotone: bool = True) -> float:
+                        weight_widths: list | None = None, content_weight: float = 0.5, monotone: bool = True,
+                        reference: tuple | None = None) -> float:
     """The normalised loss :func:`allocate` minimises, for any assignment (tests, what-if reports).
 
-    Pass the candidate widths the allocation used: the normalisation depends on them.
+    Pass the candidate widths the allocation used, and for ``normalise="budget"`` its
+    :func:`reference_widths`: the normalisation depends on them.
     """
-    layers, _ = _prepare(table, weight_widths, act_widths, content_weight, monotone, 0)
+    layers, _ = _prepare(table, weight_widths, act_widths, content_weight, monotone, 0, reference)
     return sum(l.w_loss[weight_bits[l.name]] + l.a_loss[act_bits[l.name]] for l in layers)
 
 

@@ -29,7 +29,9 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
                seed: int = 0, batch_size: int | None = None, max_bops: float | None = None,
                work_dir: str | Path | None = None, model_digest: str | None = None,
                image_metric: Callable | None = None, time_limit: float = 60.0,
-               progress: bool = True, ray=None, pipeline_source=None) -> tuple[BitPlan, SensitivityTable, AllocationResult]:
+               progress: bool = True, ray=None, pipeline_source=None,
+               fp_tokens: dict | None = None, normalise: str = "spread",
+               min_weight_bits: int | None = None) -> tuple[BitPlan, SensitivityTable, AllocationResult]:
     """Choose per-layer widths for ``pipe``'s denoiser that meet ``spec`` on average.
 
     ``spec.weight_bits`` is the size-weighted weight budget (fractional budgets such as 3.5 are what this
@@ -37,11 +39,14 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
     sensitive ``fp_act_fraction`` of layers (rounded up; 0 disables) may keep FP activations outside the
     activation budget, as MixDQ keeps its top ~1%: the program picks which. ``keep_fp`` globs stay FP and
     count at 16 bits in the weight budget. ``layers`` (globs) limits the plan to part of the model; the
-    budget then applies to that part. ``act_ranges`` must be the ranges the plan will be applied with
+    budget then applies to that part. ``min_weight_bits`` excludes narrower weight widths (lowered to the
+    widest candidate within the budget when it is above it, so the budget stays feasible); ``normalise`` is :func:`allocate`'s. ``act_ranges`` must be the ranges the plan will be applied with
     (``None``: collected here first); sensitivity is measured with them. ``ray``/``pipeline_source`` spread
     the sensitivity analysis over Ray workers (see :func:`calibrate.sensitivity.analyze_sensitivity`).
+    ``fp_tokens`` (layer -> :class:`calibrate.fp_tokens.FPTokens`): BOS rows the final model serves in FP,
+    so sensitivity is measured with them; the plan itself is marked by the caller.
     """
-    from .calibration import collect_activation_ranges
+    from .calibration import collect_statistics
 
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
@@ -58,19 +63,25 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
 
     quantize_acts = spec.quantize_activations
     if quantize_acts and act_ranges is None:
-        act_ranges = collect_activation_ranges(pipe, prompts, settings, seed=seed, progress=progress and "ranges")
+        act_ranges = collect_statistics(pipe, prompts, settings, seed=seed, progress=progress and "ranges",
+                                        fp_token_candidates={n: t.positions for n, t in (fp_tokens or {}).items()})[0]
     table = analyze_sensitivity(pipe, prompts, settings, weight_widths=weight_widths,
                                 act_widths=act_widths if quantize_acts else (),
                                 act_ranges=act_ranges if quantize_acts else None, layers=decided, groups=groups, group_size=group_size, seed=seed, batch_size=batch_size,
                                 work_dir=work_dir, model_digest=model_digest, image_metric=image_metric,
-                                progress=progress, ray=ray, pipeline_source=pipeline_source)
+                                progress=progress, ray=ray, pipeline_source=pipeline_source, fp_tokens=fp_tokens)
     max_fp = math.ceil(fp_act_fraction * len(decided)) if quantize_acts and fp_act_fraction > 0 else 0
     candidates = sorted(set(act_widths)) + ([None] if max_fp else [])
+    within = [w for w in weight_widths if w <= spec.weight_bits + 1e-9]  # the floor must leave one of these
+    floor = None if min_weight_bits is None else min(min_weight_bits, max(within, default=min_weight_bits))
+    allowed = sorted(w for w in set(weight_widths) if floor is None or w >= floor)
+    if not allowed:
+        raise QschedError(f"min_weight_bits {min_weight_bits} excludes every weight width {sorted(set(weight_widths))}")
     result = allocate(table, spec.weight_bits, spec.act_bits if quantize_acts else None,
-                      weight_widths=sorted(set(weight_widths)), act_widths=candidates if quantize_acts else None,
+                      weight_widths=allowed, act_widths=candidates if quantize_acts else None,
                       content_weight=content_weight, max_fp_act=max_fp if quantize_acts else None,
                       max_bops=max_bops, fixed_fp_params=sum(scope[n].weight.numel() for n in kept),
-                      time_limit=time_limit)
+                      time_limit=time_limit, normalise=normalise)
     plan = allocation_plan(result, table, target=str(spec), method="mixdq",
                            group_sizes={n: group_size_for(scope[n], group_size) for n in decided})
     for name, pattern in kept.items():

@@ -143,6 +143,7 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     mixdq = {"sensitivity_prompts": quant.sensitivity_prompts, "content_weight": quant.content_weight,
              "fp_act_fraction": quant.fp_act_fraction, "weight_widths": quant.weight_widths,
              "act_widths": quant.act_widths, "model_digest": source_info["denoiser_sha256"],
+             "min_weight_bits": quant.min_weight_bits, "normalise": quant.normalise,
              "work_dir": work_dir(out)}
     if ray is not None:
         from .distributed import PipelineSource
@@ -150,8 +151,9 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
             model, init=init, seed=seed, device=device, digest=source_info["denoiser_sha256"]))
     result = calibrate(pipe, spec, prompts, settings, seed=cal.seed, batch_size=cal.batch_size, momentum=cal.momentum,
                        group_size=quant.group_size, keep_fp=quant.keep_fp, groups=quant.groups,
-                       progress=progress and "calibration", method=method, mixdq=mixdq)
-    plan_info = {"average_weight_bits": round(result.plan.average_weight_bits(), 4)}
+                       progress=progress and "calibration", method=method, mixdq=mixdq, bos_aware=quant.bos_aware)
+    plan_info = {"average_weight_bits": round(result.plan.average_weight_bits(), 4),
+                 "fp_tokens": result.fp_tokens.to_dict()}
     if result.allocation:
         plan_info["allocation"] = {k: result.allocation[k] for k in ("status", "objective", "solve_seconds")
                                    if k in result.allocation}
@@ -172,17 +174,26 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     cache_handle = None
     if not (cache_search and recipe_obj.cache_search.enabled):
         stages["cache_search"] = {"status": "skipped", "reason": "switched off"}
-    elif not embedded:
-        stages["cache_search"] = {"status": "skipped", "reason": "no quality scorer for cache search on this model "
-                                                                 "yet (the embedded model uses its world's judge)"}
+    elif not embedded and not (recipe_obj.cache_search.clip or recipe_obj.qsched.clip):
+        stages["cache_search"] = {"status": "skipped", "reason": "no quality scorer for cache search on this model: "
+                                                                 "set cache_search.clip (or qsched.clip) in the recipe "
+                                                                 "to a local CLIP directory or hub id"}
     else:
         from cache_search.caching import enable_cache
         from cache_search.stage import search_cache
-        search_prompts = cache_search_prompts(recipe_obj.cache_search, seed)
+        clip = None
+        if embedded:
+            search_prompts = cache_search_prompts(recipe_obj.cache_search, seed)
+        else:  # a real model: CLIP scores the schedules (cache_search/clip_quality.py)
+            from .scoring.clip import load_clip
+            clip_source = recipe_obj.cache_search.clip or recipe_obj.qsched.clip
+            clip = load_clip(clip_source, device=device)
+            search_prompts = calibration_prompts(model, recipe_obj.cache_search.prompts, seed=seed + 3)
+        scored_by = dataclasses.replace(recipe_obj.cache_search, clip=clip.source if clip is not None else None)
         key = cache_search_key(source_info["denoiser_sha256"], result, stages["qsched"], search_prompts, settings,
-                               recipe_obj.cache_search, seed)
+                               scored_by, seed)
         cache_result, schedule = search_cache(pipe, search_prompts, settings, recipe_obj.cache_search, seed,
-                                              work_dir(out) / f"cache-{key[:16]}", progress, ray=ray)
+                                              work_dir(out) / f"cache-{key[:16]}", progress, ray=ray, clip=clip)
         stages["cache_search"] = cache_result["record"]
         cache_record = {"schedule": schedule.to_dict() if schedule else None, "pareto_front": cache_result["front"]}
         if schedule is not None:
@@ -230,12 +241,15 @@ def cache_search_key(fp_digest: str, calibration, qsched_record: dict, prompts: 
     coefficients, prompts, settings, search knobs), so a checkpoint is only ever resumed by the same search.
     Left out: ``generations`` (a rerun with more generations continues the same search) and the knobs
     that only pick a point from the front (``budget``, ``quality_floor``)."""
+    from cache_search.search import EVALUATOR_VERSION
+
     knobs = {k: v for k, v in dataclasses.asdict(config).items()
              if k not in ("generations", "budget", "quality_floor", "enabled")}
     inputs = {"fp": fp_digest, "plan": calibration.plan.to_dict(),
               "act_ranges": {k: [float(x) for x in v] for k, v in sorted(calibration.act_ranges.items())},
               "qsched": qsched_record.get("coefficients") if qsched_record.get("status") == "done" else None,
-              "prompts": list(prompts), "settings": settings.to_dict(), "config": knobs, "seed": seed}
+              "prompts": list(prompts), "settings": settings.to_dict(), "config": knobs, "seed": seed,
+              "evaluator": EVALUATOR_VERSION}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -42,6 +42,16 @@ class QuantizationConfig:
     content_weight: float = 0.5
     fp_act_fraction: float = 0.01
     sensitivity_prompts: int = 8
+    #: mixdq: no layer narrower than this many weight bits (lowered to the widest candidate within the
+    #: budget when above it, so w2.5 may still use 2). Single-layer sensitivity under-predicts 2-bit layers in combination: on
+    #: flux-tiny, W3.5A8 with 2-bit layers lost 4.6 points of judged accuracy against the floor at 3.
+    min_weight_bits: int | None = 3
+    #: mixdq: the groups' exchange rate, ``spread`` (total loss at the narrowest widths) or ``budget``
+    #: (total loss of round-to-nearest at the target); see calibrate.allocation.allocate
+    normalise: str = "spread"
+    #: MixDQ's BOS-aware text layers: where the text sequence starts with a constant BOS (CLIP), the text
+    #: layers serve that row in FP and their activation ranges leave its outlier out (both methods).
+    bos_aware: bool = True
 
 
 @dataclass
@@ -89,6 +99,8 @@ class CacheSearchConfig:
     population: int = 16
     generations: int = 6
     prompts: int = 8
+    #: real models: the CLIP (local directory or hub id) that scores schedules; default: qsched.clip
+    clip: str | None = None
 
 
 @dataclass
@@ -195,6 +207,11 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: quantization.weight_widths must be a non-empty subset of [2, 3, 4, 5, 6, 8]")
     if not set(q.act_widths) <= {4, 8} or not q.act_widths:
         raise RecipeError(f"{source}: quantization.act_widths must be a non-empty subset of [4, 8]")
+    if q.min_weight_bits is not None and not 2 <= q.min_weight_bits <= 8:
+        raise RecipeError(f"{source}: quantization.min_weight_bits must lie in [2, 8] or be null; "
+                          f"got {q.min_weight_bits!r}")
+    if q.normalise not in ("spread", "budget"):
+        raise RecipeError(f"{source}: quantization.normalise must be spread or budget; got {q.normalise!r}")
     if not 0.0 <= q.content_weight <= 1.0 or not 0.0 <= q.fp_act_fraction < 1.0 or q.sensitivity_prompts < 1:
         raise RecipeError(f"{source}: quantization.content_weight must lie in [0, 1], fp_act_fraction in [0, 1), "
                           "sensitivity_prompts >= 1")

@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from calibrate.allocation import (AllocationResult, allocate, allocation_plan, evaluate_assignment, width_cost)
+from calibrate.allocation import (AllocationResult, allocate, allocation_plan, evaluate_assignment, reference_widths,
+                                  width_cost)
 from calibrate.sensitivity import LayerSensitivity, SensitivityTable
 from qsched.errors import QschedError
 
@@ -32,7 +33,7 @@ def random_table(seed: int, n: int, weight_widths=(2, 4, 8), act_widths=(4, 8)) 
 
 
 def brute_force(table, weight_budget, act_budget=None, *, weight_widths, act_widths, max_fp_act=None,
-                max_bops=None, tolerance=0.02, content_weight=0.5):
+                max_bops=None, tolerance=0.02, content_weight=0.5, reference=None):
     """Enumerate every assignment; the reference the solver must match."""
     names = sorted(table.layers)
     total = sum(table.layers[n].params for n in names)
@@ -53,7 +54,7 @@ def brute_force(table, weight_budget, act_budget=None, *, weight_widths, act_wid
                 continue
             value = evaluate_assignment(table, dict(zip(names, ws)), dict(zip(names, acts)),
                                         weight_widths=list(weight_widths), act_widths=list(act_widths),
-                                        content_weight=content_weight)
+                                        content_weight=content_weight, reference=reference)
             floor = avg >= weight_budget - tolerance - 1e-12
             if best[floor] is None or value < best[floor][0]:
                 best[floor] = (value, avg)
@@ -134,6 +135,33 @@ def test_content_weight_moves_bits_between_groups():
     low = allocate(table, 4.0, content_weight=0.1)
     high = allocate(table, 4.0, content_weight=0.9)
     assert content_bits(high) > content_bits(low)
+
+
+def test_reference_widths_are_what_the_budget_stands_for():
+    assert reference_widths(4.0, 8, [2, 3, 4, 8], [4, 8, None]) == (4, 8)
+    assert reference_widths(3.5, 8, [2, 3, 4, 8], [4, 8]) == (3, 8)
+    assert reference_widths(1.5, 6, [2, 4], [4, 8]) == (2, 8)  # below every candidate: the narrowest
+    assert reference_widths(4.0, None, [2, 4], [None]) == (4, None)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_budget_normalisation_is_optimal_and_differs_from_spread(seed):
+    """normalise="budget" is still solved exactly (enumeration agrees) and sets another exchange rate."""
+    table = random_table(20 + seed, 5, weight_widths=(2, 3, 4, 8))
+    widths, acts = [2, 3, 4, 8], [4, 8, None]
+    result = allocate(table, 3.5, 8, weight_widths=widths, act_widths=acts, max_fp_act=1, normalise="budget")
+    reference = reference_widths(3.5, 8, widths, acts)
+    value, _ = brute_force(table, 3.5, 8, weight_widths=widths, act_widths=acts, max_fp_act=1, reference=reference)
+    assert result.objective == pytest.approx(value, abs=1e-9)
+    # each group's uniform-at-reference loss is exactly its share of the exchange rate
+    uniform_w = {n: reference[0] for n in table.layers}
+    uniform_a = {n: reference[1] for n in table.layers}
+    groups = {l.group for l in table.layers.values()}
+    expected = sum(0.5 for _ in groups)
+    assert evaluate_assignment(table, uniform_w, uniform_a, weight_widths=widths, act_widths=acts,
+                               reference=reference) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(QschedError, match="unknown normalisation"):
+        allocate(table, 3.5, 8, weight_widths=widths, act_widths=acts, normalise="median")
 
 
 def test_noise_never_buys_a_narrower_width():

@@ -338,3 +338,48 @@ def test_io_error_is_artifact_error_and_cleans_up(tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match="cannot write to .*No space left on device"):
         write_artifact(tmp_path / "art", {}, {"a.safetensors": {"x": torch.ones(1)}})
     assert list(tmp_path.iterdir()) == []
+
+
+def _mapped(path):
+    return [line for line in open("/proc/self/maps") if str(path) in line]
+
+
+@pytest.mark.parametrize("old_safetensors", [False, True])
+def test_open_shard_reads_owned_tensors_and_closes(tmp_path, monkeypatch, old_safetensors):
+    """Tensor by tensor, equal to load_shard's, in memory of their own (no mapping outlives the block); with a
+    safetensors that has no pread backend, the mapped tensors are copied out."""
+    out = _write_simple(tmp_path / "art")
+    if old_safetensors:
+        import safetensors
+
+        real = safetensors.safe_open
+
+        def no_backend(*args, **kwargs):
+            if "backend" in kwargs:
+                raise TypeError("safe_open() got an unexpected keyword argument 'backend'")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(safetensors, "safe_open", no_backend)
+    expected = _tensors()
+    with fmt.open_shard(out, "transformer.safetensors", read_manifest(out)) as reader:
+        assert sorted(reader.keys()) == sorted(expected)
+        got = {k: reader.get(k) for k in reader.keys()}
+    for k, t in expected.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t)
+    gc.collect()
+    assert _mapped(out) == []  # the tensors are kept, yet nothing of the file is mapped
+    with pytest.raises(ArtifactError, match="no shard 'vae.safetensors'"):
+        with fmt.open_shard(out, "vae.safetensors"):
+            pass
+    with pytest.raises(ArtifactError, match="relative path"):
+        with fmt.open_shard(out, "../art/transformer.safetensors"):
+            pass
+
+
+def test_open_shard_refuses_a_file_that_is_not_safetensors(tmp_path):
+    out = _write_simple(tmp_path / "art")
+    shard = out / "transformer.safetensors"
+    size = shard.stat().st_size
+    shard.write_bytes(b"\xff" * size)  # same size, so only the reader notices
+    with pytest.raises(ArtifactError, match=r"corrupt or truncated: transformer\.safetensors cannot be read"):
+        with fmt.open_shard(out, "transformer.safetensors"):
+            pass

@@ -37,6 +37,8 @@ def test_unknown_key_names_the_key_and_valid_keys():
     ({"calibration": []}, "must be a mapping"),
     ({"qsched": {"select": "best"}}, "qsched.select"),
     ({"qsched": {"patience": 0}}, "qsched.patience"),
+    ({"quantization": {"min_weight_bits": 9}}, "min_weight_bits"),
+    ({"quantization": {"normalise": "max"}}, "normalise"),
 ])
 def test_bad_values_are_rejected(data, match):
     with pytest.raises(RecipeError, match=match):

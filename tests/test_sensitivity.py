@@ -137,3 +137,18 @@ def test_mixdq_plan_meets_the_budget(pipe):
 
         for n, m in original.items():
             set_submodule(pipe.transformer, n, m)
+
+
+def test_mixdq_width_floor_is_capped_at_the_budget(pipe, tmp_path):
+    """``min_weight_bits`` keeps narrower widths out, except where the budget itself needs them (w2.5 with
+    candidates 2/3/4/8: the floor drops to 2, the widest candidate within 2.5)."""
+    scope = ["single_transformer_blocks.1.*"]
+    kwargs = dict(weight_widths=(2, 3, 4, 8), layers=scope, image_metric=SSIM, progress=False, work_dir=tmp_path)
+    plan, _, _ = mixdq_plan(pipe, parse_bits("w3.5a16"), PROMPTS, SETTINGS, None, min_weight_bits=3, **kwargs)
+    assert {p.weight_bits for p in plan.layers.values()} <= {3, 4, 8}
+    low, _, result = mixdq_plan(pipe, parse_bits("w2.5a16"), PROMPTS, SETTINGS, None, min_weight_bits=3, **kwargs)
+    assert result.average_weight_bits <= 2.5 + 1e-9 and 2 in {p.weight_bits for p in low.layers.values()}
+    # a floor above every candidate within the budget drops to the widest of them
+    top, _, _ = mixdq_plan(pipe, parse_bits("w8a16"), PROMPTS, SETTINGS, None, min_weight_bits=8,
+                           **{**kwargs, "weight_widths": (2, 3, 4)})
+    assert {p.weight_bits for p in top.layers.values()} == {4}
