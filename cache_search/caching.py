@@ -72,6 +72,34 @@ _UNBATCHED = frozenset({"image_rotary_emb", "txt_ids", "img_ids", "joint_attenti
                         "cross_attention_kwargs", "return_dict"})
 
 
+def hook_scheduler_steps(handle, sched) -> None:
+    """Make ``sched`` drive ``handle``'s step counter: ``set_timesteps`` (once per pipeline call) resets
+    it and checks the step count against ``handle.schedule``, ``step`` advances it. Patched through
+    ``handle._patch`` so that ``disable()`` restores the scheduler. Shared by :class:`CacheHandle` and the
+    ONNX runtime's cache driver."""
+    orig_set, orig_step = sched.set_timesteps, sched.step
+
+    # functools.wraps keeps the signatures visible (via __wrapped__): pipelines inspect set_timesteps
+    # for ``sigmas`` / ``timesteps`` support and would refuse a bare (*args, **kwargs) wrapper.
+    @functools.wraps(orig_set)
+    def set_timesteps(*args, **kwargs):
+        result = orig_set(*args, **kwargs)
+        handle.reset()
+        n = len(sched.timesteps)
+        if handle.strict_steps and n != handle.schedule.steps:
+            raise ValueError(f"the pipeline runs {n} steps but the cache schedule has {handle.schedule.steps}")
+        return result
+
+    @functools.wraps(orig_step)
+    def step(*args, **kwargs):
+        result = orig_step(*args, **kwargs)
+        handle.advance()
+        return result
+
+    handle._patch(sched, "set_timesteps", set_timesteps)
+    handle._patch(sched, "step", step)
+
+
 class CacheHandle:
     """The installed cache of one pipeline: step state, stored outputs, counters, and ``disable()``."""
 
@@ -328,28 +356,7 @@ class CacheHandle:
         self.active = True
 
     def _hook_scheduler(self) -> None:
-        sched = self.scheduler
-        orig_set, orig_step = sched.set_timesteps, sched.step
-
-        # functools.wraps keeps the signatures visible (via __wrapped__): pipelines inspect set_timesteps
-        # for ``sigmas`` / ``timesteps`` support and would refuse a bare (*args, **kwargs) wrapper.
-        @functools.wraps(orig_set)
-        def set_timesteps(*args, **kwargs):
-            result = orig_set(*args, **kwargs)
-            self.reset()
-            n = len(sched.timesteps)
-            if self.strict_steps and n != self.schedule.steps:
-                raise ValueError(f"the pipeline runs {n} steps but the cache schedule has {self.schedule.steps}")
-            return result
-
-        @functools.wraps(orig_step)
-        def step(*args, **kwargs):
-            result = orig_step(*args, **kwargs)
-            self.advance()
-            return result
-
-        self._patch(sched, "set_timesteps", set_timesteps)
-        self._patch(sched, "step", step)
+        hook_scheduler_steps(self, self.scheduler)
 
     def _uninstall(self) -> None:
         for hook in self._hooks:

@@ -27,7 +27,6 @@ times the denoiser's weight memory.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import inspect
 from dataclasses import dataclass
@@ -503,25 +502,8 @@ class OnnxCacheDriver:
             raise RuntimeError("a cache schedule is already enabled on this ONNX denoiser; disable it first")
         sched = self.scheduler
         if sched is not None:
-            orig_set, orig_step = sched.set_timesteps, sched.step
-
-            @functools.wraps(orig_set)  # keeps the signature pipelines inspect (sigmas / timesteps support)
-            def set_timesteps(*args, **kwargs):
-                result = orig_set(*args, **kwargs)
-                self.reset()
-                if self.strict_steps and len(sched.timesteps) != self.schedule.steps:
-                    raise ValueError(f"the pipeline runs {len(sched.timesteps)} steps but the cache schedule has "
-                                     f"{self.schedule.steps}")
-                return result
-
-            @functools.wraps(orig_step)
-            def step(*args, **kwargs):
-                result = orig_step(*args, **kwargs)
-                self.advance()
-                return result
-
-            self._patch(sched, "set_timesteps", set_timesteps)
-            self._patch(sched, "step", step)
+            from cache_search.caching import hook_scheduler_steps
+            hook_scheduler_steps(self, sched)
         self.denoiser.cache = self
         self.active = True
         return self
