@@ -72,6 +72,17 @@ _UNBATCHED = frozenset({"image_rotary_emb", "txt_ids", "img_ids", "joint_attenti
                         "cross_attention_kwargs", "return_dict"})
 
 
+def restore_patches(patched: list) -> None:
+    """Undo ``_patch`` calls, newest first: ``patched`` holds (object, attribute, had an instance attribute,
+    its old value). Emptied afterwards."""
+    for obj, attr, had, old in reversed(patched):
+        if had:
+            setattr(obj, attr, old)
+        else:
+            delattr(obj, attr)
+    patched.clear()
+
+
 def hook_scheduler_steps(handle, sched) -> None:
     """Make ``sched`` drive ``handle``'s step counter: ``set_timesteps`` (once per pipeline call) resets
     it and checks the step count against ``handle.schedule``, ``step`` advances it. Patched through
@@ -362,12 +373,7 @@ class CacheHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for obj, attr, had, old in reversed(self._patched):
-            if had:
-                setattr(obj, attr, old)
-            else:
-                delattr(obj, attr)
-        self._patched.clear()
+        restore_patches(self._patched)
         self._store.clear()
 
     def disable(self) -> None:

@@ -512,12 +512,8 @@ class OnnxCacheDriver:
         """Remove the scheduler hooks; the denoiser runs its full graph again."""
         if not self.active:
             return
-        for obj, attr, had, old in reversed(self._patched):
-            if had:
-                setattr(obj, attr, old)
-            else:
-                delattr(obj, attr)
-        self._patched.clear()
+        from cache_search.caching import restore_patches
+        restore_patches(self._patched)
         self._store.clear()
         self.active = False
         if self.denoiser.cache is self:
