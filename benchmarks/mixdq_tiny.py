@@ -7,11 +7,17 @@ PSNR/SSIM against FP, average weight bits and denoiser size. MixDQ uses the reci
 (:class:`qsched.recipe.QuantizationConfig`); its sensitivity table is computed once and cached in
 ``--work``, so later targets reuse it.
 
+The default rows are ``uniform`` (round-to-nearest: the baseline), ``uniform-gptq`` (GPTQ rounding,
+:mod:`calibrate.gptq`, to separate its gain from the allocation's) and ``mixdq`` (the recipe defaults,
+GPTQ included).
+
 ``--ablation`` gives the rows of MixDQ's ablation, each adding one thing to the previous: ``naive``
 (uniform RTN, text tokens as they come) → ``+bos`` (BOS/outlier-aware text layers,
-:mod:`calibrate.fp_tokens`) → ``+sqnr-only`` (mixed precision with every layer scored by SQNR) →
-``+decoupled`` (content layers by SSIM: full MixDQ), plus ``mixdq-no-fp-acts`` (full MixDQ without
-FP-activation layers). Fractional targets have no uniform rows. On flux-tiny ``+bos`` equals ``naive``:
+:mod:`calibrate.fp_tokens`) → ``+gptq`` (GPTQ weight rounding) → ``+sqnr-only`` (mixed precision with every layer scored by SQNR) → ``+decoupled`` (content layers by
+SSIM: full MixDQ), plus ``mixdq-rtn`` (full MixDQ with round-to-nearest), ``mixdq-no-fp-acts`` (full MixDQ without FP-activation layers),
+``mixdq-floor-3`` (no layer under 3 bits), ``uniform-mse`` / ``mixdq-mse`` with clipped weight scales
+(:func:`calibrate.quantizers.weight_scale`) instead of max scales, and ``mixdq-in-context`` (with and
+without the floor): sensitivity probed around the operating point (``sensitivity_context: uniform``). Fractional targets have no uniform rows. On flux-tiny ``+bos`` equals ``naive``:
 its text stream is T5 (no BOS) and ``benchmarks/text_outliers.py`` finds no outlier tokens in it; each
 row's ``fp_tokens`` says what the calibration did.
 
@@ -29,6 +35,7 @@ from pathlib import Path
 import torch
 
 from calibrate.calibration import calibrate
+from calibrate.mixdq import width_floor
 from qsched.bits import parse_bits
 from qsched.generation import generate
 from qsched.prompts import calibration_prompts
@@ -57,6 +64,9 @@ def main(argv=None) -> None:
                    help="MixDQ with and without the width floor, groups normalised by spread and by budget")
     p.add_argument("--ablation", action="store_true",
                    help="rows naive → +bos → +sqnr-only → +decoupled (and MixDQ without FP activations)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these row names (e.g. uniform mixdq)")
+    p.add_argument("--content-weight", type=float, default=None, help="override the recipe's content_weight")
+    p.add_argument("--normalise", choices=["spread", "budget"], default=None, help="override the recipe's normalise")
     p.add_argument("--weights", default=str(WEIGHTS_DIR))
     p.add_argument("--work", default="bench-out/mixdq-work", help="sensitivity cache (reruns are cheap)")
     p.add_argument("--out", default="bench-out/mixdq-tiny.json")
@@ -71,25 +81,42 @@ def main(argv=None) -> None:
               "fp": _row(reference, None, prompts), "rows": []}
     print("FP", report["fp"], flush=True)
     q = QuantizationConfig()
-    mixdq_options = {"content_weight": q.content_weight, "fp_act_fraction": q.fp_act_fraction,
-                     "min_weight_bits": q.min_weight_bits, "normalise": q.normalise}
-    # (row, method, options, BOS-aware): each ablation row adds one thing to the one before it
+    content_weight = q.content_weight if args.content_weight is None else args.content_weight
+    mixdq_options = {"content_weight": content_weight, "fp_act_fraction": q.fp_act_fraction,
+                     "min_weight_bits": width_floor(q.min_weight_bits, q.rounding), "normalise": args.normalise or q.normalise,
+                     "sensitivity_context": q.sensitivity_context}
+    scale, rounding = q.weight_scale, q.rounding
+    # (row, method, options, BOS-aware, calibrate() extras): each ablation row adds one thing to the one before it
+    rtn = {"weight_scale": scale, "rounding": "rtn"}
+    default = {"weight_scale": scale, "rounding": rounding}
+    mse = {"weight_scale": "mse", "rounding": rounding}
     if args.ablation:
-        variants = [("naive", "uniform", {}, False), ("+bos", "uniform", {}, True),
-                    ("+sqnr-only", "mixdq", {**mixdq_options, "groups": {"*": "quality"}}, True),
-                    ("+decoupled", "mixdq", mixdq_options, True),
-                    ("mixdq-no-fp-acts", "mixdq", {**mixdq_options, "fp_act_fraction": 0.0}, True),
-                    ("mixdq-no-width-floor", "mixdq", {**mixdq_options, "min_weight_bits": None}, True)]
+        variants = [("naive", "uniform", {}, False, rtn), ("+bos", "uniform", {}, True, rtn),
+                    ("+gptq", "uniform", {}, True, {**rtn, "rounding": "gptq"}),
+                    ("+sqnr-only", "mixdq", {**mixdq_options, "groups": {"*": "quality"}}, True, default),
+                    ("+decoupled", "mixdq", mixdq_options, True, default),
+                    ("mixdq-rtn", "mixdq", {**mixdq_options, "min_weight_bits": width_floor(q.min_weight_bits, "rtn")},
+                     True, rtn),
+                    ("mixdq-no-fp-acts", "mixdq", {**mixdq_options, "fp_act_fraction": 0.0}, True, default),
+                    ("mixdq-floor-3", "mixdq", {**mixdq_options, "min_weight_bits": 3}, True, default),
+                    ("uniform-mse", "uniform", {}, True, mse), ("mixdq-mse", "mixdq", mixdq_options, True, mse),
+                    ("mixdq-in-context", "mixdq", {**mixdq_options, "sensitivity_context": "uniform"}, True, default),
+                    ("mixdq-in-context-no-floor", "mixdq",
+                     {**mixdq_options, "sensitivity_context": "uniform", "min_weight_bits": None}, True, default)]
     elif args.allocation_study:  # the width floor and the groups' normalisation, on one sensitivity table
-        variants = [("uniform", "uniform", {}, q.bos_aware)] + [
+        variants = [("uniform", "uniform", {}, q.bos_aware, rtn)] + [
             (f"mixdq-{norm}-{'floor3' if floor else 'nofloor'}", "mixdq",
-             {**mixdq_options, "normalise": norm, "min_weight_bits": floor}, q.bos_aware)
+             {**mixdq_options, "normalise": norm, "min_weight_bits": floor}, q.bos_aware, default)
             for norm in ("spread", "budget") for floor in (None, 3)]
-    else:
-        variants = [("uniform", "uniform", {}, q.bos_aware), ("mixdq", "mixdq", mixdq_options, q.bos_aware)]
+    else:  # the baseline is uniform round-to-nearest; uniform-gptq separates GPTQ's gain from the allocation's
+        variants = [("uniform", "uniform", {}, q.bos_aware, rtn),
+                    ("uniform-gptq", "uniform", {}, q.bos_aware, {**rtn, "rounding": "gptq"}),
+                    ("mixdq", "mixdq", mixdq_options, q.bos_aware, default)]
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only]
     for bits in args.bits:
         spec = parse_bits(bits)
-        for name, method, options, bos_aware in variants:
+        for name, method, options, bos_aware, extras in variants:
             if method == "uniform" and spec.is_fractional:
                 continue
             pipe = load_embedded(Path(args.weights))
@@ -101,10 +128,10 @@ def main(argv=None) -> None:
                          "act_widths": q.act_widths, "work_dir": args.work, **options}
             t = time.perf_counter()
             result = calibrate(pipe, spec, cal, TINY_SETTINGS, seed=0, batch_size=16, groups=groups, progress=False,
-                               method=method, mixdq=mixdq, bos_aware=bos_aware)
+                               method=method, mixdq=mixdq, bos_aware=bos_aware, **extras)
             seconds = time.perf_counter() - t
             images = generate(pipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64, progress=f"{bits} {name}")
-            row = {"bits": bits, "method": name, **_row(images, reference, prompts),
+            row = {"bits": bits, "method": name, **extras, **_row(images, reference, prompts),
                    "average_weight_bits": round(result.plan.average_weight_bits(), 3),
                    "fp_act_layers": sum(1 for lp in result.plan.layers.values() if lp.act_bits is None),
                    "fp_tokens": result.fp_tokens.to_dict(), "calibrate_seconds": round(seconds, 1)}

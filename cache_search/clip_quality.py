@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .search import WorldQuality
+from .search import WorldQuality, quality_terms
 
 
 class ClipQuality(WorldQuality):
@@ -28,13 +28,9 @@ class ClipQuality(WorldQuality):
 
         tc = float(np.mean(clip_score(self.clip, images, self.prompts))) / 100.0  # per image -> mean
         iq = float(np.mean(clip_iqa(self.clip, images)))
-        score = (tc + self.k * iq) / (1.0 + self.k)
-        db = psnr(images, self.reference)
-        fidelity = float(np.mean(np.minimum(db, self.psnr_cap) / self.psnr_cap))
-        w = self.fidelity_weight
-        return {"score": float(score), "clip_score": float(tc), "clip_iqa": float(iq),
-                "psnr": float(np.mean(np.minimum(db, 100.0))), "fidelity": fidelity,
-                "quality": (1.0 - w) * float(score) + w * fidelity}
+        score = float((tc + self.k * iq) / (1.0 + self.k))
+        return {"score": score, "clip_score": float(tc), "clip_iqa": float(iq),
+                **quality_terms(score, psnr(images, self.reference), self.psnr_cap, self.fidelity_weight)}
 
 
 def clip_quality(pipe, prompts: Sequence[str], settings, clip, seed: int = 0, **kwargs) -> ClipQuality:

@@ -23,12 +23,25 @@ Why this shape:
   caller's state is left untouched); initial genomes come from a seeded numpy ``Generator``. After every
   generation a JSON checkpoint (population genomes in order, fitnesses, crowding distances, archive, both
   RNG states) is written atomically to the work dir; a killed search restarted on the same work dir
-  continues from the last finished generation and ends with the same front as an unbroken run.
+  continues from the last finished generation and ends with the same front as an unbroken run;
+* multi-fidelity (``SearchConfig.proxy_generations`` = G > 0): generations 0 .. G-1 (0 = the initial
+  population) are scored by ``evaluate.proxy(proxy_fraction)``, for :class:`WorldQuality` the first
+  quarter of the prompts with the same noise and the same batches (:meth:`WorldQuality.proxy`). Before
+  generation G the population is re-scored by the full evaluator and re-ranked (the switch; no random
+  draws, so a resume on either side of it repeats it), and the search goes on at full fidelity. Proxy
+  scores live in their own archive and counters in the checkpoint; the archive, the front and ``counts``
+  hold full-fidelity evaluations only, and the front's ``proxy`` entry gives :func:`proxy_summary` what
+  the proxy saved;
+* guard selection is a separate step (:func:`cache_search.guard.guard_front`): the final front re-scored
+  on other prompts (:meth:`WorldQuality.on_prompts`), keeping what they do not dominate, because the
+  search overfits its own prompts.
 
-The returned front is the non-dominated set of every schedule evaluated (not only the last population).
+The returned front is the non-dominated set of every schedule evaluated at full fidelity (not only the
+last population).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -59,11 +72,20 @@ class SearchConfig:
     mutation_prob: float = 0.05  # per gene
     seed: int = 0
     fora_periods: tuple[int, ...] = (2, 3, 4)
+    # multi-fidelity: generations 0 .. proxy_generations - 1 are scored by ``evaluate.proxy(proxy_fraction)``
+    # (WorldQuality: the first ceil(fraction × P) prompts); 0 = every generation at full fidelity
+    proxy_generations: int = 0
+    proxy_fraction: float = 0.25
 
     def __post_init__(self):
         self.fora_periods = tuple(int(n) for n in self.fora_periods)
         if self.population < 4 or self.population % 4:
             raise ValueError(f"population must be a positive multiple of 4, got {self.population}")
+        if not 0 <= self.proxy_generations <= self.generations:
+            raise ValueError(f"proxy_generations must lie in [0, generations = {self.generations}], "
+                             f"got {self.proxy_generations}")
+        if not 0.0 < self.proxy_fraction <= 1.0:
+            raise ValueError(f"proxy_fraction must lie in (0, 1], got {self.proxy_fraction}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -93,23 +115,32 @@ def _key(genome: Sequence[int]) -> str:
 @dataclass
 class FrontPoint:
     schedule: CacheSchedule
-    quality: float
+    quality: float  # on the search prompts
     macs: float
     mac_fraction: float
+    guard_quality: float | None = None  # on the guard prompts (:func:`guard_front`); None: not guarded
+
+    @property
+    def selection_quality(self) -> float:
+        """The quality that picks operating points: the guard's when the front was guarded."""
+        return self.quality if self.guard_quality is None else self.guard_quality
 
     def to_dict(self) -> dict:
-        return {"quality": self.quality, "macs": self.macs, "mac_fraction": self.mac_fraction,
-                "speedup": (1.0 / self.mac_fraction) if self.mac_fraction else None,
+        return {"quality": self.quality, "guard_quality": self.guard_quality, "macs": self.macs,
+                "mac_fraction": self.mac_fraction, "speedup": (1.0 / self.mac_fraction) if self.mac_fraction else None,
                 "schedule": self.schedule.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FrontPoint":
-        return cls(CacheSchedule.from_dict(d["schedule"]), d["quality"], d["macs"], d["mac_fraction"])
+        return cls(CacheSchedule.from_dict(d["schedule"]), d["quality"], d["macs"], d["mac_fraction"],
+                   d.get("guard_quality"))
 
 
 @dataclass
 class ParetoFront:
-    """Non-dominated (quality ↑, MACs ↓) schedules, sorted by MACs; ``baseline_macs`` = no cache."""
+    """Non-dominated (quality ↑, MACs ↓) schedules, sorted by MACs; ``baseline_macs`` = no cache. After
+    :func:`guard_front`, the points are those non-dominated on (guard quality, MACs) and ``guard`` says
+    what the guard did; ``proxy`` holds the proxy phase's counters (:func:`proxy_summary`)."""
 
     points: list[FrontPoint]
     baseline_macs: float
@@ -117,16 +148,21 @@ class ParetoFront:
     evaluations: int = 0
     config: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)  # the evaluator's work counters, summed over the search
+    proxy: dict = field(default_factory=dict)
+    guard: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"baseline_macs": self.baseline_macs, "generations": self.generations,
-                "evaluations": self.evaluations, "config": self.config, "evaluation_counts": self.counts,
-                "points": [p.to_dict() for p in self.points]}
+        d = {"baseline_macs": self.baseline_macs, "generations": self.generations,
+             "evaluations": self.evaluations, "config": self.config, "evaluation_counts": self.counts,
+             "points": [p.to_dict() for p in self.points]}
+        d.update({k: v for k, v in (("proxy", self.proxy), ("guard", self.guard)) if v})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ParetoFront":
         return cls([FrontPoint.from_dict(p) for p in d["points"]], d["baseline_macs"], d.get("generations", 0),
-                   d.get("evaluations", 0), d.get("config", {}), dict(d.get("evaluation_counts", {})))
+                   d.get("evaluations", 0), d.get("config", {}), dict(d.get("evaluation_counts", {})),
+                   dict(d.get("proxy", {})), dict(d.get("guard", {})))
 
 
 def non_dominated(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -194,8 +230,18 @@ class _Search:
         self.length = CacheSchedule.genome_length(self.steps, self.blocks)
         if self.length < 1:
             raise ValueError("nothing to search: the schedule has one step (step 0 always computes)")
-        self.archive: dict[str, tuple[float, float]] = {}
+        self.archive: dict[str, tuple[float, float]] = {}  # full-fidelity (quality, MACs) by genome
         self.counts: dict[str, int] = {}  # the evaluator's integer work counters, summed over finished generations
+        # the proxy phase: its own archive and counters, the full re-evaluation at the switch, and the proxy's
+        # (proxy prompts, full prompts) when it says (``proxy_scale``)
+        self.proxy_archive: dict[str, tuple[float, float]] = {}
+        self.proxy_counts: dict[str, int] = {}
+        self.switch_counts: dict[str, int] = {}
+        self.proxy_scale: list[int] | None = None
+        self.proxy_evaluator = None
+        if config.proxy_generations and not callable(getattr(evaluate, "proxy", None)):
+            raise ValueError("proxy_generations needs an evaluator with a proxy(fraction) method "
+                             "(WorldQuality and its Ray and CLIP variants have one)")
         self.population: list[_Individual] = []
         self.generation = 0
         rng = random.Random(config.seed)
@@ -207,30 +253,50 @@ class _Search:
 
     # evaluation -------------------------------------------------------------------------------------
 
-    def _assign(self, individuals: list[_Individual]) -> None:
-        """Fitness for each individual, evaluating (in one batch) only genomes not in the archive."""
+    def _in_proxy(self, generation: int) -> bool:
+        return generation < self.config.proxy_generations
+
+    def _get_proxy(self):
+        if self.proxy_evaluator is None:  # built on first use: a search resumed past the switch never needs it
+            self.proxy_evaluator = self.evaluate.proxy(self.config.proxy_fraction)
+            scale = getattr(self.proxy_evaluator, "proxy_scale", None)
+            self.proxy_scale = [int(x) for x in scale] if scale else None
+        return self.proxy_evaluator
+
+    def _assign(self, individuals: list[_Individual], proxy: bool = False) -> dict[str, int]:
+        """Fitness for each individual, evaluating (in one batch) only genomes not in the archive (the proxy's
+        archive and evaluator when ``proxy``). Returns the evaluator's counters of this batch."""
+        archive = self.proxy_archive if proxy else self.archive
+        evaluate = self._get_proxy() if proxy else self.evaluate
         new, seen = [], set()
         for ind in individuals:
             k = _key(ind)
-            if k not in self.archive and k not in seen:
+            if k not in archive and k not in seen:
                 seen.add(k)
                 new.append(ind)
+        delta: dict[str, int] = {}
         if new:
             schedules = [self.schedule(ind) for ind in new]
-            before = _evaluator_counts(self.evaluate)
-            qualities = list(self.evaluate(schedules))
-            after = _evaluator_counts(self.evaluate)
-            for key, value in after.items():
-                self.counts[key] = self.counts.get(key, 0) + value - before.get(key, 0)
+            before = _evaluator_counts(evaluate)
+            qualities = list(evaluate(schedules))
+            delta = {k: v - before.get(k, 0) for k, v in _evaluator_counts(evaluate).items()}
+            _add_counts(self.proxy_counts if proxy else self.counts, delta)
             if len(qualities) != len(schedules):
                 raise ValueError(f"evaluate returned {len(qualities)} values for {len(schedules)} schedules")
             for ind, sched, q in zip(new, schedules, qualities):
                 q = float(q)
                 if not math.isfinite(q):
                     raise ValueError(f"non-finite quality {q} for {sched}")
-                self.archive[_key(ind)] = (q, float(self.macs(sched)))
+                archive[_key(ind)] = (q, float(self.macs(sched)))
         for ind in individuals:
-            ind.fitness.values = self.archive[_key(ind)]
+            ind.fitness.values = archive[_key(ind)]
+        return delta
+
+    def _switch_to_full(self) -> None:
+        """End of the proxy phase: score the population at full fidelity and rank it by that from now on (no
+        random draws, so a search resumed on either side of the switch repeats it exactly)."""
+        _add_counts(self.switch_counts, self._assign(self.population))
+        self._select(list(self.population))
 
     # initial population -----------------------------------------------------------------------------
 
@@ -284,15 +350,17 @@ class _Search:
         cfg = self.config
         if not self._load():
             pop = self._seed_population()
-            self._assign(pop)
+            self._assign(pop, proxy=self._in_proxy(0))
             self._select(pop)  # assigns the crowding distances selTournamentDCD reads
             self.generation = 0
             self._save()
             if on_generation is not None:
                 on_generation(0, self)
         while self.generation < cfg.generations:
+            if self.generation == cfg.proxy_generations - 1:
+                self._switch_to_full()
             children = self._offspring()
-            self._assign(children)
+            self._assign(children, proxy=self._in_proxy(self.generation + 1))
             self._select(self.population + children)
             self.generation += 1
             self._save()
@@ -309,8 +377,12 @@ class _Search:
             q, m = pts[i]
             sched = self.schedule([int(c) for c in keys[i]])
             points.append(FrontPoint(sched, q, m, m / baseline if baseline else float("nan")))
+        proxy = {}
+        if self.config.proxy_generations:
+            proxy = {"candidates": len(self.proxy_archive), "prompts": self.proxy_scale,
+                     "counts": dict(self.proxy_counts), "switch_counts": dict(self.switch_counts)}
         return ParetoFront(points, baseline, self.generation, len(self.archive), self.config.to_dict(),
-                           dict(self.counts))
+                           dict(self.counts), proxy)
 
     # checkpoints ------------------------------------------------------------------------------------
 
@@ -328,6 +400,8 @@ class _Search:
                             "crowding": ind.fitness.crowding_dist} for ind in self.population],
             "archive": {k: list(v) for k, v in self.archive.items()},
             "evaluation_counts": self.counts,
+            "proxy_archive": {k: list(v) for k, v in self.proxy_archive.items()},
+            "proxy_counts": self.proxy_counts, "switch_counts": self.switch_counts, "proxy_scale": self.proxy_scale,
             "random_state": _random_state_to_json(self.py_state),
             "numpy_state": self.np_rng.bit_generator.state,
         }
@@ -344,9 +418,10 @@ class _Search:
             raise ValueError(f"{self.work_dir / CHECKPOINT} is not a cache-search checkpoint")
         saved = dict(data["config"])
         current = self.config.to_dict()
+        defaults = SearchConfig().to_dict()  # for knobs older checkpoints predate
         # generations may grow on resume; everything else must match or the run would not be the same search
         for key in set(saved) | set(current):
-            if key != "generations" and saved.get(key) != current.get(key):
+            if key != "generations" and saved.get(key, defaults.get(key)) != current.get(key):
                 raise ValueError(f"checkpoint in {self.work_dir} was made with {key}={saved.get(key)!r}, "
                                  f"not {current.get(key)!r}")
         if data["layout"] != self._layout():
@@ -354,6 +429,10 @@ class _Search:
         self.generation = int(data["generation"])
         self.archive = {k: (float(v[0]), float(v[1])) for k, v in data["archive"].items()}
         self.counts = {k: int(v) for k, v in data.get("evaluation_counts", {}).items()}
+        self.proxy_archive = {k: (float(v[0]), float(v[1])) for k, v in data.get("proxy_archive", {}).items()}
+        self.proxy_counts = {k: int(v) for k, v in data.get("proxy_counts", {}).items()}
+        self.switch_counts = {k: int(v) for k, v in data.get("switch_counts", {}).items()}
+        self.proxy_scale = data.get("proxy_scale")
         self.population = []
         for item in data["population"]:
             ind = _Individual(int(c) for c in item["genome"])
@@ -388,7 +467,40 @@ def nsga2_search(steps: int, blocks, evaluate: Callable[[list[CacheSchedule]], l
 # --- the tinyworld quality evaluator ------------------------------------------------------------------
 
 
-class WorldQuality:
+def proxy_prompt_count(prompts: int, fraction: float) -> int:
+    """How many prompts the proxy scores: ceil(fraction × prompts), at least 1 (4 of 16, 2 of 8)."""
+    return max(1, min(prompts, math.ceil(fraction * prompts - 1e-9)))
+
+
+class _Evaluator:
+    """What the in-process and Ray evaluators share: the search's call, the same evaluator on other prompts
+    (:meth:`on_prompts`: the guard set) and the multi-fidelity proxy (:meth:`proxy`: a prompt subset).
+    Subclasses set ``prompts``, ``seed``, ``max_batch`` and ``_variants`` and build a variant in ``_variant``."""
+
+    def __call__(self, schedules: Sequence[CacheSchedule]) -> list[float]:
+        return [m["quality"] for m in self.evaluate_metrics(schedules)]
+
+    def on_prompts(self, prompts: Sequence[str], seed: int, max_batch: int | None = None):
+        """This evaluator (same pipeline, quality function and settings) on other prompts and noise seed, with
+        its own uncached reference and counters; built once per (prompts, seed, max_batch) and kept."""
+        key = (tuple(prompts), int(seed), self.max_batch if max_batch is None else int(max_batch))
+        if key not in self._variants:
+            self._variants[key] = self._variant(*key)
+        return self._variants[key]
+
+    def proxy(self, fraction: float):
+        """The cheap proxy of a multi-fidelity search: the first :func:`proxy_prompt_count` prompts with the
+        same noise per row, and the same candidates per pipeline call, so its batches are the full
+        evaluator's and its row counters exactly n / P of what full evaluation of the same candidates runs
+        (``proxy_scale`` = (n, P))."""
+        p = len(self.prompts)
+        n = proxy_prompt_count(p, fraction)
+        variant = self.on_prompts(self.prompts[:n], self.seed, max_batch=max(1, self.max_batch // p) * n)
+        variant.proxy_scale = (n, p)
+        return variant
+
+
+class WorldQuality(_Evaluator):
     """Quality of cached generations in the tiny world: judge score and fidelity to the uncached images.
 
     ``quality = (1 - w) · judge_score + w · fidelity`` with ``fidelity = mean_i min(PSNR_i, cap) / cap``
@@ -407,7 +519,8 @@ class WorldQuality:
     ``counts`` sums what the evaluations ran (integers, a function of the schedules only, so the search
     keeps them in its checkpoint): candidates, pipeline calls, component and denoiser rows run / naive
     (each candidate on its own) / batched without sharing, and the same weighted by MACs. ``seconds`` is
-    the wall time spent in evaluation.
+    the wall time spent in evaluation. :meth:`on_prompts` gives the same evaluator on other prompts (the
+    guard set), :meth:`proxy` on the first of its own (the multi-fidelity proxy).
     """
 
     def __init__(self, pipe, prompts: Sequence[str], settings, seed: int = 0, max_batch: int = 64,
@@ -419,9 +532,18 @@ class WorldQuality:
         self.share_prefixes = bool(share_prefixes)
         self.counts: dict[str, int] = {}
         self.seconds = 0.0
+        self._variants: dict = {}
         self._cost = _cost_model(pipe, settings)
         self.reference = self._generate(None, 1)[0]
         self.reference_metrics = self.metrics(self.reference)
+
+    def _variant(self, prompts, seed, max_batch) -> "WorldQuality":
+        other = copy.copy(self)  # subclasses' scorers (ClipQuality's CLIP) come along
+        other.prompts, other.seed, other.max_batch = list(prompts), seed, max_batch
+        other.counts, other.seconds, other._variants = {}, 0.0, {}
+        other.reference = other._generate(None, 1)[0]
+        other.reference_metrics = other.metrics(other.reference)
+        return other
 
     def _generate(self, schedules: list[CacheSchedule] | None, groups: int):
         """Images of ``groups`` row groups (one per schedule) and the counters of the call."""
@@ -456,12 +578,8 @@ class WorldQuality:
         from qsched.tinyworld.judge import judge, psnr
 
         verdict = judge(images, self.prompts)
-        db = psnr(images, self.reference)
-        fidelity = float(np.mean(np.minimum(db, self.psnr_cap) / self.psnr_cap))
-        w = self.fidelity_weight
         return {"score": verdict.score, "accuracy": float(verdict.accuracy),
-                "psnr": float(np.mean(np.minimum(db, 100.0))), "fidelity": fidelity,
-                "quality": (1.0 - w) * verdict.score + w * fidelity}
+                **quality_terms(verdict.score, psnr(images, self.reference), self.psnr_cap, self.fidelity_weight)}
 
     def evaluate_metrics(self, schedules: Sequence[CacheSchedule]) -> list[dict]:
         """Metrics of each schedule, in the given order (evaluated in the calls :func:`batch_plan` makes)."""
@@ -487,8 +605,19 @@ class WorldQuality:
         self.seconds += time.perf_counter() - start
         return metrics, counts
 
-    def __call__(self, schedules: Sequence[CacheSchedule]) -> list[float]:
-        return [m["quality"] for m in self.evaluate_metrics(schedules)]
+    def evaluate_variant_batch_counted(self, item) -> tuple[list[dict], dict]:
+        """:meth:`evaluate_batch_counted` of :meth:`on_prompts`, for ``item = ((prompts, seed, max_batch),
+        chunk)``: what a Ray worker runs for the proxy and the guard (it builds each variant once)."""
+        variant, chunk = item
+        return self.on_prompts(*variant).evaluate_batch_counted(chunk)
+
+
+def quality_terms(score: float, db, psnr_cap: float = 40.0, fidelity_weight: float = 0.5) -> dict:
+    """:class:`WorldQuality`'s formula from a content ``score`` in [0, 1] and per-image PSNRs ``db`` to the
+    uncached images: mean PSNR (capped at 100 dB for the record), fidelity and the combined quality."""
+    fidelity = float(np.mean(np.minimum(db, psnr_cap) / psnr_cap))
+    return {"psnr": float(np.mean(np.minimum(db, 100.0))), "fidelity": fidelity,
+            "quality": (1.0 - fidelity_weight) * score + fidelity_weight * fidelity}
 
 
 def _cost_model(pipe, settings):
@@ -530,6 +659,33 @@ def sharing_summary(counts: dict) -> dict:
     return out
 
 
+def proxy_summary(front: ParetoFront) -> dict:
+    """What the proxy phase of a multi-fidelity search saved ({} when it had none), in block evaluations
+    (component rows) and MACs: run by the proxy, what the same candidates cost at full fidelity (the proxy's
+    rows × P / n: exact, as the proxy keeps the full evaluator's batches), the full re-evaluation of the
+    population at the switch, and the whole search's work against the same search with its proxy
+    candidates scored at full fidelity and no switch (an estimate: a search without the proxy would have
+    taken other paths)."""
+    proxy = front.proxy
+    if not proxy:
+        return {}
+    out = {"generations": front.config.get("proxy_generations"), "candidates": proxy.get("candidates"),
+           "prompts": proxy.get("prompts")}
+    n, p = proxy.get("prompts") or (0, 0)
+    for name, key in (("block_evaluations", "component_rows"), ("macs", "macs")):
+        run = proxy.get("counts", {}).get(key)
+        if run is None or not n:
+            continue
+        at_full = round(run * p / n)
+        switch = proxy.get("switch_counts", {}).get(key, 0)
+        full = front.counts.get(key, 0)
+        without = full - switch + at_full
+        out[name] = {"proxy_run": run, "proxy_at_full_fidelity": at_full, "switch": switch,
+                     "search_run": full + run, "search_without_proxy": without,
+                     "saved": round(1.0 - (full + run) / without, 4) if without else None}
+    return out
+
+
 def batch_plan(schedules: Sequence[CacheSchedule], prompts: int, max_batch: int) -> list[list[int]]:
     """Which candidates share one pipeline call: indices into ``schedules``, ``max_batch // prompts`` per
     call, taken in genome order (step-major, as the sampler runs) so that candidates with long common
@@ -556,29 +712,37 @@ class _WorldQualityBuilder:
         return WorldQuality(self.source.load(), self.prompts, self.settings, self.seed, **self.kwargs)
 
 
-class DistributedWorldQuality:
+class DistributedWorldQuality(_Evaluator):
     """:class:`WorldQuality` over a :class:`qsched.distributed.WorkerPool`: each worker holds the pipeline
     and the reference images; the batches of one generation go to whichever worker is free. Same batches
-    as in process, so the same qualities, the same counters and the same front."""
+    as in process, so the same qualities, the same counters and the same front. Its :meth:`on_prompts`
+    variants (proxy, guard) run on the workers too, each of which builds the variant once."""
 
-    def __init__(self, pool, prompts: int, max_batch: int):
-        self.pool, self.prompts, self.max_batch = pool, prompts, max_batch
+    def __init__(self, pool, prompts: Sequence[str], seed: int, max_batch: int, variant: bool = False):
+        self.pool, self.prompts, self.seed, self.max_batch = pool, list(prompts), int(seed), int(max_batch)
+        self.variant = variant  # whether the workers switch to these prompts (else: the ones they were built with)
         self.counts: dict[str, int] = {}
         self.seconds = 0.0
+        self._variants: dict = {}
+
+    def _variant(self, prompts, seed, max_batch) -> "DistributedWorldQuality":
+        return DistributedWorldQuality(self.pool, prompts, seed, max_batch, variant=True)
 
     def evaluate_metrics(self, schedules: Sequence[CacheSchedule]) -> list[dict]:
         import time
 
         start = time.perf_counter()
-        plan = batch_plan(schedules, self.prompts, self.max_batch)
-        results = self.pool.map("evaluate_batch_counted", [[schedules[i] for i in chunk] for chunk in plan])
+        plan = batch_plan(schedules, len(self.prompts), self.max_batch)
+        chunks = [[schedules[i] for i in chunk] for chunk in plan]
+        if self.variant:
+            key = (self.prompts, self.seed, self.max_batch)
+            results = self.pool.map("evaluate_variant_batch_counted", [(key, chunk) for chunk in chunks])
+        else:
+            results = self.pool.map("evaluate_batch_counted", chunks)
         for _, counts in results:
             _add_counts(self.counts, counts)
         self.seconds += time.perf_counter() - start
         return _in_input_order(plan, [metrics for metrics, _ in results], len(schedules))
-
-    def __call__(self, schedules: Sequence[CacheSchedule]) -> list[float]:
-        return [m["quality"] for m in self.evaluate_metrics(schedules)]
 
 
 def world_quality(pipe, prompts: Sequence[str], settings, seed: int = 0, **kwargs) -> WorldQuality:
@@ -598,4 +762,4 @@ def distributed_world_quality(pipe, prompts: Sequence[str], settings, seed: int 
     builder = _WorldQualityBuilder(source, list(prompts), settings, int(seed), dict(max_batch=max_batch, **kwargs))
     device = str(getattr(pipe, "device", "cpu"))
     with WorkerPool(ray, builder, device=device) as pool:
-        yield DistributedWorldQuality(pool, len(prompts), max_batch)
+        yield DistributedWorldQuality(pool, prompts, seed, max_batch)

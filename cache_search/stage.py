@@ -1,5 +1,7 @@
-"""The cache-search stage of a compile: search the quantized (and Q-Sched) pipeline's caching schedules,
-keep the Pareto front, and pick the operating point the recipe or ``--cache-budget`` asks for."""
+"""The cache-search stage of a compile: search the quantized (and Q-Sched) pipeline's caching schedules
+(``cache_search.proxy_generations`` of them on the cheap proxy), keep the Pareto front, cut it to the points
+the guard prompts do not dominate (:mod:`cache_search.guard`), and pick the operating point the recipe or
+``--cache-budget`` asks for, by guard quality."""
 from __future__ import annotations
 
 import warnings
@@ -9,34 +11,43 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .cost import CostModel
+from .guard import guard_front
 from .schedule import CacheSchedule, block_layout
-from .search import (ParetoFront, SearchConfig, distributed_world_quality, nsga2_search, sharing_summary,
-                     world_quality)
+from .search import (ParetoFront, SearchConfig, distributed_world_quality, nsga2_search, proxy_summary,
+                     sharing_summary, world_quality)
+
+GUARD_SEED_OFFSET = 50_000  # the guard's noise: row i of the guard prompts draws from seed + 50,000 + i
 
 
 def choose_point(front: ParetoFront, budget: float | None, quality_floor: float) -> int:
     """Index of the chosen front point: the best quality within ``budget`` (a MAC fraction) when given,
-    else the cheapest point whose quality is at least ``quality_floor`` × the no-cache quality."""
+    else the cheapest point whose quality is at least ``quality_floor`` × the no-cache quality. Quality is
+    the guard's where the front was guarded (:attr:`FrontPoint.selection_quality`)."""
     points = front.points
+    quality = [p.selection_quality for p in points]
     if budget is not None:
         within = [i for i, p in enumerate(points) if p.mac_fraction <= budget + 1e-12]
         if within:
-            return max(within, key=lambda i: (points[i].quality, -points[i].macs))
+            return max(within, key=lambda i: (quality[i], -points[i].macs))
         return min(range(len(points)), key=lambda i: points[i].macs)
-    full = max((p for p in points if p.mac_fraction >= 1.0 - 1e-12), key=lambda p: p.quality, default=None)
-    reference = full.quality if full else max(p.quality for p in points)
-    good = [i for i, p in enumerate(points) if p.quality >= quality_floor * reference]
+    full = [quality[i] for i, p in enumerate(points) if p.mac_fraction >= 1.0 - 1e-12]
+    reference = max(full) if full else max(quality)
+    good = [i for i in range(len(points)) if quality[i] >= quality_floor * reference]
     return min(good, key=lambda i: points[i].macs)
 
 
 def search_cache(pipe, prompts: list[str], settings, config, seed: int, work: Path | None,
-                 progress: bool = True, ray=None, clip=None) -> tuple[dict, CacheSchedule | None]:
+                 progress: bool = True, ray=None, clip=None,
+                 guard_prompts: list[str] | None = None) -> tuple[dict, CacheSchedule | None]:
     """Run NSGA-II over caching schedules with the world's quality (judge + fidelity to no-cache), or,
     given ``clip`` (a loaded :class:`qsched.scoring.clip.ClipBundle`), a real model's CLIP quality
     (:mod:`cache_search.clip_quality`). ``ray`` (a :class:`qsched.distributed.RayConfig`) evaluates each
-    generation's world-quality candidates on Ray workers; the front is the same as in process."""
+    generation's world-quality candidates on Ray workers; the front is the same as in process.
+    ``guard_prompts`` (disjoint from ``prompts``; none or empty: no guard) re-score the front with the same
+    quality, noise seed ``seed`` + :data:`GUARD_SEED_OFFSET`, and keep what they do not dominate."""
     cost = CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
-    search = SearchConfig(population=config.population, generations=config.generations, seed=seed)
+    search = SearchConfig(population=config.population, generations=config.generations, seed=seed,
+                          proxy_generations=config.proxy_generations)
     if clip is not None:
         from .clip_quality import clip_quality
         if ray is not None:
@@ -57,10 +68,14 @@ def search_cache(pipe, prompts: list[str], settings, config, seed: int, work: Pa
 
         front = nsga2_search(settings.steps, block_layout(pipe), evaluator, cost.schedule_macs, search, work_dir=work,
                              on_generation=on_generation)
+        if guard_prompts:
+            front = guard_front(front, evaluator.on_prompts(guard_prompts, seed + GUARD_SEED_OFFSET))
     chosen = choose_point(front, config.budget, config.quality_floor)
     point = front.points[chosen]
+    guard = {k: front.guard[k] for k in ("prompts", "points_before", "removed")} if front.guard else None
     record = {"status": "done", "chosen": chosen, "mac_fraction": point.mac_fraction, "quality": point.quality,
-              "evaluations": front.evaluations, "generations": front.generations,
-              "prefix_sharing": sharing_summary(front.counts)}
+              "guard_quality": point.guard_quality, "guard": guard, "evaluations": front.evaluations,
+              "generations": front.generations, "prefix_sharing": sharing_summary(front.counts),
+              "proxy": proxy_summary(front) or None}
     schedule = point.schedule if point.mac_fraction < 1.0 - 1e-12 else None
     return {"record": record, "front": front.to_dict()}, schedule

@@ -21,11 +21,20 @@ class LayerPlan:
     params: int = 0
     #: token positions whose output rows are precomputed in FP (MixDQ's BOS-aware text layers)
     fp_tokens: list[int] = field(default_factory=list)
+    #: how the weight scales were chosen: "max" (plain RTN) or "mse" (clipped, calibrate.quantizers)
+    weight_scale: str = "max"
+    #: how the weights were rounded: "rtn" (round-to-nearest) or "gptq" (calibrate.gptq)
+    rounding: str = "rtn"
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if not data["fp_tokens"]:  # omitted when unused: plans (and keys hashed from them) stay as before
+        # omitted when unused: plans (and keys hashed from them) stay as before
+        if not data["fp_tokens"]:
             del data["fp_tokens"]
+        if data["weight_scale"] == "max":
+            del data["weight_scale"]
+        if data["rounding"] == "rtn":
+            del data["rounding"]
         return data
 
 

@@ -11,6 +11,7 @@ from qsched.generation import GenerationSettings, generate
 from .apply import quantize_
 from .bitplan import BitPlan
 from .fp_tokens import FPTokenReport, FPTokens, fp_tokens_from_rows, record_rows
+from .gptq import uses_gptq
 from .statistics import observe_inputs
 from .uniform import uniform_plan
 
@@ -84,7 +85,7 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
               batch_size: int = 8, momentum: float = 0.95, group_size: int | None = None,
               keep_fp: list[str] | None = None, groups: dict[str, str] | None = None,
               progress: bool = True, method: str = "uniform", mixdq: dict | None = None,
-              bos_aware: bool = True) -> CalibrationResult:
+              bos_aware: bool = True, weight_scale: str = "max", rounding: str = "rtn") -> CalibrationResult:
     """Quantize ``pipe``'s denoiser in place at ``spec`` and return what was done.
 
     ``method="uniform"``: round-to-nearest at the target widths. ``method="mixdq"``: per-layer widths from
@@ -92,7 +93,14 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     options, e.g. ``sensitivity_prompts``, ``content_weight``, ``work_dir``, ``model_digest``).
     ``bos_aware``: when activations are quantized, the adapter's text layers serve a constant BOS row in
     FP and their ranges leave it out (:mod:`calibrate.fp_tokens`); sensitivity is measured that way too.
+    ``weight_scale``: ``"max"`` (plain round-to-nearest) or ``"mse"`` (per-row clipped scales with the least
+    rounding error, :func:`calibrate.quantizers.weight_scale`), for both methods. ``rounding``: ``"rtn"``
+    (round-to-nearest) or ``"gptq"``: linear layers' weights rounded against their calibration inputs
+    (:mod:`calibrate.gptq`; the Hessians come from one more FP pass over the calibration prompts, and MixDQ's
+    sensitivity probes use GPTQ weights too). Convolutions and 8-bit weights keep round-to-nearest.
     """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown weight rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     ranges, fp_tokens, report = {}, {}, FPTokenReport()
@@ -103,6 +111,11 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
         if not candidates:
             report.note = "switched off (quantization.bos_aware: false)" if not bos_aware else \
                 "no text layer reads a BOS-led sequence (the text tokenizers add no BOS)"
+    hessians = {}
+    if rounding == "gptq" and (method == "mixdq" or uses_gptq(spec.uniform_weight_bits)):
+        from .gptq import collect_hessians
+        hessians = collect_hessians(pipe, adapter.quantizable_layers(denoiser), prompts, settings, seed=seed,
+                                    batch_size=batch_size, progress=progress and "GPTQ inputs")
     sensitivity = allocation = None
     if method == "mixdq":
         from .mixdq import mixdq_plan
@@ -110,14 +123,44 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
         n = options.pop("sensitivity_prompts", 8)
         plan, table, result = mixdq_plan(pipe, spec, prompts[:n], settings, ranges or None, seed=seed,
                                          group_size=group_size, keep_fp=keep_fp, groups=groups,
-                                         progress=progress, fp_tokens=fp_tokens or None, **options)
+                                         progress=progress, fp_tokens=fp_tokens or None,
+                                         weight_scale=weight_scale, hessians=hessians or None,
+                                         hessian_key=_prompts_key(prompts, seed, batch_size) if hessians else None,
+                                         **options)
         sensitivity, allocation = table.to_dict(), result.to_dict()
     elif method == "uniform":
-        plan = uniform_plan(denoiser, adapter, spec, group_size, keep_fp, groups)
+        plan = uniform_plan(denoiser, adapter, spec, group_size, keep_fp, groups, weight_scale)
     else:
         raise ValueError(f"unknown calibration method {method!r}: expected 'uniform' or 'mixdq'")
     missing = [n for n, p in plan.layers.items() if p.act_bits is not None and n not in ranges]
     if missing:
         raise RuntimeError(f"calibration never reached {len(missing)} layer(s), e.g. {missing[:3]}")
-    quantize_(denoiser, plan, ranges, mark_fp_tokens(plan, fp_tokens))
+    weights = gptq_weights(denoiser, plan, hessians) if hessians else {}
+    quantize_(denoiser, plan, ranges, mark_fp_tokens(plan, fp_tokens), weights)
     return CalibrationResult(plan, ranges, list(prompts), sensitivity, allocation, report)
+
+
+ROUNDINGS = ("rtn", "gptq")
+
+
+def gptq_weights(denoiser, plan: BitPlan, hessians: dict) -> dict:
+    """GPTQ ``(codes, scales)`` for every planned layer with quantized weights and a Hessian; marks those
+    layers ``rounding: gptq`` in the plan (the others stay round-to-nearest)."""
+    from .gptq import gptq_quantize
+
+    weights = {}
+    for name, lp in plan.layers.items():
+        if not uses_gptq(lp.weight_bits) or name not in hessians:
+            continue
+        weights[name] = gptq_quantize(denoiser.get_submodule(name).weight, hessians[name], lp.weight_bits,
+                                      lp.group_size, scale_method=lp.weight_scale)
+        lp.rounding = "gptq"
+        lp.reason = f"{lp.reason}; GPTQ rounding" if lp.reason else "GPTQ rounding"
+    return weights
+
+
+def _prompts_key(prompts: list[str], seed: int, batch_size: int) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([list(prompts), seed, batch_size]).encode()).hexdigest()[:16]

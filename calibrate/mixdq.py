@@ -15,23 +15,37 @@ from qsched.bits import WEIGHT_WIDTHS, BitSpec
 from qsched.errors import QschedError
 from qsched.generation import GenerationSettings
 
-from .allocation import AllocationResult, allocate, allocation_plan
+from .allocation import AllocationResult, allocate, allocation_plan, reference_widths
 from .bitplan import BitPlan, LayerPlan
 from .sensitivity import SensitivityTable, analyze_sensitivity
 from .uniform import group_size_for
 
 
+SENSITIVITY_CONTEXTS = ("fp", "uniform")
+
+
+def width_floor(min_weight_bits: int | None, rounding: str) -> int | None:
+    """The recipe's ``min_weight_bits`` resolved (``None`` = automatic): 3 with round-to-nearest, whose
+    2-bit layers single-layer sensitivity under-prices (together they cost flux-tiny 4.6 points at W3.5A8),
+    no floor with GPTQ, whose 2-bit layers are worth their bits (flux-tiny W3.5A8: +1.4 dB, +0.6 points)."""
+    if min_weight_bits is not None:
+        return min_weight_bits
+    return 3 if rounding == "rtn" else None
+
+
 def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSettings,
                act_ranges: dict[str, tuple[float, float]] | None, *,
                weight_widths: Iterable[int] = WEIGHT_WIDTHS, act_widths: Iterable[int] = (4, 8),
-               content_weight: float = 0.5, fp_act_fraction: float = 0.01, groups: dict[str, str] | None = None,
+               content_weight: float = 0.15, fp_act_fraction: float = 0.01, groups: dict[str, str] | None = None,
                group_size: int | None = None, keep_fp: list[str] | None = None, layers: Iterable[str] | None = None,
                seed: int = 0, batch_size: int | None = None, max_bops: float | None = None,
                work_dir: str | Path | None = None, model_digest: str | None = None,
                image_metric: Callable | None = None, time_limit: float = 60.0,
                progress: bool = True, ray=None, pipeline_source=None,
                fp_tokens: dict | None = None, normalise: str = "spread",
-               min_weight_bits: int | None = None) -> tuple[BitPlan, SensitivityTable, AllocationResult]:
+               min_weight_bits: int | None = None, weight_scale: str = "max",
+               sensitivity_context: str = "fp", hessians: dict | None = None,
+               hessian_key: str | None = None) -> tuple[BitPlan, SensitivityTable, AllocationResult]:
     """Choose per-layer widths for ``pipe``'s denoiser that meet ``spec`` on average.
 
     ``spec.weight_bits`` is the size-weighted weight budget (fractional budgets such as 3.5 are what this
@@ -44,7 +58,12 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
     (``None``: collected here first); sensitivity is measured with them. ``ray``/``pipeline_source`` spread
     the sensitivity analysis over Ray workers (see :func:`calibrate.sensitivity.analyze_sensitivity`).
     ``fp_tokens`` (layer -> :class:`calibrate.fp_tokens.FPTokens`): BOS rows the final model serves in FP,
-    so sensitivity is measured with them; the plan itself is marked by the caller.
+    so sensitivity is measured with them; the plan itself is marked by the caller. ``weight_scale``
+    (``"max"`` or ``"mse"``) is the weight quantizer's scale, used for sensitivity and recorded in the plan.
+    ``sensitivity_context``: ``"fp"`` probes each layer with the rest of the model in FP (MixDQ);
+    ``"uniform"`` with the rest at the uniform widths the budget stands for
+    (:func:`calibrate.allocation.reference_widths`), i.e. around the operating point. ``hessians`` /
+    ``hessian_key``: GPTQ-rounded weights in the sensitivity probes (see :func:`analyze_sensitivity`).
     """
     from .calibration import collect_statistics
 
@@ -65,11 +84,21 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
     if quantize_acts and act_ranges is None:
         act_ranges = collect_statistics(pipe, prompts, settings, seed=seed, progress=progress and "ranges",
                                         fp_token_candidates={n: t.positions for n, t in (fp_tokens or {}).items()})[0]
+    if sensitivity_context not in SENSITIVITY_CONTEXTS:
+        raise QschedError(f"unknown sensitivity context {sensitivity_context!r}: expected one of "
+                          f"{', '.join(SENSITIVITY_CONTEXTS)}")
+    context = None
+    if sensitivity_context == "uniform":
+        w_ref, a_ref = reference_widths(spec.weight_bits, spec.act_bits if quantize_acts else None,
+                                        list(weight_widths), list(act_widths) if quantize_acts else [None])
+        context = {n: (w_ref, a_ref) for n in decided}
     table = analyze_sensitivity(pipe, prompts, settings, weight_widths=weight_widths,
                                 act_widths=act_widths if quantize_acts else (),
                                 act_ranges=act_ranges if quantize_acts else None, layers=decided, groups=groups, group_size=group_size, seed=seed, batch_size=batch_size,
                                 work_dir=work_dir, model_digest=model_digest, image_metric=image_metric,
-                                progress=progress, ray=ray, pipeline_source=pipeline_source, fp_tokens=fp_tokens)
+                                progress=progress, ray=ray, pipeline_source=pipeline_source, fp_tokens=fp_tokens,
+                                weight_scale=weight_scale, context=context, hessians=hessians,
+                                hessian_key=hessian_key)
     max_fp = math.ceil(fp_act_fraction * len(decided)) if quantize_acts and fp_act_fraction > 0 else 0
     candidates = sorted(set(act_widths)) + ([None] if max_fp else [])
     within = [w for w in weight_widths if w <= spec.weight_bits + 1e-9]  # the floor must leave one of these
@@ -83,7 +112,8 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
                       max_bops=max_bops, fixed_fp_params=sum(scope[n].weight.numel() for n in kept),
                       time_limit=time_limit, normalise=normalise)
     plan = allocation_plan(result, table, target=str(spec), method="mixdq",
-                           group_sizes={n: group_size_for(scope[n], group_size) for n in decided})
+                           group_sizes={n: group_size_for(scope[n], group_size) for n in decided},
+                           weight_scale=weight_scale)
     for name, pattern in kept.items():
         plan.layers[name] = LayerPlan(None, None, adapter.layer_group(name, groups), None,
                                       f"kept FP by recipe pattern {pattern!r}", scope[name].weight.numel())

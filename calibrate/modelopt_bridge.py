@@ -201,7 +201,11 @@ def planned_layers(denoiser: nn.Module, plan: BitPlan | None = None,
             lq.fp_token_positions = tuple(getattr(module, "fp_token_positions", ()))
         else:
             if lp.weight_bits is not None:
-                lq.codes, lq.weight_scale = quantize_weight(module.weight, lp.weight_bits, lp.group_size)
+                if lp.rounding != "rtn":
+                    raise ValueError(f"{name}: the plan rounds its weights with {lp.rounding}, which needs the "
+                                     "calibration inputs; pass the quantized denoiser (its codes are read as is)")
+                lq.codes, lq.weight_scale = quantize_weight(module.weight, lp.weight_bits, lp.group_size,
+                                                            lp.weight_scale)
             if lp.act_bits is not None:
                 if not act_ranges or name not in act_ranges:
                     raise ValueError(f"{name}: activation quantization needs a calibrated range (act_ranges)")

@@ -56,9 +56,12 @@ class QuantLayer(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, weight_bits: int | None, act_bits: int | None,
                     act_range: tuple[float, float] | None = None, group_size: int | None = None,
-                    fp_tokens=None) -> "QuantLayer":
+                    fp_tokens=None, weight_scale: str = "max", quantized=None) -> "QuantLayer":
         """Quantize an existing ``nn.Linear`` / ``nn.Conv2d`` (its weights are read, not modified).
-        ``fp_tokens``: a :class:`calibrate.fp_tokens.FPTokens` whose rows this layer serves in FP."""
+        ``fp_tokens``: a :class:`calibrate.fp_tokens.FPTokens` whose rows this layer serves in FP.
+        ``weight_scale``: how the weight scales are chosen, ``"max"`` or ``"mse"`` (see
+        :func:`calibrate.quantizers.weight_scale`). ``quantized``: ``(codes, scales)`` already rounded
+        (e.g. by :func:`calibrate.gptq.gptq_quantize`) to use instead of round-to-nearest."""
         from .quantizers import activation_qparams
 
         kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
@@ -73,7 +76,8 @@ class QuantLayer(nn.Module):
             if weight_bits is None:
                 layer.weight.copy_(module.weight)
             else:
-                codes, scale = quantize_weight(module.weight, weight_bits, group_size)
+                codes, scale = quantized if quantized is not None else \
+                    quantize_weight(module.weight, weight_bits, group_size, weight_scale)
                 layer.qweight.copy_(codes)
                 layer.weight_scale.copy_(scale)
             if module.bias is not None:

@@ -18,6 +18,13 @@ Savings over a plain implementation of MixDQ:
   and each layer's MACs;
 - the table is cached in a work folder under a hash of everything that determines it, written after
   every layer, so a rerun is free and a killed run resumes where it stopped.
+
+Beyond MixDQ, ``context`` measures each layer *around the operating point* instead of around FP: the other
+layers sit at given widths (normally uniform round-to-nearest at the budget) while one layer is probed, and
+scores are still taken against FP. One layer's damage measured with the rest in FP under-predicts what it
+does in a quantized model (on flux-tiny, 2-bit layers that looked almost free alone cost 5 points
+together); around the operating point the table's differences are what a change of one layer's width does
+to the model that will actually run.
 """
 from __future__ import annotations
 
@@ -136,7 +143,8 @@ def model_state_digest(pipe) -> str:
 
 
 def _cache_key(model_digest, prompts, weight_widths, act_widths, settings, seed, batch_size, group_size,
-               groups, act_ranges, momentum, image_metric, fp_tokens=None) -> str:
+               groups, act_ranges, momentum, image_metric, fp_tokens=None, weight_scale="max", context=None,
+               rounding_key=None) -> str:
     ranges = ({k: [float(v) for v in r] for k, r in sorted(act_ranges.items())} if act_ranges is not None
               else f"observed(momentum={momentum})")
     inputs = {"version": CACHE_VERSION, "model": model_digest, "prompts": list(prompts),
@@ -147,6 +155,12 @@ def _cache_key(model_digest, prompts, weight_widths, act_widths, settings, seed,
               f"{getattr(image_metric, '__module__', '')}.{getattr(image_metric, '__qualname__', repr(image_metric))}"}
     if fp_tokens:  # only when used, so keys of tables measured without FP rows stay what they were
         inputs["fp_tokens"] = {n: list(t.positions) for n, t in sorted(fp_tokens.items())}
+    if weight_scale != "max":  # likewise
+        inputs["weight_scale"] = weight_scale
+    if context:  # likewise
+        inputs["context"] = {n: list(w) for n, w in sorted(context.items())}
+    if rounding_key:  # likewise
+        inputs["rounding"] = rounding_key
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -279,6 +293,19 @@ def _swapped(denoiser: nn.Module, name: str, original: nn.Module, replacement: n
         set_submodule(denoiser, name, original)
 
 
+@contextmanager
+def _swapped_all(denoiser: nn.Module, replacements: dict[str, nn.Module]):
+    """Put every replacement in place for the block; the original modules always come back."""
+    originals = {name: denoiser.get_submodule(name) for name in replacements}
+    try:
+        for name, module in replacements.items():
+            set_submodule(denoiser, name, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            set_submodule(denoiser, name, module)
+
+
 def _select(all_layers: dict[str, nn.Module], patterns: Iterable[str] | None) -> dict[str, nn.Module]:
     if patterns is None:
         return dict(all_layers)
@@ -330,7 +357,9 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
                         group_size: int | None = None, seed: int = 0, batch_size: int | None = None,
                         momentum: float = 0.95, work_dir: str | Path | None = None, model_digest: str | None = None,
                         image_metric: Callable | None = None, progress: bool = True, ray=None,
-                        pipeline_source=None, fp_tokens: dict | None = None) -> SensitivityTable:
+                        pipeline_source=None, fp_tokens: dict | None = None,
+                        weight_scale: str = "max", context: dict | None = None, hessians: dict | None = None,
+                        hessian_key: str | None = None) -> SensitivityTable:
     """Score every selected layer at every candidate width, one layer at a time.
 
     ``layers``: module paths or glob patterns (default: every quantizable layer). ``act_ranges``: static
@@ -341,7 +370,13 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     ``ray`` (a :class:`qsched.distributed.RayConfig`) spreads the layers over Ray workers, each holding the
     model from ``pipeline_source`` (default: this ``pipe`` through the object store); the table is the same.
     ``fp_tokens`` (layer -> :class:`calibrate.fp_tokens.FPTokens`): BOS rows served in FP, as the final
-    model will; observed ranges then leave those rows out.
+    model will; observed ranges then leave those rows out. ``weight_scale``: the weight quantizer's scale
+    (``"max"`` or ``"mse"``, :func:`calibrate.quantizers.weight_scale`), as the final model will use it.
+    ``context`` (layer -> (weight bits, act bits), ``None`` = FP): the widths every *other* layer has while a
+    layer is probed (default: all FP, MixDQ's setting); a probed layer keeps its context width on the side
+    not being probed. Activation widths in the context need ``act_ranges``. ``hessians`` (layer -> input
+    ``X^T X``, :func:`calibrate.gptq.collect_hessians`): those layers' weights are probed GPTQ-rounded, as
+    the final model will have them; ``hessian_key`` names where the Hessians came from (for the cache key).
     """
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
@@ -359,7 +394,9 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     cache_path = None
     if work_dir is not None:
         table.key = _cache_key(model_digest or model_state_digest(pipe), prompts, weight_widths, act_widths, settings,
-                               seed, batch_size, group_size, groups, act_ranges, momentum, image_metric, fp_tokens)
+                               seed, batch_size, group_size, groups, act_ranges, momentum, image_metric, fp_tokens,
+                               weight_scale, context,
+                               _gptq_key(hessians, hessian_key))
         cache_path = Path(work_dir) / f"sensitivity-{table.key[:16]}.json"
         if cache_path.is_file():
             cached = SensitivityTable.load(cache_path)
@@ -372,7 +409,8 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     if todo:
         options = dict(prompts=prompts, settings=settings, layers=todo, groups=groups, weight_widths=weight_widths,
                        act_widths=act_widths, act_ranges=act_ranges, group_size=group_size, seed=seed,
-                       batch_size=batch_size, momentum=momentum, image_metric=image_metric, fp_tokens=fp_tokens)
+                       batch_size=batch_size, momentum=momentum, image_metric=image_metric, fp_tokens=fp_tokens,
+                       weight_scale=weight_scale, context=context, hessians=hessians)
         bar = tqdm(total=len(todo), desc="sensitivity", unit="layer", disable=not progress, leave=False)
         if ray is None:
             with _eval_mode(pipe):
@@ -415,26 +453,48 @@ class LayerAnalysis:
     worker observes the same ones."""
 
     def __init__(self, pipe, prompts, settings, layers, groups, weight_widths, act_widths, act_ranges, group_size,
-                 seed, batch_size, momentum, image_metric, fp_tokens=None):
+                 seed, batch_size, momentum, image_metric, fp_tokens=None, weight_scale="max", context=None,
+                 hessians=None):
         self.adapter = adapter_for(pipe)
         denoiser = self.adapter.denoiser(pipe)
         all_layers = self.adapter.quantizable_layers(denoiser)
         self.layers = {n: all_layers[n] for n in layers}
         self.groups, self.weight_widths, self.act_widths = groups, weight_widths, act_widths
-        self.group_size, self.fp_tokens = group_size, dict(fp_tokens or {})
+        self.group_size, self.fp_tokens, self.weight_scale = group_size, dict(fp_tokens or {}), weight_scale
         need_ranges = bool(act_widths) and act_ranges is None
         self.ref = _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size, self.layers, need_ranges,
                                  momentum, {n: t.positions for n, t in self.fp_tokens.items()})
         self.ranges = self.ref.ranges if need_ranges else (act_ranges or {})
         self.probe = _Probe(pipe, denoiser, prompts, settings, seed, batch_size, self.ref,
                             image_metric or _default_image_metric())
+        self.denoiser, self.context, self.hessians = denoiser, dict(context or {}), dict(hessians or {})
+        self.base = self._context_layers(all_layers)
+
+    def _context_layers(self, all_layers) -> dict[str, nn.Module]:
+        """The operating point's quantized layers (built once; swapped in around each analysis)."""
+        base = {}
+        for name, (w, a) in sorted(self.context.items()):
+            if name not in all_layers:
+                raise QschedError(f"sensitivity context names {name!r}, which is not a quantizable layer")
+            if w is None and a is None:
+                continue
+            if a is not None and name not in self.ranges:
+                raise QschedError(f"the sensitivity context quantizes {name}'s activations but it has no range")
+            module = all_layers[name]
+            width = group_size_for(module, self.group_size)
+            base[name] = QuantLayer.from_module(module, w, a, self.ranges.get(name) if a is not None else None,
+                                                width, self.fp_tokens.get(name), self.weight_scale,
+                                                _rounded(module, w, width, self.hessians.get(name), self.weight_scale))
+        return base
 
     def analyze(self, name: str) -> tuple[dict, dict]:
         """``(LayerSensitivity.to_dict(), cost)`` for one layer: plain data, cheap to send back."""
         before = dict(self.probe.stats)
-        entry = _analyze_layer(self.probe, name, self.layers[name], self.adapter.layer_group(name, self.groups),
-                               self.weight_widths, self.act_widths, self.ranges, self.group_size,
-                               self.fp_tokens.get(name))
+        with _swapped_all(self.denoiser, self.base):
+            entry = _analyze_layer(self.probe, name, self.layers[name], self.adapter.layer_group(name, self.groups),
+                                   self.weight_widths, self.act_widths, self.ranges, self.group_size,
+                                   self.fp_tokens.get(name), self.weight_scale, self.context.get(name, (None, None)),
+                                   self.hessians.get(name))
         return entry.to_dict(), {k: self.probe.stats[k] - before[k] for k in before}
 
 
@@ -453,19 +513,44 @@ class _LayerAnalysisBuilder:
 
 
 def _analyze_layer(probe: _Probe, name: str, module: nn.Module, group: str, weight_widths, act_widths, ranges,
-                   group_size, fp_tokens=None) -> LayerSensitivity:
-    """Weights and activations separately, each at every candidate width, the rest of the model in FP
-    (a BOS-aware layer keeps its FP rows, as it will in the final model)."""
+                   group_size, fp_tokens=None, weight_scale="max", own_context=(None, None),
+                   hessian=None) -> LayerSensitivity:
+    """Weights and activations separately, each at every candidate width, the rest of the model as it is
+    (FP, or the context's widths); the side not probed stays at ``own_context`` (a BOS-aware layer keeps
+    its FP rows, as it will in the final model)."""
     metric = metric_for_group(group)
     entry = LayerSensitivity(group=group, params=module.weight.numel(), metric=metric,
                              macs=float(probe.ref.macs[name]))
     if act_widths and name not in ranges:
         raise QschedError(f"no activation range for layer {name}: the calibration runs never reached it")
     width = group_size_for(module, group_size)
+    w_ctx, a_ctx = own_context
+    a_range = ranges.get(name) if a_ctx is not None else None
+    here = probe.denoiser.get_submodule(name)  # the context's layer (or the FP module) goes back after each probe
     for bits in weight_widths:
-        entry.weight[bits] = probe.score(name, module, QuantLayer.from_module(module, bits, None, None, width,
-                                                                              fp_tokens), metric)
+        entry.weight[bits] = probe.score(name, here, QuantLayer.from_module(
+            module, bits, a_ctx, a_range, width, fp_tokens, weight_scale, _rounded(module, bits, width, hessian, weight_scale)), metric)
     for bits in act_widths:
-        entry.act[bits] = probe.score(name, module, QuantLayer.from_module(module, None, bits, ranges[name], None,
-                                                                           fp_tokens), metric)
+        entry.act[bits] = probe.score(name, here, QuantLayer.from_module(
+            module, w_ctx, bits, ranges[name], width if w_ctx is not None else None, fp_tokens, weight_scale,
+            _rounded(module, w_ctx, width, hessian, weight_scale)), metric)
     return entry
+
+
+def _rounded(module: nn.Module, bits: int | None, group_size: int | None, hessian,
+             weight_scale: str = "max") -> tuple | None:
+    """GPTQ ``(codes, scales)`` when the layer has a Hessian and quantized weights, else ``None`` (RTN)."""
+    from .gptq import gptq_quantize, uses_gptq
+
+    if hessian is None or not uses_gptq(bits):
+        return None
+    return gptq_quantize(module.weight, hessian, bits, group_size, scale_method=weight_scale)
+
+
+def _gptq_key(hessians: dict | None, hessian_key: str | None) -> str | None:
+    """What GPTQ probes depend on: where the Hessians came from, which layers have one, the widest GPTQ width."""
+    if not hessians:
+        return None
+    from .gptq import GPTQ_MAX_BITS
+
+    return f"gptq<={GPTQ_MAX_BITS}:{hessian_key}:{sorted(hessians)}"

@@ -11,8 +11,10 @@ from .bitplan import BitPlan, LayerPlan
 
 
 def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int | None = None,
-                 keep_fp: list[str] | None = None, groups: dict[str, str] | None = None) -> BitPlan:
-    """One width for all layers; layers matching a ``keep_fp`` glob stay FP, and the plan says so."""
+                 keep_fp: list[str] | None = None, groups: dict[str, str] | None = None,
+                 weight_scale: str = "max") -> BitPlan:
+    """One width for all layers; layers matching a ``keep_fp`` glob stay FP, and the plan says so.
+    ``weight_scale``: ``"max"`` (plain RTN) or ``"mse"`` (clipped scales, calibrate.quantizers)."""
     act_bits = spec.act_bits if spec.quantize_activations else None
     plan = BitPlan(method="uniform-rtn", target=str(spec))
     for name, module in adapter.quantizable_layers(denoiser).items():
@@ -22,8 +24,9 @@ def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int
         if kept:
             plan.layers[name] = LayerPlan(None, None, group, None, f"kept FP by recipe pattern {kept!r}", module.weight.numel())
         else:
-            plan.layers[name] = LayerPlan(spec.uniform_weight_bits, act_bits, group, width,
-                                          f"uniform {spec}", module.weight.numel())
+            plan.layers[name] = LayerPlan(spec.uniform_weight_bits, act_bits, group, width, f"uniform {spec}",
+                                          module.weight.numel(),
+                                          weight_scale=weight_scale if spec.uniform_weight_bits else "max")
     return plan
 
 

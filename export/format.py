@@ -61,7 +61,9 @@ __all__ = [
 ]
 
 #: Version of the on-disk layout. Bump it when a reader of the old version would misread a new artifact.
-SCHEMA_VERSION = 1
+#: 2: bit-plan layers may carry ``fp_tokens`` (with FP rows in the shards), ``weight_scale`` and
+#: ``rounding``, which a version-1 reader refuses as unknown keys; version-1 artifacts still load.
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".safetensors"
 

@@ -137,13 +137,15 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
 
     stage("calibrate")
     from calibrate.calibration import calibrate
+    from calibrate.mixdq import width_floor
     cal = recipe_obj.calibration
     prompts = calibration_prompts(model, cal.prompts, seed=cal.seed, embedded=embedded)
     quant = recipe_obj.quantization
     mixdq = {"sensitivity_prompts": quant.sensitivity_prompts, "content_weight": quant.content_weight,
              "fp_act_fraction": quant.fp_act_fraction, "weight_widths": quant.weight_widths,
              "act_widths": quant.act_widths, "model_digest": source_info["denoiser_sha256"],
-             "min_weight_bits": quant.min_weight_bits, "normalise": quant.normalise,
+             "min_weight_bits": width_floor(quant.min_weight_bits, quant.rounding), "normalise": quant.normalise,
+             "sensitivity_context": quant.sensitivity_context,
              "work_dir": work_dir(out)}
     if ray is not None:
         from .distributed import PipelineSource
@@ -151,7 +153,8 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
             model, init=init, seed=seed, device=device, digest=source_info["denoiser_sha256"]))
     result = calibrate(pipe, spec, prompts, settings, seed=cal.seed, batch_size=cal.batch_size, momentum=cal.momentum,
                        group_size=quant.group_size, keep_fp=quant.keep_fp, groups=quant.groups,
-                       progress=progress and "calibration", method=method, mixdq=mixdq, bos_aware=quant.bos_aware)
+                       progress=progress and "calibration", method=method, mixdq=mixdq, bos_aware=quant.bos_aware,
+                       weight_scale=quant.weight_scale, rounding=quant.rounding)
     plan_info = {"average_weight_bits": round(result.plan.average_weight_bits(), 4),
                  "fp_tokens": result.fp_tokens.to_dict()}
     if result.allocation:
@@ -189,11 +192,13 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
             clip_source = recipe_obj.cache_search.clip or recipe_obj.qsched.clip
             clip = load_clip(clip_source, device=device)
             search_prompts = calibration_prompts(model, recipe_obj.cache_search.prompts, seed=seed + 3)
+        guard_prompts = cache_guard_prompts(model, embedded, recipe_obj.cache_search, seed, search_prompts)
         scored_by = dataclasses.replace(recipe_obj.cache_search, clip=clip.source if clip is not None else None)
         key = cache_search_key(source_info["denoiser_sha256"], result, stages["qsched"], search_prompts, settings,
-                               scored_by, seed)
+                               scored_by, seed, guard_prompts)
         cache_result, schedule = search_cache(pipe, search_prompts, settings, recipe_obj.cache_search, seed,
-                                              work_dir(out) / f"cache-{key[:16]}", progress, ray=ray, clip=clip)
+                                              work_dir(out) / f"cache-{key[:16]}", progress, ray=ray, clip=clip,
+                                              guard_prompts=guard_prompts)
         stages["cache_search"] = cache_result["record"]
         cache_record = {"schedule": schedule.to_dict() if schedule else None, "pareto_front": cache_result["front"]}
         if schedule is not None:
@@ -236,11 +241,11 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
 
 
 def cache_search_key(fp_digest: str, calibration, qsched_record: dict, prompts: list[str], settings, config,
-                     seed: int) -> str:
+                     seed: int, guard_prompts: list[str] | None = None) -> str:
     """A hash of everything the cache search's evaluations depend on (the quantized model, the Q-Sched
-    coefficients, prompts, settings, search knobs), so a checkpoint is only ever resumed by the same search.
-    Left out: ``generations`` (a rerun with more generations continues the same search) and the knobs
-    that only pick a point from the front (``budget``, ``quality_floor``)."""
+    coefficients, prompts and guard prompts, settings, search knobs), so a checkpoint is only ever resumed
+    by the same search. Left out: ``generations`` (a rerun with more generations continues the same search)
+    and the knobs that only pick a point from the front (``budget``, ``quality_floor``)."""
     from cache_search.search import EVALUATOR_VERSION
 
     knobs = {k: v for k, v in dataclasses.asdict(config).items()
@@ -248,8 +253,8 @@ def cache_search_key(fp_digest: str, calibration, qsched_record: dict, prompts: 
     inputs = {"fp": fp_digest, "plan": calibration.plan.to_dict(),
               "act_ranges": {k: [float(x) for x in v] for k, v in sorted(calibration.act_ranges.items())},
               "qsched": qsched_record.get("coefficients") if qsched_record.get("status") == "done" else None,
-              "prompts": list(prompts), "settings": settings.to_dict(), "config": knobs, "seed": seed,
-              "evaluator": EVALUATOR_VERSION}
+              "prompts": list(prompts), "guard_prompts": list(guard_prompts or []), "settings": settings.to_dict(),
+              "config": knobs, "seed": seed, "evaluator": EVALUATOR_VERSION}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -257,6 +262,21 @@ def cache_search_prompts(config, seed: int) -> list[str]:
     """The embedded world's prompts the cache search scores schedules on (the report re-scores on them)."""
     from .tinyworld.world import sample_batch
     return list(sample_batch(seed=40_000 + seed, n=config.prompts, split="train")[1])
+
+
+def cache_guard_prompts(model: str, embedded: bool, config, seed: int, search_prompts: list[str]) -> list[str]:
+    """The prompts that re-score the cache search's front (``config.guard_prompts`` of them, none when 0):
+    the embedded world's held-out split from their own seed; for a real model the calibration prompts that
+    follow the search's own, without any of the search prompts (fewer when the shipped list runs out)."""
+    n = config.guard_prompts
+    if not n:
+        return []
+    if embedded:
+        from .tinyworld.world import sample_batch
+        return list(sample_batch(seed=50_000 + seed, n=n, split="test")[1])
+    taken = set(search_prompts)
+    tail = calibration_prompts(model, len(search_prompts) + n, seed=seed + 3)[len(search_prompts):]
+    return [p for p in dict.fromkeys(tail) if p not in taken]
 
 
 def fidelity_metrics_for(reference, images, prompts, embedded: bool) -> dict:

@@ -51,11 +51,15 @@ def test_search_cache_with_clip_gives_a_front(pipe, bundle, tmp_path):
     from qsched.tinyworld.model import TINY_SETTINGS
 
     settings = replace(TINY_SETTINGS, steps=3)
-    config = CacheSearchConfig(population=4, generations=1, prompts=2, budget=0.8)
-    result, schedule = search_cache(pipe, PROMPTS, settings, config, seed=0, work=tmp_path, progress=False, clip=bundle)
-    front = result["front"]
-    assert result["record"]["status"] == "done" and front["points"]
-    points = [(p["quality"], p["mac_fraction"]) for p in front["points"]]
+    config = CacheSearchConfig(population=4, generations=1, prompts=2, budget=0.8, proxy_generations=1)
+    result, schedule = search_cache(pipe, PROMPTS, settings, config, seed=0, work=tmp_path, progress=False, clip=bundle,
+                                    guard_prompts=["a green triangle"])
+    front, record = result["front"], result["record"]
+    assert record["status"] == "done" and front["points"]
+    # the guard and the proxy are ClipQuality's own scoring on other prompts (on a prompt subset)
+    assert record["guard"]["prompts"] == 1 and all(p["guard_quality"] is not None for p in front["points"])
+    assert record["proxy"]["prompts"] == [1, 2]
+    points = [(p["guard_quality"], p["mac_fraction"]) for p in front["points"]]
     for q, m in points:  # a front: no point is beaten on both objectives by another
         assert not any(q2 >= q and m2 <= m and (q2, m2) != (q, m) for q2, m2 in points)
     if schedule is not None:

@@ -5,9 +5,11 @@ import random
 import numpy as np
 import pytest
 
+from cache_search.guard import guard_front
 from cache_search.schedule import CacheSchedule, block_layout
-from cache_search.search import (CHECKPOINT, ParetoFront, SearchConfig, cx_multi_point, non_dominated, nsga2_search,
-                                 world_quality)
+from cache_search.search import (CHECKPOINT, FrontPoint, ParetoFront, SearchConfig, cx_multi_point, non_dominated,
+                                 nsga2_search, proxy_summary, world_quality)
+from cache_search.stage import choose_point
 
 BLOCKS = (("transformer_blocks.0", ("attn", "ff", "ff_context")),
           ("transformer_blocks.1", ("attn", "ff", "ff_context")),
@@ -189,6 +191,8 @@ def test_compile_resumes_a_cache_checkpoint_only_for_the_same_search():
     assert key(qsched_record={"status": "done", "coefficients": {"x": [1.2, 1.0]}}) != base
     assert key(prompts=["q"]) != base
     assert key(config=replace(config, population=config.population + 2)) != base
+    assert key(guard_prompts=["g"]) != base and key(guard_prompts=[]) == base
+    assert key(config=replace(config, proxy_generations=1)) != base
     assert key(calibration=SimpleNamespace(plan=BitPlan(), act_ranges={"a": (0.0, 2.0)})) != base
 
 
@@ -223,3 +227,212 @@ def test_prefix_sharing_search_ends_with_the_same_front():
     assert b["component_rows"] == b["component_rows_batched"] >= b["component_rows_naive"]  # unshared overshoots
     assert a["component_rows"] < a["component_rows_naive"] and a["macs"] < a["macs_naive"]
     assert a["denoiser_rows"] < b["denoiser_rows"] == b["denoiser_rows_naive"]
+
+
+# --- multi-fidelity proxy and guard selection ------------------------------------------------------------
+
+
+class SyntheticMF(Synthetic):
+    """Synthetic with the multi-fidelity protocol: a component row per recomputed slot and prompt (4
+    prompts), and ``proxy()``: one prompt, which sees the objective with a deterministic error."""
+
+    def __init__(self, prompts=4, error=0.0):
+        super().__init__()
+        self.prompts, self.error, self.proxy_evaluator = prompts, error, None
+
+    def __call__(self, schedules):
+        quality = super().__call__(schedules)
+        rows = self.prompts * sum(int((~s.table).sum()) for s in schedules)
+        self.counts["component_rows"] = self.counts.get("component_rows", 0) + rows
+        return [q + self.error * np.cos(5.0 * s.num_reused + 3.0 * s.table[1].sum())
+                for q, s in zip(quality, schedules)]
+
+    def proxy(self, fraction):
+        assert fraction == 0.25
+        if self.proxy_evaluator is None:
+            self.proxy_evaluator = SyntheticMF(prompts=1, error=0.05)
+            self.proxy_evaluator.proxy_scale = (1, 4)
+        return self.proxy_evaluator
+
+
+PROXY = SearchConfig(population=12, generations=6, seed=11, proxy_generations=3)
+
+
+def test_proxy_phase_then_full_fidelity_and_resume_across_the_switch(tmp_path):
+    full, populations = SyntheticMF(), {}
+
+    def record(gen, search):
+        populations[gen] = {tuple(ind) for ind in search.population}
+
+    unbroken = nsga2_search(STEPS, BLOCKS, full, synthetic_macs, PROXY, work_dir=tmp_path / "a", on_generation=record)
+    proxy = full.proxy_evaluator
+    # generations 0, 1, 2 on the proxy; then the population re-scored in full (the switch) and 3 .. 6 in full
+    assert proxy.calls == 3 and full.calls == 1 + 4 and len(full.evaluated) == unbroken.evaluations
+    assert {tuple(g) for g in full.evaluated[:PROXY.population]} == populations[PROXY.proxy_generations - 1]
+    ckpt = json.loads((tmp_path / "a" / CHECKPOINT).read_text())
+    assert set(ckpt["archive"]) == {"".join(map(str, g)) for g in full.evaluated}
+    assert set(ckpt["proxy_archive"]) == {"".join(map(str, g)) for g in proxy.evaluated}
+    exact = Synthetic()
+    for p in unbroken.points:  # the front holds full-fidelity qualities only
+        assert p.quality == exact([p.schedule])[0] and p.guard_quality is None
+    assert all(not _dominates(p, q) for p in unbroken.points for q in unbroken.points)
+    # what the proxy saved: its rows are a quarter of the same candidates' at full fidelity
+    summary = proxy_summary(unbroken)["block_evaluations"]
+    assert summary["proxy_run"] == proxy.counts["component_rows"] > 0
+    assert summary["proxy_at_full_fidelity"] == 4 * summary["proxy_run"]
+    assert summary["search_run"] == full.counts["component_rows"] + proxy.counts["component_rows"]
+    assert 0.0 < summary["saved"] < 1.0 and unbroken.proxy["candidates"] == len(proxy.evaluated)
+    assert unbroken.proxy["switch_counts"]["candidates"] == PROXY.population
+    assert ParetoFront.from_dict(json.loads(json.dumps(unbroken.to_dict()))).to_dict() == unbroken.to_dict()
+
+    # killed in the proxy phase, at its last generation (the switch runs after the resume), and after the switch
+    for kill_at in (1, PROXY.proxy_generations - 1, PROXY.proxy_generations):
+        def kill(gen, search):
+            if gen == kill_at:
+                raise _Kill
+
+        work = tmp_path / f"kill{kill_at}"
+        with pytest.raises(_Kill):
+            nsga2_search(STEPS, BLOCKS, SyntheticMF(), synthetic_macs, PROXY, work_dir=work, on_generation=kill)
+        random.seed(kill_at)
+        second = SyntheticMF()
+        assert nsga2_search(STEPS, BLOCKS, second, synthetic_macs, PROXY, work_dir=work).to_dict() == unbroken.to_dict()
+        assert json.loads((work / CHECKPOINT).read_text()) == ckpt
+        assert (second.proxy_evaluator is None) == (kill_at >= PROXY.proxy_generations - 1)  # built only if used
+
+    with pytest.raises(ValueError, match="proxy_generations"):
+        SearchConfig(generations=2, proxy_generations=3)
+    with pytest.raises(ValueError, match="proxy"):
+        nsga2_search(STEPS, BLOCKS, Synthetic(), synthetic_macs, PROXY)
+
+
+_W_GUARD = np.random.default_rng(9).random((STEPS, 9))
+
+
+class GuardSynthetic(Synthetic):
+    """Another objective on the same schedules (other weights): the guard prompts disagree with the search's."""
+
+    def __call__(self, schedules):
+        super().__call__(schedules)
+        return [1.0 - float((s.table * _W_GUARD).sum()) / _W_GUARD.sum() for s in schedules]
+
+
+def test_guard_front_is_a_subset_non_dominated_on_guard_quality():
+    front = nsga2_search(STEPS, BLOCKS, Synthetic(), synthetic_macs, CONFIG)
+    guard = GuardSynthetic()
+    guarded = guard_front(front, guard)
+    assert guard.calls == 1 and len(guard.evaluated) == len(front.points)  # one batch: the whole train front
+    train = {tuple(p.schedule.to_genome()): p for p in front.points}
+    for p in guarded.points:  # a subset of the train front, both qualities kept
+        t = train[tuple(p.schedule.to_genome())]
+        assert (p.quality, p.macs, p.mac_fraction) == (t.quality, t.macs, t.mac_fraction)
+        assert p.guard_quality == guard([p.schedule])[-1]
+    assert [p.macs for p in guarded.points] == sorted(p.macs for p in guarded.points)
+
+    def dominates_on_guard(a, b):
+        return (a.guard_quality >= b.guard_quality and a.macs <= b.macs
+                and (a.guard_quality, a.macs) != (b.guard_quality, b.macs))
+
+    assert not any(dominates_on_guard(a, b) for a in guarded.points for b in guarded.points)
+    removed = [FrontPoint.from_dict(d) for d in guarded.guard["removed_points"]]
+    assert guarded.guard["removed"] == len(removed) == len(front.points) - len(guarded.points) > 0
+    assert all(any(dominates_on_guard(a, r) for a in guarded.points) for r in removed)
+    assert guarded.guard["counts"] == {"candidates": len(front.points)}
+    assert ParetoFront.from_dict(json.loads(json.dumps(guarded.to_dict()))).to_dict() == guarded.to_dict()
+
+
+def _front(points):
+    none = CacheSchedule.no_cache(STEPS, BLOCKS)
+    return ParetoFront([FrontPoint(CacheSchedule.fora(STEPS, BLOCKS, 2) if f < 1 else none, q, 100 * f, f, g)
+                        for f, q, g in points], 100.0)
+
+
+def test_choose_point_uses_the_guard_quality():
+    # (MAC fraction, train quality, guard quality): train prefers 0.6 within budget, the guard 0.5
+    guarded = _front([(0.5, 0.80, 0.70), (0.6, 0.85, 0.69), (1.0, 1.0, 0.72)])
+    train = _front([(0.5, 0.80, None), (0.6, 0.85, None), (1.0, 1.0, None)])
+    assert choose_point(guarded, 0.6, 0.98) == 0 and choose_point(train, 0.6, 0.98) == 1
+    # the floor is relative to the no-cache point's guard quality: 0.97 × 0.72 < 0.70
+    assert choose_point(guarded, None, 0.97) == 0 and choose_point(train, None, 0.97) == 2
+
+
+def test_old_front_json_and_checkpoint_still_load(tmp_path):
+    old = _front([(0.5, 0.9, None), (1.0, 1.0, None)]).to_dict()  # as an older version wrote it
+    for point in old["points"]:
+        del point["guard_quality"]
+    front = ParetoFront.from_dict(old)
+    assert [p.guard_quality for p in front.points] == [None, None] and not front.guard and not front.proxy
+    assert choose_point(front, None, 0.9) == 0 and choose_point(front, None, 0.95) == 1
+    # a checkpoint written before the proxy knobs existed resumes (as a search without a proxy)
+    config = SearchConfig(population=8, generations=1, seed=1)
+    first = nsga2_search(STEPS, BLOCKS, Synthetic(), synthetic_macs, config, work_dir=tmp_path)
+    path = tmp_path / CHECKPOINT
+    data = json.loads(path.read_text())
+    for key in ("proxy_archive", "proxy_counts", "switch_counts", "proxy_scale"):
+        del data[key]
+    for key in ("proxy_generations", "proxy_fraction"):
+        del data["config"][key]
+    path.write_text(json.dumps(data))
+    again = Synthetic()
+    assert nsga2_search(STEPS, BLOCKS, again, synthetic_macs, config, work_dir=tmp_path).to_dict() == first.to_dict()
+    assert again.calls == 0
+
+
+def test_world_quality_proxy_and_guard_in_the_stage(tmp_path):
+    """The prompt-subset proxy keeps the full evaluator's batches (its row counters are exactly n / P of the
+    full ones), and the stage guards the front and picks by guard quality."""
+    from dataclasses import replace
+
+    from conftest import TEST_WORDS
+    from qsched.recipe import CacheSearchConfig
+    from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
+
+    from cache_search.stage import search_cache
+
+    pipe = build_tiny_pipeline(seed=0, words=TEST_WORDS)
+    settings = replace(TINY_SETTINGS, steps=3)
+    blocks = block_layout(pipe)
+    prompts = ["a red circle", "a blue square on the left", "a green triangle", "a red square above a blue circle"]
+    wq = world_quality(pipe, prompts, settings, max_batch=8)  # 2 candidates per call
+    proxy = wq.proxy(0.25)
+    assert proxy.prompts == prompts[:1] and proxy.proxy_scale == (1, 4) and wq.proxy(0.25) is proxy
+    scheds = [CacheSchedule.no_cache(3, blocks), CacheSchedule.fora(3, blocks, 2), CacheSchedule.ff_only(3, blocks)]
+    full_m, proxy_m = wq.evaluate_metrics(scheds), proxy.evaluate_metrics(scheds)
+    assert proxy_m[0]["fidelity"] == 1.0 and proxy_m[0]["quality"] == pytest.approx(proxy.reference_metrics["quality"])
+    assert proxy_m[1]["psnr"] < 100.0 and full_m[1]["quality"] != proxy_m[1]["quality"]
+    assert proxy.counts["calls"] == wq.counts["calls"] == 2
+    for key in ("component_rows", "component_rows_naive", "denoiser_rows", "macs", "macs_naive"):
+        assert wq.counts[key] == 4 * proxy.counts[key] > 0, key
+    guard = wq.on_prompts(["a green circle", "a blue triangle"], seed=7)
+    assert guard.seed == 7 and guard.counts == {} and wq.on_prompts(["a green circle", "a blue triangle"], 7) is guard
+
+    config = CacheSearchConfig(population=8, generations=2, prompts=4, guard_prompts=2, proxy_generations=1,
+                               budget=0.9)
+    result, schedule = search_cache(pipe, prompts, settings, config, seed=0, work=tmp_path, progress=False,
+                                    guard_prompts=["a green circle", "a blue triangle"])
+    record, front = result["record"], ParetoFront.from_dict(result["front"])
+    assert record["guard"] == {"prompts": 2, "points_before": len(front.points) + record["guard"]["removed"],
+                               "removed": record["guard"]["removed"]}
+    assert all(p.guard_quality is not None for p in front.points)
+    assert record["chosen"] == choose_point(front, 0.9, config.quality_floor)
+    assert record["guard_quality"] == front.points[record["chosen"]].guard_quality
+    blocks_saved = record["proxy"]["block_evaluations"]
+    assert blocks_saved["proxy_at_full_fidelity"] == 4 * blocks_saved["proxy_run"] > 0
+
+
+def test_compile_guard_prompts_are_disjoint_from_the_search_prompts():
+    from dataclasses import replace
+
+    from qsched.compiler import cache_guard_prompts, cache_search_prompts
+    from qsched.prompts import calibration_prompts
+    from qsched.recipe import CacheSearchConfig
+    from qsched.tinyworld.world import is_held_out
+
+    config = CacheSearchConfig(prompts=8, guard_prompts=16)
+    search = cache_search_prompts(config, seed=0)
+    guard = cache_guard_prompts("flux-tiny", True, config, 0, search)  # the held-out split, its own seed
+    assert len(guard) == 16 and all(is_held_out(p) for p in guard) and not any(is_held_out(p) for p in search)
+    real_search = calibration_prompts("flux-schnell", 8, seed=3)
+    real = cache_guard_prompts("flux-schnell", False, config, 0, real_search)
+    assert len(real) == 16 and not set(real) & set(real_search)
+    assert cache_guard_prompts("flux-tiny", True, replace(config, guard_prompts=0), 0, search) == []

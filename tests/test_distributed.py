@@ -9,6 +9,7 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'qsched[ray]'); CI installs it")
 
+from cache_search.guard import guard_front  # noqa: E402
 from cache_search.schedule import block_layout  # noqa: E402
 from cache_search.search import SearchConfig, distributed_world_quality, nsga2_search, world_quality  # noqa: E402
 from cache_search.cost import CostModel  # noqa: E402
@@ -144,15 +145,18 @@ def test_sensitivity_workers_can_load_the_model_themselves(tiny_pipeline_dir, pi
 def test_cache_search_on_ray_finds_the_same_front(pipe):
     settings = replace(TINY_SETTINGS, steps=3)
     cost = CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
-    config = SearchConfig(population=8, generations=2, seed=3)
+    config = SearchConfig(population=8, generations=2, seed=3, proxy_generations=1)  # generation 0 on the proxy
     layout = block_layout(pipe)
+    guard_prompts = ["a green triangle", "a red square on the right"]
     # max_batch 4 → two candidates per pipeline call, so each generation is several Ray tasks
-    local = nsga2_search(settings.steps, layout, world_quality(pipe, PROMPTS, settings, max_batch=4),
-                         cost.schedule_macs, config)
+    in_process = world_quality(pipe, PROMPTS, settings, max_batch=4)
+    local = nsga2_search(settings.steps, layout, in_process, cost.schedule_macs, config)
+    local = guard_front(local, in_process.on_prompts(guard_prompts, seed=9))
     with distributed_world_quality(pipe, PROMPTS, settings, ray=TWO, max_batch=4) as evaluator:
         remote = nsga2_search(settings.steps, layout, evaluator, cost.schedule_macs, config)
-    assert remote.evaluations == local.evaluations > config.population
-    assert remote.to_dict() == local.to_dict()  # qualities, and the prefix-sharing counters
+        remote = guard_front(remote, evaluator.on_prompts(guard_prompts, seed=9))  # proxy and guard on the workers
+    assert remote.evaluations == local.evaluations > config.population and local.proxy["candidates"] > 0
+    assert remote.to_dict() == local.to_dict()  # qualities (search, proxy, guard) and all the counters
     assert local.counts["component_rows"] < local.counts["component_rows_naive"]
 
 

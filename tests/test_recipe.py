@@ -39,6 +39,8 @@ def test_unknown_key_names_the_key_and_valid_keys():
     ({"qsched": {"patience": 0}}, "qsched.patience"),
     ({"quantization": {"min_weight_bits": 9}}, "min_weight_bits"),
     ({"quantization": {"normalise": "max"}}, "normalise"),
+    ({"cache_search": {"guard_prompts": -1}}, "guard_prompts"),
+    ({"cache_search": {"generations": 2, "proxy_generations": 3}}, "proxy_generations"),
 ])
 def test_bad_values_are_rejected(data, match):
     with pytest.raises(RecipeError, match=match):

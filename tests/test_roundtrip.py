@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import qsched
 from calibrate.qlayers import QuantLayer
+from export.format import SCHEMA_VERSION
 from export.packing import packed_nbytes
 from qsched.generation import GenerationSettings, generate
 
@@ -61,7 +62,7 @@ def test_artifact_holds_packed_weights_of_every_quantized_layer(compiled):
 
 def test_manifest_records_plan_sources_versions_and_checksums(compiled):
     m = json.loads((compiled.path / "manifest.json").read_text())
-    assert m["schema_version"] == 1
+    assert m["schema_version"] == SCHEMA_VERSION
     assert set(m["files"]) >= {"transformer.safetensors"}
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
     assert m["source"]["kind"] == "local" and len(m["source"]["denoiser_sha256"]) == 64

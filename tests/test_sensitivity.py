@@ -152,3 +152,30 @@ def test_mixdq_width_floor_is_capped_at_the_budget(pipe, tmp_path):
     top, _, _ = mixdq_plan(pipe, parse_bits("w8a16"), PROMPTS, SETTINGS, None, min_weight_bits=8,
                            **{**kwargs, "weight_widths": (2, 3, 4)})
     assert {p.weight_bits for p in top.layers.values()} == {4}
+
+
+def test_in_context_sensitivity_probes_around_the_operating_point(pipe):
+    """With every layer of the scope at 4-bit weights and 8-bit activations, probing any layer at its own
+    context widths leaves the operating point unchanged: every layer must report the same score there,
+    the score of the uniform model itself. The model comes back with its FP modules."""
+    from calibrate.calibration import collect_activation_ranges
+
+    scope = ["single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out",
+             "transformer_blocks.0.attn.to_q"]
+    names = sorted(scope)
+    ranges = collect_activation_ranges(pipe, PROMPTS, SETTINGS, progress=False)
+    modules = dict(pipe.transformer.named_modules())
+    context = {n: (4, 8) for n in names}
+    table = analyze_sensitivity(pipe, PROMPTS, SETTINGS, weight_widths=(2, 4), act_widths=(8,), act_ranges=ranges,
+                                layers=names, groups={"*": "quality"}, context=context, progress=False)
+    assert dict(pipe.transformer.named_modules()) == modules
+    at_context = {table.layers[n].weight[4] for n in names} | {table.layers[n].act[8] for n in names}
+    assert len({round(v, 9) for v in at_context}) == 1
+    fp_context = analyze_sensitivity(pipe, PROMPTS, SETTINGS, weight_widths=(2, 4), act_widths=(8,),
+                                     act_ranges=ranges, layers=names, groups={"*": "quality"}, progress=False)
+    # around FP each layer's 4-bit score is its own, and better than the whole uniform model's
+    assert all(fp_context.layers[n].weight[4] > table.layers[n].weight[4] for n in names)
+    assert table.layers[names[0]].weight[2] < table.layers[names[0]].weight[4]
+    with pytest.raises(QschedError, match="no range"):
+        analyze_sensitivity(pipe, PROMPTS, SETTINGS, weight_widths=(4,), act_widths=(), layers=names[:1],
+                            context={names[1]: (4, 8)}, progress=False, image_metric=SSIM)

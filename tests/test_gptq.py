@@ -1,0 +1,102 @@
+"""GPTQ rounding: exact RTN without input information, smaller output error with it, same code layout, and
+its way through calibration, the plan and the quantized layer."""
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from calibrate.calibration import calibrate
+from calibrate.gptq import collect_hessians, gptq_quantize, hessian_chunks, observe_hessians
+from calibrate.qlayers import QuantLayer
+from calibrate.quantizers import dequantize_weight, quantize_weight, weight_qmax
+from qsched.bits import parse_bits
+from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
+
+from conftest import TEST_WORDS
+
+
+def _inputs(rows=512, features=48, seed=0):
+    """Correlated inputs with unequal scales, as a layer's activations are."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=gen) / features ** 0.5
+    return (torch.randn(rows, features, generator=gen) * torch.linspace(0.2, 3.0, features)) @ mix
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_zero_information_is_round_to_nearest(group_size):
+    weight = torch.randn(12, 48, generator=torch.Generator().manual_seed(1))
+    codes, scale = gptq_quantize(weight, torch.eye(48) * 0.0, 3, group_size)
+    ref_codes, ref_scale = quantize_weight(weight, 3, group_size)
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_output_error_shrinks_against_round_to_nearest(bits):
+    x = _inputs()
+    weight = torch.randn(16, 48, generator=torch.Generator().manual_seed(2)) * 0.1
+    h = x.T @ x / x.shape[0]
+    codes, scale = gptq_quantize(weight, h, bits)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= weight_qmax(bits)
+    rtn = dequantize_weight(*quantize_weight(weight, bits), torch.float32)
+    gptq = dequantize_weight(codes, scale, torch.float32)
+    err = lambda w: float(((x @ (w - weight).T) ** 2).mean())  # noqa: E731
+    assert err(gptq) < 0.8 * err(rtn)
+
+
+def test_hessians_are_the_mean_input_outer_product_and_chunk_by_memory():
+    layers = {"a": nn.Linear(8, 4), "b": nn.Linear(16, 4), "c": nn.Conv2d(2, 2, 1)}
+    x = torch.randn(3, 5, 8)
+    with observe_hessians(layers) as obs:
+        layers["a"](x)
+        layers["a"](x[:1])
+    assert set(obs) == {"a", "b"} and obs["b"].rows == 0
+    flat = torch.cat([x.reshape(-1, 8), x[:1].reshape(-1, 8)])
+    torch.testing.assert_close(obs["a"].hessian, flat.T @ flat / flat.shape[0])
+    assert [list(c) for c in hessian_chunks(layers, 4 * 16 * 16)] == [["a"], ["b"]]
+    assert [list(c) for c in hessian_chunks(layers, 1 << 20)] == [["a", "b"]]
+
+
+def test_calibrate_with_gptq_marks_the_plan_and_uses_its_codes():
+    torch.manual_seed(0)
+    pipe = build_tiny_pipeline(0, TEST_WORDS)
+    for component in pipe.components.values():
+        if isinstance(component, nn.Module):
+            component.eval()
+    settings = replace(TINY_SETTINGS, steps=2)
+    prompts = ["a red circle on the left", "a blue square above the green triangle"]
+    layers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear)}
+    name = "single_transformer_blocks.0.proj_out"
+    weight = pipe.transformer.get_submodule(name).weight.detach().clone()
+    hessian = collect_hessians(pipe, {name: layers[name]}, prompts, settings, batch_size=8)[name]
+    result = calibrate(pipe, parse_bits("w3a8"), prompts, settings, progress=False, rounding="gptq")
+    plan = result.plan.layers[name]
+    assert plan.rounding == "gptq" and "GPTQ" in plan.reason
+    assert result.plan.to_dict()["layers"][name]["rounding"] == "gptq"
+    layer = pipe.transformer.get_submodule(name)
+    assert isinstance(layer, QuantLayer)
+    expected, _ = gptq_quantize(weight, hessian, 3)
+    assert torch.equal(layer.qweight, expected)
+    assert not torch.equal(layer.qweight, quantize_weight(weight, 3)[0])
+    with pytest.raises(ValueError, match="unknown weight rounding"):
+        calibrate(build_tiny_pipeline(0, TEST_WORDS), parse_bits("w4a8"), prompts, settings, rounding="awq")
+
+
+def test_eight_bit_weights_keep_round_to_nearest():
+    from calibrate.bitplan import BitPlan, LayerPlan
+    from calibrate.calibration import gptq_weights
+
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))
+    plan = BitPlan(layers={"0": LayerPlan(8, None, params=128), "1": LayerPlan(4, None, params=32)})
+    x = _inputs(64, 16)
+    hessians = {"0": x.T @ x / 64, "1": torch.eye(8)}
+    weights = gptq_weights(model, plan, hessians)
+    assert set(weights) == {"1"}
+    assert plan.layers["0"].rounding == "rtn" and plan.layers["1"].rounding == "gptq"
+
+
+def test_width_floor_is_automatic_by_rounding():
+    from calibrate.mixdq import width_floor
+
+    assert width_floor(None, "rtn") == 3 and width_floor(None, "gptq") is None
+    assert width_floor(4, "gptq") == 4 and width_floor(2, "rtn") == 2

@@ -1,0 +1,79 @@
+"""The weight quantizer's scale choice: plain max against clipped MSE scales, and that the choice travels
+through the plan, the quantized layer and the sensitivity cache."""
+import pytest
+import torch
+from torch import nn
+
+from calibrate.apply import quantize_
+from calibrate.bitplan import BitPlan, LayerPlan
+from calibrate.qlayers import QuantLayer
+from calibrate.quantizers import dequantize_weight, quantize_weight, weight_qmax
+from calibrate.sensitivity import _cache_key
+from qsched.errors import RecipeError
+from qsched.generation import GenerationSettings
+from qsched.recipe import parse_recipe
+
+
+def _row_error(weight, bits, method, group_size=None):
+    codes, scale = quantize_weight(weight, bits, group_size, method)
+    restored = dequantize_weight(codes, scale, torch.float32, group_size)
+    return ((restored - weight) ** 2).reshape(weight.shape[0], -1).sum(dim=1), codes
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_mse_scales_never_lose_to_max_and_stay_in_range(bits, group_size):
+    torch.manual_seed(bits)
+    weight = torch.distributions.StudentT(3.0).sample((24, 64)) * 0.02  # heavy tails, like trained weights
+    max_err, _ = _row_error(weight, bits, "max", group_size)
+    mse_err, codes = _row_error(weight, bits, "mse", group_size)
+    assert torch.all(mse_err <= max_err * (1 + 1e-6))
+    assert int(codes.abs().max()) <= weight_qmax(bits)
+    if bits <= 4:  # outliers waste levels at low widths: clipping must help somewhere
+        assert float(mse_err.sum()) < 0.95 * float(max_err.sum())
+
+
+def test_mse_scale_keeps_the_maximum_when_the_grid_is_exact():
+    """Weights already on a symmetric grid have zero error at the max scale; ties keep it."""
+    codes = torch.randint(-3, 4, (8, 32), generator=torch.Generator().manual_seed(0))
+    codes[:, 0] = 3  # every row reaches the top code
+    weight = codes.float() * 0.01
+    _, s_max = quantize_weight(weight, 3, None, "max")
+    _, s_mse = quantize_weight(weight, 3, None, "mse")
+    assert torch.equal(s_max, s_mse)
+
+
+def test_unknown_scale_method_is_refused():
+    with pytest.raises(ValueError, match="unknown weight scale 'rms'"):
+        quantize_weight(torch.ones(2, 4), 4, None, "rms")
+
+
+def test_plan_scale_reaches_the_layer_and_round_trips():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 8))
+    plan = BitPlan(layers={"0": LayerPlan(3, None, params=512, weight_scale="mse"), "1": LayerPlan(3, None, params=128)})
+    assert "weight_scale" not in plan.to_dict()["layers"]["1"]  # "max" is omitted: old plans hash the same
+    assert BitPlan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+    expected = {"0": quantize_weight(model[0].weight, 3, None, "mse")[1],
+                "1": quantize_weight(model[1].weight, 3, None, "max")[1]}
+    assert not torch.equal(expected["0"], quantize_weight(model[0].weight, 3, None, "max")[1])
+    quantize_(model, plan, {})
+    for name in ("0", "1"):
+        layer = model.get_submodule(name)
+        assert isinstance(layer, QuantLayer)
+        assert torch.equal(layer.weight_scale, expected[name])
+
+
+def test_sensitivity_cache_key_depends_on_the_scale_only_when_clipped():
+    settings = GenerationSettings(steps=2, height=32, width=32)
+    args = ("digest", ["a prompt"], [3, 4], [8], settings, 0, 1, None, None, None, 0.95, None, None)
+    plain = _cache_key(*args)
+    assert _cache_key(*args, "max") == plain
+    assert _cache_key(*args, "mse") != plain
+
+
+def test_recipe_checks_the_weight_scale():
+    assert parse_recipe({}).quantization.weight_scale == "max"
+    assert parse_recipe({"quantization": {"weight_scale": "mse"}}).quantization.weight_scale == "mse"
+    with pytest.raises(RecipeError, match="weight_scale must be max or mse"):
+        parse_recipe({"quantization": {"weight_scale": "minmax"}})
