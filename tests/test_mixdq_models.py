@@ -129,7 +129,7 @@ def test_sdxl_unet_mixdq_end_to_end(tmp_path):
     pipe = build_tiny_sdxl_pipeline(0, TEST_WORDS)
     spec = parse_bits("w4.5a8")
     result = calibrate(pipe, spec, PROMPTS, TINY_SDXL_SETTINGS, batch_size=4, progress=False, method="mixdq",
-                       mixdq={**MIXDQ, "layers": UNET_SCOPE})
+                       mixdq={**MIXDQ, "layers": UNET_SCOPE}, rounding="gptq")
     plan, table = result.plan, result.sensitivity
     assert {entry["metric"] for entry in table["layers"].values()} == {"ssim", "sqnr"}
     assert result.allocation["status"] == "Optimal"
@@ -139,6 +139,12 @@ def test_sdxl_unet_mixdq_end_to_end(tmp_path):
     convs = [n for n, m in pipe.unet.named_modules() if isinstance(m, QuantLayer) and m.kind == "conv2d"]
     assert {"conv_in", "conv_out", "down_blocks.1.resnets.0.conv1", "down_blocks.1.resnets.0.conv_shortcut"} <= set(convs)
     assert all(plan.layers[n].weight_bits in (2, 4, 8) for n in convs)
+    # GPTQ rounds the linear layers of at most 6 bits; convolutions and 8-bit weights keep round-to-nearest
+    for n, m in pipe.unet.named_modules():
+        if isinstance(m, QuantLayer) and m.weight_bits is not None:
+            gptq = m.kind == "linear" and m.weight_bits <= 6
+            assert plan.layers[n].rounding == ("gptq" if gptq else "rtn"), n
+    assert any(p.rounding == "gptq" for p in plan.layers.values())
 
     bos = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
            "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"}
@@ -165,7 +171,7 @@ def test_pixart_mixdq_end_to_end(tmp_path):
     pipe = build_tiny_pixart_pipeline(0, TEST_WORDS)
     settings = TINY_PIXART_SETTINGS
     result = calibrate(pipe, parse_bits("w4.5a8"), PROMPTS, settings, batch_size=4, progress=False,
-                       method="mixdq", mixdq=MIXDQ)
+                       method="mixdq", mixdq=MIXDQ, rounding="gptq")
     plan = result.plan
     metrics = {entry["metric"] for entry in result.sensitivity["layers"].values()}
     assert metrics == {"ssim", "sqnr"} and result.allocation["status"] == "Optimal"
@@ -173,6 +179,7 @@ def test_pixart_mixdq_end_to_end(tmp_path):
     assert set(plan.layers) == set(adapter_for(pipe).quantizable_layers(pipe.transformer))
     patch = pipe.transformer.get_submodule("pos_embed.proj")  # the patch embedding is PixArt's one conv
     assert isinstance(patch, QuantLayer) and patch.kind == "conv2d" and plan.layers["pos_embed.proj"].weight_bits
+    assert plan.layers["pos_embed.proj"].rounding == "rtn" and any(p.rounding == "gptq" for p in plan.layers.values())
     # T5 puts no BOS first: nothing is served in FP, and the calibration says why
     assert _bos_layers(pipe.transformer) == {} and not any(p.fp_tokens for p in plan.layers.values())
     assert "no BOS" in result.fp_tokens.note
