@@ -239,7 +239,7 @@ def _solver(time_limit: float, per_layer: bool):
 
     The aggregated program goes to the CBC binary bundled with PuLP (0.5-0.7 s at FLUX size). The per-layer
     program a BOPs cap needs (9,036 binaries at FLUX size) goes to HiGHS (``highspy``) when it is
-    installed: it proves that one optimal in 2-3.5 s, where CBC stops at the time limit unproven."""
+    installed: it proves that one optimal in 3-5 s, where CBC stops at the time limit unproven."""
     import warnings
 
     import pulp
@@ -276,7 +276,7 @@ def allocate(table: "SensitivityTable", weight_budget: float, act_budget: float 
     stands for (:func:`reference_widths`), i.e. by what round-to-nearest at the target would cost that
     group. BOPs depend on each layer's MACs and on both widths, so ``max_bops`` switches to one binary
     per layer and (weight, act) pair: exact, and solved by HiGHS when ``highspy`` is installed (proven
-    optimal in 2-3.5 s at FLUX size; CBC usually stops there at the time limit with a good solution it
+    optimal in 3-5 s at FLUX size; CBC usually stops there at the time limit with a good solution it
     has not proven optimal, and ``status`` says so).
     """
     import pulp
