@@ -114,8 +114,10 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     hessians = {}
     if rounding == "gptq" and (method == "mixdq" or uses_gptq(spec.uniform_weight_bits)):
         from .gptq import collect_hessians
-        hessians = collect_hessians(pipe, adapter.quantizable_layers(denoiser), prompts, settings, seed=seed,
-                                    batch_size=batch_size, progress=progress and "GPTQ inputs")
+        scope = (mixdq or {}).get("layers") if method == "mixdq" else None
+        hessians = collect_hessians(pipe, _rounded_layers(adapter.quantizable_layers(denoiser), keep_fp, scope),
+                                    prompts, settings, seed=seed, batch_size=batch_size,
+                                    progress=progress and "GPTQ inputs")
     sensitivity = allocation = None
     if method == "mixdq":
         from .mixdq import mixdq_plan
@@ -157,6 +159,16 @@ def gptq_weights(denoiser, plan: BitPlan, hessians: dict) -> dict:
         lp.rounding = "gptq"
         lp.reason = f"{lp.reason}; GPTQ rounding" if lp.reason else "GPTQ rounding"
     return weights
+
+
+def _rounded_layers(layers: dict, keep_fp: list[str] | None, scope: list[str] | None) -> dict:
+    """The layers whose weights may be quantized: neither kept FP by the recipe nor outside MixDQ's scope
+    (only these need a Hessian)."""
+    import fnmatch
+
+    return {n: m for n, m in layers.items()
+            if not any(fnmatch.fnmatchcase(n, p) for p in keep_fp or [])
+            and (scope is None or any(fnmatch.fnmatchcase(n, p) for p in scope))}
 
 
 def _prompts_key(prompts: list[str], seed: int, batch_size: int) -> str:

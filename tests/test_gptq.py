@@ -100,3 +100,12 @@ def test_width_floor_is_automatic_by_rounding():
 
     assert width_floor(None, "rtn") == 3 and width_floor(None, "gptq") is None
     assert width_floor(4, "gptq") == 4 and width_floor(2, "rtn") == 2
+
+
+def test_only_layers_that_may_be_quantized_get_a_hessian():
+    from calibrate.calibration import _rounded_layers
+
+    layers = {"a.to_q": nn.Linear(4, 4), "a.to_k": nn.Linear(4, 4), "b.proj": nn.Linear(4, 4)}
+    assert set(_rounded_layers(layers, None, None)) == set(layers)
+    assert set(_rounded_layers(layers, ["*.to_k"], None)) == {"a.to_q", "b.proj"}
+    assert set(_rounded_layers(layers, ["*.to_k"], ["a.*"])) == {"a.to_q"}
