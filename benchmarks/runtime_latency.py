@@ -194,30 +194,25 @@ def capture_step(pipe, batch: int) -> tuple[dict, dict[str, tuple[float, float]]
     """The transformer's inputs for one step and each linear layer's input range (one pipeline call)."""
     from qsched.tinyworld.model import TINY_SETTINGS
 
+    from calibrate.statistics import observe_inputs
+
     denoiser = pipe.transformer
-    captured, ranges, hooks = {}, {}, []
+    captured = {}
 
     def grab(_module, args, kwargs):
         if not captured:
             captured.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
 
-    def record(name):
-        def hook(_module, args):
-            lo, hi = float(args[0].min()), float(args[0].max())
-            old = ranges.get(name, (lo, hi))
-            ranges[name] = (min(lo, old[0]), max(hi, old[1]))
-        return hook
-
-    hooks.append(denoiser.register_forward_pre_hook(grab, with_kwargs=True))
-    for name, module in denoiser.named_modules():
-        if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_pre_hook(record(name)))
+    layers = {n: m for n, m in denoiser.named_modules() if isinstance(m, nn.Linear)}
     prompts = ["a red circle on the left", "a large blue square above a green triangle"] * batch
-    with torch.inference_mode():
-        pipe(prompts[:batch], num_inference_steps=1, height=TINY_SETTINGS.height, width=TINY_SETTINGS.width,
-             guidance_scale=0.0, max_sequence_length=TINY_SETTINGS.max_sequence_length, output_type="pt")
-    for h in hooks:
-        h.remove()
+    hook = denoiser.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with observe_inputs(layers, momentum=None) as observers, torch.inference_mode():
+            pipe(prompts[:batch], num_inference_steps=1, height=TINY_SETTINGS.height, width=TINY_SETTINGS.width,
+                 guidance_scale=0.0, max_sequence_length=TINY_SETTINGS.max_sequence_length, output_type="pt")
+    finally:
+        hook.remove()
+    ranges = {n: o.range for n, o in observers.items() if o.calls}
     return captured, ranges
 
 

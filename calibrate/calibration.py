@@ -2,6 +2,9 @@
 BitPlan, and quantize the denoiser (simulated quantization)."""
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 from qsched.adapters import adapter_for
@@ -11,7 +14,8 @@ from qsched.generation import GenerationSettings, generate
 from .apply import quantize_
 from .bitplan import BitPlan
 from .fp_tokens import FPTokenReport, FPTokens, fp_tokens_from_rows, record_rows
-from .gptq import uses_gptq
+from .gptq import (HESSIAN_CHUNK_BYTES, collect_hessians, gptq_quantize, hessian_chunks, observe_hessians,
+                   uses_gptq)
 from .statistics import observe_inputs
 from .uniform import uniform_plan
 
@@ -96,28 +100,34 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     ``weight_scale``: ``"max"`` (plain round-to-nearest) or ``"mse"`` (per-row clipped scales with the least
     rounding error, :func:`calibrate.quantizers.weight_scale`), for both methods. ``rounding``: ``"rtn"``
     (round-to-nearest) or ``"gptq"``: linear layers' weights rounded against their calibration inputs
-    (:mod:`calibrate.gptq`; the Hessians come from one more FP pass over the calibration prompts, and MixDQ's
+    (:mod:`calibrate.gptq`; the Hessians are observed during the statistics pass, or one more FP pass when
+    activations stay FP or the Hessians need more than one pass; MixDQ's
     sensitivity probes use GPTQ weights too). Convolutions and 8-bit weights keep round-to-nearest.
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown weight rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
-    ranges, fp_tokens, report = {}, {}, FPTokenReport()
-    if spec.quantize_activations:
-        candidates = adapter.bos_layers(pipe) if bos_aware else {}
-        ranges, fp_tokens, report = collect_statistics(pipe, prompts, settings, seed, batch_size, momentum,
-                                                       progress, candidates)
-        if not candidates:
-            report.note = "switched off (quantization.bos_aware: false)" if not bos_aware else \
-                "no text layer reads a BOS-led sequence (the text tokenizers add no BOS)"
-    hessians = {}
+    rounded = {}
     if rounding == "gptq" and (method == "mixdq" or uses_gptq(spec.uniform_weight_bits)):
-        from .gptq import collect_hessians
         scope = (mixdq or {}).get("layers") if method == "mixdq" else None
-        hessians = collect_hessians(pipe, _rounded_layers(adapter.quantizable_layers(denoiser), keep_fp, scope),
-                                    prompts, settings, seed=seed, batch_size=batch_size,
-                                    progress=progress and "GPTQ inputs")
+        rounded = _rounded_layers(adapter.quantizable_layers(denoiser), keep_fp, scope)
+    # GPTQ's first group of Hessians rides on the statistics pass (same prompts, seed and batches)
+    first = hessian_chunks(rounded, HESSIAN_CHUNK_BYTES)[:1] if rounded and spec.quantize_activations else []
+    ranges, fp_tokens, report = {}, {}, FPTokenReport()
+    with observe_hessians(first[0] if first else {}) as observed:
+        if spec.quantize_activations:
+            candidates = adapter.bos_layers(pipe) if bos_aware else {}
+            ranges, fp_tokens, report = collect_statistics(pipe, prompts, settings, seed, batch_size, momentum,
+                                                           progress, candidates)
+            if not candidates:
+                report.note = "switched off (quantization.bos_aware: false)" if not bos_aware else \
+                    "no text layer reads a BOS-led sequence (the text tokenizers add no BOS)"
+    hessians = {n: obs.hessian for n, obs in observed.items() if obs.rows}
+    rest = {n: m for n, m in rounded.items() if n not in observed}
+    if rest:
+        hessians.update(collect_hessians(pipe, rest, prompts, settings, seed=seed, batch_size=batch_size,
+                                         progress=progress and "GPTQ inputs"))
     sensitivity = allocation = None
     if method == "mixdq":
         from .mixdq import mixdq_plan
@@ -148,8 +158,6 @@ ROUNDINGS = ("rtn", "gptq")
 def gptq_weights(denoiser, plan: BitPlan, hessians: dict) -> dict:
     """GPTQ ``(codes, scales)`` for every planned layer with quantized weights and a Hessian; marks those
     layers ``rounding: gptq`` in the plan (the others stay round-to-nearest)."""
-    from .gptq import gptq_quantize
-
     weights = {}
     for name, lp in plan.layers.items():
         if not uses_gptq(lp.weight_bits) or name not in hessians:
@@ -164,15 +172,10 @@ def gptq_weights(denoiser, plan: BitPlan, hessians: dict) -> dict:
 def _rounded_layers(layers: dict, keep_fp: list[str] | None, scope: list[str] | None) -> dict:
     """The layers whose weights may be quantized: neither kept FP by the recipe nor outside MixDQ's scope
     (only these need a Hessian)."""
-    import fnmatch
-
     return {n: m for n, m in layers.items()
             if not any(fnmatch.fnmatchcase(n, p) for p in keep_fp or [])
             and (scope is None or any(fnmatch.fnmatchcase(n, p) for p in scope))}
 
 
 def _prompts_key(prompts: list[str], seed: int, batch_size: int) -> str:
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps([list(prompts), seed, batch_size]).encode()).hexdigest()[:16]

@@ -61,6 +61,10 @@ def observe_hessians(layers: dict[str, nn.Module]):
             h.remove()
 
 
+#: fp32 Hessians collected in one calibration pass at most
+HESSIAN_CHUNK_BYTES = 4 << 30
+
+
 def hessian_chunks(layers: dict[str, nn.Module], max_bytes: int) -> list[dict[str, nn.Module]]:
     """Split the linear layers into groups whose fp32 Hessians fit in ``max_bytes`` together (one layer
     alone may exceed it): FLUX.1's Hessians total about 70 GB, so they are collected a group per pass."""
@@ -80,7 +84,8 @@ def hessian_chunks(layers: dict[str, nn.Module], max_bytes: int) -> list[dict[st
 
 
 def collect_hessians(pipe, layers: dict[str, nn.Module], prompts: list[str], settings, seed: int = 0,
-                     batch_size: int = 8, max_bytes: int = 4 << 30, progress=False) -> dict[str, torch.Tensor]:
+                     batch_size: int = 8, max_bytes: int = HESSIAN_CHUNK_BYTES,
+                     progress=False) -> dict[str, torch.Tensor]:
     """Mean ``X^T X`` of every linear layer's inputs over FP sampler runs on ``prompts`` (one run per
     :func:`hessian_chunks` group; one run in all for models whose Hessians fit in ``max_bytes``)."""
     from qsched.generation import generate

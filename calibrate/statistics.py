@@ -13,15 +13,18 @@ from torch import nn
 
 
 class RangeObserver:
-    """Exponential moving average of per-call (min, max); the first call initialises it."""
+    """Exponential moving average of per-call (min, max); the first call initialises it. ``momentum=None``
+    keeps the envelope instead (the least min and greatest max seen)."""
 
-    def __init__(self, momentum: float = 0.95):
+    def __init__(self, momentum: float | None = 0.95):
         self.momentum, self.lo, self.hi, self.calls = momentum, None, None, 0
 
     def update(self, x: torch.Tensor) -> None:
         lo, hi = float(x.detach().amin()), float(x.detach().amax())
         if self.calls == 0:
             self.lo, self.hi = lo, hi
+        elif self.momentum is None:
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         else:
             m = self.momentum
             self.lo, self.hi = m * self.lo + (1 - m) * lo, m * self.hi + (1 - m) * hi
@@ -35,7 +38,7 @@ class RangeObserver:
 
 
 @contextmanager
-def observe_inputs(layers: dict[str, nn.Module], momentum: float = 0.95,
+def observe_inputs(layers: dict[str, nn.Module], momentum: float | None = 0.95,
                    exclude_rows: dict[str, tuple[int, ...]] | None = None):
     """Attach range observers to the inputs of ``layers`` for the duration of the block.
 

@@ -69,7 +69,17 @@ def test_calibrate_with_gptq_marks_the_plan_and_uses_its_codes():
     name = "single_transformer_blocks.0.proj_out"
     weight = pipe.transformer.get_submodule(name).weight.detach().clone()
     hessian = collect_hessians(pipe, {name: layers[name]}, prompts, settings, batch_size=8)[name]
-    result = calibrate(pipe, parse_bits("w3a8"), prompts, settings, progress=False, rounding="gptq")
+    # the Hessians ride on the statistics pass: GPTQ makes no denoiser call more than round-to-nearest
+    rtn_pipe, calls = build_tiny_pipeline(0, TEST_WORDS), {"rtn": 0, "gptq": 0}
+    hooks = [p.transformer.register_forward_pre_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+             for p, k in ((rtn_pipe, "rtn"), (pipe, "gptq"))]
+    try:
+        calibrate(rtn_pipe, parse_bits("w3a8"), prompts, settings, progress=False)
+        result = calibrate(pipe, parse_bits("w3a8"), prompts, settings, progress=False, rounding="gptq")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls["gptq"] == calls["rtn"] > 0
     plan = result.plan.layers[name]
     assert plan.rounding == "gptq" and "GPTQ" in plan.reason
     assert result.plan.to_dict()["layers"][name]["rounding"] == "gptq"

@@ -25,12 +25,7 @@ MIXDQ = {"sensitivity_prompts": 2, "weight_widths": [2, 4, 8], "act_widths": [8]
 UNET_SCOPE = ["conv_in", "conv_out", "down_blocks.1.*"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bos_layers(denoiser):

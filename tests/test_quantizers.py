@@ -77,3 +77,15 @@ def test_recipe_checks_the_weight_scale():
     assert parse_recipe({"quantization": {"weight_scale": "mse"}}).quantization.weight_scale == "mse"
     with pytest.raises(RecipeError, match="weight_scale must be max or mse"):
         parse_recipe({"quantization": {"weight_scale": "minmax"}})
+
+
+def test_range_observer_averages_or_keeps_the_envelope():
+    from calibrate.statistics import RangeObserver
+
+    calls = [torch.tensor([-1.0, 2.0]), torch.tensor([-3.0, 1.0]), torch.tensor([0.0, 5.0])]
+    ema, envelope = RangeObserver(0.5), RangeObserver(None)
+    for x in calls:
+        ema.update(x)
+        envelope.update(x)
+    assert envelope.range == (-3.0, 5.0)
+    assert ema.range == pytest.approx((-1.0, 3.25))  # (-1, 2) -> (-2, 1.5) -> (-1, 3.25)

@@ -30,9 +30,7 @@ onnx = pytest.importorskip("onnx")
 
 import export  # noqa: E402
 from cache_search.schedule import CacheSchedule, block_layout  # noqa: E402
-from calibrate.qlayers import QuantLayer  # noqa: E402
-from calibrate.quantizers import activation_qparams, weight_qmax  # noqa: E402
-from conftest import TEST_WORDS  # noqa: E402
+from conftest import TEST_WORDS, random_quant_layer  # noqa: E402
 from export.onnx_graph import export_graph, int4_initializers, layer_form, reuse_variant, swap_layers  # noqa: E402
 from export.runtime_onnx import OnnxDenoiser, capture_call, export_onnx, require_onnx  # noqa: E402
 from qsched.errors import ArtifactError, QschedError  # noqa: E402
@@ -50,22 +48,12 @@ PLAN_CYCLE = [(8, 8, None), (4, 8, None), (4, None, None), (8, None, None), (Non
 
 
 def _act_ranges(pipe, settings):
-    ranges, hooks = {}, []
+    from calibrate.statistics import observe_inputs
 
-    def record(name):
-        def hook(_module, args):
-            lo, hi = float(args[0].min()), float(args[0].max())
-            old = ranges.get(name, (lo, hi))
-            ranges[name] = (min(lo, old[0]), max(hi, old[1]))
-        return hook
-
-    for name, module in pipe.transformer.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            hooks.append(module.register_forward_pre_hook(record(name)))
-    generate(pipe, PROMPTS[:1], settings, seed=0)
-    for h in hooks:
-        h.remove()
-    return ranges
+    layers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    with observe_inputs(layers, momentum=None) as observers:
+        generate(pipe, PROMPTS[:1], settings, seed=0)
+    return {n: o.range for n, o in observers.items() if o.calls}
 
 
 def build_artifact(pipe, out, settings, schedule=None, coefficients=None):
@@ -176,26 +164,11 @@ ACT_RANGE = (-2.5, 9.0)
 
 
 def random_layer(kind, wbits, abits, group, extra, seed):
-    gen = torch.Generator().manual_seed(seed)
     k = extra if isinstance(extra, int) else 96
     shape = (24, k) if kind == "linear" else (16, 8, 3, 3)
     conv_args = {"stride": (2, 2), "padding": (1, 1), "dilation": (1, 1), "groups": 1} if kind == "conv2d" else None
-    positions = (0, 3) if extra == "fp_tokens" else ()
-    layer = QuantLayer(kind, shape, wbits, abits, group, conv_args, True, torch.float32,
-                       fp_token_positions=positions)
-    with torch.no_grad():
-        if wbits is None:
-            layer.weight.copy_(torch.randn(shape, generator=gen) * 0.05)
-        else:
-            qmax = weight_qmax(wbits)
-            layer.qweight.copy_(torch.randint(-qmax, qmax + 1, shape, generator=gen, dtype=torch.int8))
-            layer.weight_scale.copy_((torch.rand(layer.weight_scale.shape, generator=gen) + 0.5) * 0.08 / qmax)
-        layer.bias.copy_(torch.randn(shape[0], generator=gen) * 0.1)
-        if abits is not None:
-            scale, zp = activation_qparams(*ACT_RANGE, abits)
-            layer.act_scale.fill_(scale)
-            layer.act_zero_point.fill_(zp)
-    return layer
+    return random_quant_layer(kind, shape, wbits, abits, group, conv_args=conv_args, seed=seed,
+                              fp_token_positions=(0, 3) if extra == "fp_tokens" else (), act_range=ACT_RANGE)
 
 
 class Zoo(nn.Module):

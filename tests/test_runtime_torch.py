@@ -12,33 +12,14 @@ import torch
 from torch import nn
 
 from calibrate.qlayers import QuantLayer
-from calibrate.quantizers import activation_qparams, weight_qmax
 from export.runtime_torch import (NativeDequantLayer, NativeInt8Linear, native_layer, to_native_,
                                   unpack_nibbles)
 from export.packing import pack_int
 
+from conftest import random_quant_layer
+
 ACT_RANGE = (-2.5, 9.0)  # post-GELU-like: skewed, so the zero point is far from 0 and 128
-
-
-def random_layer(kind="linear", shape=(64, 96), weight_bits=8, act_bits=8, group_size=None, dtype=torch.float32,
-                 conv_args=None, bias=True, seed=0):
-    """A QuantLayer with random codes and scales (no source weights needed)."""
-    gen = torch.Generator().manual_seed(seed)
-    layer = QuantLayer(kind, shape, weight_bits, act_bits, group_size, conv_args, bias, dtype)
-    with torch.no_grad():
-        if weight_bits is None:
-            layer.weight.copy_(torch.randn(shape, generator=gen) * 0.05)
-        else:
-            qmax = weight_qmax(weight_bits)
-            layer.qweight.copy_(torch.randint(-qmax, qmax + 1, shape, generator=gen, dtype=torch.int8))
-            layer.weight_scale.copy_((torch.rand(layer.weight_scale.shape, generator=gen) + 0.5) * 0.08 / qmax)
-        if bias:
-            layer.bias.copy_(torch.randn(shape[0], generator=gen) * 0.1)
-        if act_bits is not None:
-            scale, zp = activation_qparams(*ACT_RANGE, act_bits)
-            layer.act_scale.fill_(scale)
-            layer.act_zero_point.fill_(zp)
-    return layer
+random_layer = random_quant_layer
 
 
 def activations(shape, dtype=torch.float32, seed=1):

@@ -24,13 +24,7 @@ BLOCK = ["single_transformer_blocks.0.*"]  # quality layers (attention, norm, pr
 from qsched.tinyworld.judge import ssim as SSIM  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, oversubscribed threads make these runs 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
