@@ -1,7 +1,6 @@
 """Packed integer weights: exact round trips, real byte savings, clear errors."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -122,15 +121,12 @@ def test_unpack_validates_size_dtype_and_range():
         unpack_int(wide, 2, (4,))
 
 
-def test_large_matrix_is_fast():
+def test_flux_size_matrix_round_trips():
+    """A FLUX-size weight (its packing speed is measured by benchmarks/artifact_size.py, not asserted here)."""
     q = _codes((12288, 3072), 4, seed=1)
-    t0 = time.perf_counter()
     packed = pack_int(q, 4)
-    out = unpack_int(packed, 4, (12288, 3072))
-    elapsed = time.perf_counter() - t0
     assert packed.numel() == 12288 * 3072 // 2
-    assert torch.equal(out, q)
-    assert elapsed < 20.0  # generous: shared 2-core CI box; a Python loop would take minutes
+    assert torch.equal(unpack_int(packed, 4, (12288, 3072)), q)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -1,6 +1,4 @@
 """The embedded flux-tiny model: ships in the package, loads offline, draws what its prompt says."""
-import time
-
 import pytest
 import torch
 
@@ -33,14 +31,6 @@ def test_follows_held_out_prompts_at_four_steps(pipe):
     shuffled = judge(images, prompts[1:] + prompts[:1])
     assert matched.per_attribute["color"] >= 0.8
     assert matched.score > shuffled.score + 0.1 and matched.accuracy > shuffled.accuracy
-
-
-def test_four_step_batch_of_16_is_fast(pipe):
-    prompts = sample_batch(seed=1, n=16, split="test")[1]
-    generate(pipe, prompts, TINY_SETTINGS, batch_size=16)
-    start = time.perf_counter()
-    generate(pipe, prompts, TINY_SETTINGS, batch_size=16)
-    assert time.perf_counter() - start < 2.0  # ~0.25 s measured on 2 cores; slack for a loaded CI machine
 
 
 def test_default_compile_records_judged_fidelity(tmp_path):
