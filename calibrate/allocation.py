@@ -4,8 +4,9 @@ Given a per-layer sensitivity table, choose one weight width and one activation 
 that the size-weighted average weight width meets the budget and the predicted quality loss is
 smallest. MixDQ solves four separate programs ({weight, act} x {content, quality}) and sweeps the bit
 split between groups; here the two metric groups share one objective after normalisation, so the
-split falls out of the solve and a single CBC call (milliseconds to a second at FLUX size) replaces the
-sweep.
+split falls out of the solve and a single HiGHS call (milliseconds; 1-2 s at FLUX size) replaces the
+sweep. HiGHS solves every program: the CBC bundled with PuLP returned worse plans labelled "Optimal" on
+small programs (its preprocessing), and status only says "Optimal" for what HiGHS proved.
 
 Scores are converted to additive losses before they are combined:
 
@@ -21,7 +22,10 @@ live on [0, 1] and ``content_weight`` sets their exchange rate.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -34,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .sensitivity import SensitivityTable
 
 FP_BITS = 16
-_OBJECTIVE_SCALE = 1000.0  # keeps CBC's absolute tolerances far below one layer's contribution
+_OBJECTIVE_SCALE = 1000.0  # keeps the solver's absolute tolerances far below one layer's contribution
 
 
 def width_cost(bits: int | None) -> int:
@@ -58,8 +62,8 @@ class AllocationResult:
     weight_bits: dict[str, int | None]
     act_bits: dict[str, int | None]
     objective: float          # normalised predicted loss of the choice (lower is better; 0 = all at best width)
-    status: str               # "Optimal" only when CBC proved optimality
-    solve_seconds: float      # CBC wall time (the model build is in build_seconds)
+    status: str               # "Optimal" only when HiGHS proved optimality
+    solve_seconds: float      # solver wall time (the model build is in build_seconds)
     build_seconds: float = 0.0
     weight_budget: float = 0.0
     act_budget: float | None = None
@@ -70,6 +74,7 @@ class AllocationResult:
     bops: float = 0.0          # sum of macs * weight bits * act bits (FP = 16)
     group_loss: dict[str, float] = field(default_factory=dict)
     content_weight: float = 0.5
+    gap: float = 0.0           # relative optimality gap HiGHS left (0 when proven optimal)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -137,6 +142,8 @@ def _prepare(table: "SensitivityTable", weight_widths, act_widths, content_weigh
     spread: dict[str, float] = {}
     for layer in layers:
         spread[layer.group] = spread.get(layer.group, 0.0) + _reference_loss(layer, reference)
+    if reference is not None:
+        _check_reference(layers, spread, content_weight, reference)
     for layer in layers:
         weight = content_weight if layer.group == "content" else 1.0 - content_weight
         scale = weight / spread[layer.group] if spread[layer.group] > 0 else 0.0
@@ -167,6 +174,21 @@ def _reference_loss(layer: "_Layer", reference: tuple | None) -> float:
     w = layer.w_loss.get(w_ref, max(layer.w_loss.values())) if w_ref is not None else 0.0
     a = layer.a_loss.get(a_ref, 0.0) if a_ref is not None else 0.0
     return w + a
+
+
+def _check_reference(layers: list[_Layer], at_reference: dict[str, float], content_weight: float,
+                     reference: tuple) -> None:
+    """Refuse a budget normalisation that divides by (almost) zero: a group that loses nothing at the
+    reference widths (typically the widest candidates) but something elsewhere would make any loss of
+    it infinitely expensive, and the zero scale used instead made every plan score alike."""
+    for group, total in sorted(at_reference.items()):
+        weight = content_weight if group == "content" else 1.0 - content_weight
+        worst = sum(_reference_loss(l, None) for l in layers if l.group == group)
+        if weight > 0 and worst > 0 and total <= 1e-9 * worst:
+            w_ref, a_ref = (("FP" if b is None else b) for b in reference)
+            raise QschedError(f"normalise='budget' cannot weigh the {group} layers: at the budget's reference "
+                              f"widths (weights {w_ref}, activations {a_ref}) they lose nothing; "
+                              f"use normalise='spread'")
 
 
 @dataclass
@@ -234,21 +256,45 @@ def _variable(prob, name: str, cat: str = "Binary"):
     return pulp.LpVariable(name, lowBound=low, cat=cat)
 
 
-def _solver(time_limit: float, per_layer: bool):
-    """The MIP solver, single-threaded and asked for a zero optimality gap.
+@functools.cache
+def _first_highs_quietly() -> None:
+    """Create the process's first HiGHS object with stdout sent to /dev/null: that is when HiGHS prints its
+    banner on file descriptor 1, whatever its options, and qcompile's stdout is a JSON summary."""
+    import highspy
 
-    The aggregated program goes to the CBC binary bundled with PuLP (0.5-0.7 s at FLUX size). The per-layer
-    program a BOPs cap needs (9,036 binaries at FLUX size) goes to HiGHS (``highspy``) when it is
-    installed: it proves that one optimal in 3-5 s, where CBC stops at the time limit unproven."""
-    import warnings
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout to keep clean
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
+
+def _solve(prob, time_limit: float) -> tuple[str, float]:
+    """Solve ``prob`` with HiGHS (single-threaded, zero gap) and return what HiGHS proved, with the gap
+    left: "optimal", "infeasible", "stopped" (a solution, not proven optimal) or "none". Read from HiGHS
+    itself, because PuLP reports a time-limited solution as LpStatusOptimal."""
+    import highspy
     import pulp
 
-    if per_layer and pulp.HiGHS().available():
-        return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=0.0, gapAbs=1e-9, threads=1)
-    with warnings.catch_warnings():  # PuLP 3.3 announces the bundled CBC moves to an extra in PuLP 4
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=0.0, gapAbs=1e-9, threads=1)
+    _first_highs_quietly()
+    prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=0.0, gapAbs=1e-9, threads=1))
+    status = prob.solverModel.getModelStatus()
+    if status == highspy.HighsModelStatus.kOptimal:
+        return "optimal", 0.0
+    if status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+        return "infeasible", math.inf  # every variable is bounded: "unbounded or infeasible" is infeasible
+    info = prob.solverModel.getInfo()
+    if info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible:
+        return "stopped", float(info.mip_gap)
+    return "none", math.inf
 
 
 def allocate(table: "SensitivityTable", weight_budget: float, act_budget: float | None = None, *,
@@ -269,15 +315,15 @@ def allocate(table: "SensitivityTable", weight_budget: float, act_budget: float 
     Formulation: binary y[i, a] per layer and activation width; on the weight side, layers of equal
     size are interchangeable in every constraint but BOPs, so the per-layer binaries x[i, b] of each
     size class are aggregated exactly into one binary per class total T (value: the best split of T,
-    by dynamic programming). Per-layer x over 502 FLUX layers leaves CBC a knapsack whose LP bound it
-    cannot close in minutes; the aggregated program (10 size classes) is proven optimal in about a
-    second. ``normalise`` sets the groups' exchange rate: ``"spread"`` divides each group's losses by
-    its total at the narrowest candidates, ``"budget"`` by its total at the uniform widths the budget
-    stands for (:func:`reference_widths`), i.e. by what round-to-nearest at the target would cost that
-    group. BOPs depend on each layer's MACs and on both widths, so ``max_bops`` switches to one binary
-    per layer and (weight, act) pair: exact, and solved by HiGHS when ``highspy`` is installed (proven
-    optimal in 3-5 s at FLUX size; CBC usually stops there at the time limit with a good solution it
-    has not proven optimal, and ``status`` says so).
+    by dynamic programming). Per-layer x over 502 FLUX layers is a knapsack whose LP bound closes slowly;
+    the aggregated program (10 size classes) is proven optimal in 1-2 s. ``normalise`` sets the groups'
+    exchange rate: ``"spread"`` divides each group's losses by its total at the narrowest candidates,
+    ``"budget"`` by its total at the uniform widths the budget stands for (:func:`reference_widths`),
+    i.e. by what round-to-nearest at the target would cost that group (a :class:`QschedError` when that
+    is nothing for a group that can lose something). BOPs depend on each layer's MACs and on both widths,
+    so ``max_bops`` switches to one binary per layer and (weight, act) pair: exact, proven optimal in
+    3-5 s at FLUX size. A solve stopped by ``time_limit`` before HiGHS proves its solution optimal keeps
+    that solution, with a status saying so and its ``gap``.
     """
     import pulp
 
@@ -379,31 +425,33 @@ def allocate(table: "SensitivityTable", weight_budget: float, act_budget: float 
         prob, read = build(with_floor)
         build_seconds += time.perf_counter() - t1
         t1 = time.perf_counter()
-        prob.solve(_solver(time_limit, per_layer))
+        state, gap = _solve(prob, time_limit)
         solve_seconds += time.perf_counter() - t1
-        if prob.status == pulp.LpStatusOptimal:
-            solution = (prob.sol_status, *read())
-            average = sum(l.frac * width_cost(solution[1][l.name]) for l in layers) + fixed_frac * FP_BITS
+        if state in ("optimal", "stopped"):
+            solution = (state, gap, *read())
+            average = sum(l.frac * width_cost(solution[2][l.name]) for l in layers) + fixed_frac * FP_BITS
             if average >= weight_budget - budget_tolerance - 1e-9:
                 break
-        elif with_floor and prob.status == pulp.LpStatusInfeasible:
+        elif with_floor and state == "infeasible":
             break
         else:
             solution = None
             break
-    if solution is None and prob.status == pulp.LpStatusInfeasible:
+    if solution is None and state == "infeasible":
         raise QschedError(f"no bit allocation meets weight budget {weight_budget:g}"
                           + (f", activation budget {act_budget:g}" if act_budget is not None else "")
                           + (f", at most {max_fp_act} FP activation layers" if max_fp_act is not None else "")
                           + (f" and {max_bops:.4g} BOPs" if max_bops is not None else "")
                           + "; relax a budget or widen the candidate widths")
     if solution is None:
-        raise QschedError(f"the bit allocation solver stopped without a solution ({pulp.LpStatus[prob.status]}); "
-                          f"raise the time limit ({time_limit:g} s)")
-    sol_status, weight_bits, act_bits = solution
-    status = "Optimal" if sol_status == pulp.LpSolutionOptimal else "Feasible (time limit)"
-    return _summarise(layers, weight_bits, act_bits, fixed_frac, status, solve_seconds, build_seconds,
-                      weight_budget, act_budget, content_weight, budget_tolerance)
+        raise QschedError(f"the bit allocation solver stopped without a solution; raise the time limit "
+                          f"({time_limit:g} s)")
+    state, gap, weight_bits, act_bits = solution
+    status = "Optimal" if state == "optimal" else f"Feasible (time limit, gap {gap:.2%})"
+    result = _summarise(layers, weight_bits, act_bits, fixed_frac, status, solve_seconds, build_seconds,
+                        weight_budget, act_budget, content_weight, budget_tolerance)
+    result.gap = gap
+    return result
 
 
 def _summarise(layers, weight_bits, act_bits, fixed_frac, status, solve_seconds, build_seconds, weight_budget,
