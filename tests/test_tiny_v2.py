@@ -1,0 +1,70 @@
+"""flux-tiny v2 training (qsched.tinyworld.train_v2): every phase runs on a tiny budget, checkpoints in
+safetensors, and a run stopped after any step resumes to exactly the state of an uninterrupted run."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qsched.tinyworld import train_v2
+
+TINY = ["--threads", "1", "--ckpt-every", "1", "--vae-batch", "4", "--vae-eval", "0", "--norm-images", "16", "--text-batch", "8",
+        "--flow-batch", "4", "--width", "1", "--depth", "1,1", "--eval-every", "0"]
+PHASES = ("vae", "vaedec", "text", "flow", "reflow")
+
+
+def _budget(**steps):
+    return [a for k, v in steps.items() for a in (f"--{k}-steps", str(v))]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Two steps of every phase in one go, with an evaluation and an export."""
+    work = tmp_path_factory.mktemp("straight")
+    threads = torch.get_num_threads()
+    try:
+        train_v2.main(["--work", str(work), "--phases", "reflow,export", "--eval-every", "2", "--eval-prompts", "4",
+                       "--teacher-steps", "2", *TINY[:-2], *_budget(vae=2, vaedec=2, text=2, flow=2, reflow=2)])
+    finally:
+        torch.set_num_threads(threads)
+    return work
+
+
+def test_phases_checkpoint_evaluate_and_export(straight):
+    for phase in PHASES:
+        assert (straight / f"{phase}.safetensors").is_file()
+    rows = [json.loads(line) for line in (straight / "curve.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"], r["n"]) for r in rows] == [("flow", 2, 4), ("reflow", 2, 4)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    from diffusers import FluxPipeline
+
+    from qsched.generation import generate
+    pipe = FluxPipeline.from_pretrained(str(straight / "pipeline"), local_files_only=True)
+    assert pipe.vae_scale_factor == 2 and pipe.transformer.config.in_channels == 16
+    images = generate(pipe, ["a red circle"], train_v2.SETTINGS_V2, batch_size=1)
+    assert images.shape == (1, 3, 32, 32)
+    threads = torch.get_num_threads()
+    try:  # the acceptance evaluation loads every finished phase and writes its numbers
+        train_v2.main(["--work", str(straight), "--phases", "eval", "--final-eval", "16", *TINY,
+                       *_budget(vae=0, vaedec=0, text=0, flow=0, reflow=0)])
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((straight / "eval-flow2.json").read_text())
+    assert res["n"] == 16 and 0 <= res["steps_20"]["accuracy"] <= 1 and res["fp16_megabytes"] < 20
+
+
+def test_resume_reaches_the_same_state(straight, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        for i, phase in enumerate(PHASES):  # each phase: stop after one step, then resume for the second
+            done = {p: 2 for p in PHASES[:i]}
+            for steps in (1, 2):
+                budget = _budget(**{**{p: 0 for p in PHASES}, **done, phase: steps})
+                train_v2.main(["--work", str(tmp_path), "--phases", phase, "--teacher-steps", "2", *TINY, *budget])
+    finally:
+        torch.set_num_threads(threads)
+    for phase in PHASES:
+        a, b = load_file(str(straight / f"{phase}.safetensors")), load_file(str(tmp_path / f"{phase}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (phase, k)
