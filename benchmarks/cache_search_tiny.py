@@ -1,7 +1,7 @@
 """ECAD-style cache-schedule search on the embedded flux-tiny model, against FORA every 2/3/4 and no cache.
 
 1. Search (NSGA-II, prefix-shared batched evaluation) on ``--prompts`` training-split prompts, with the
-   quality :class:`cache_search.search.WorldQuality` uses (judge score + PSNR fidelity to no-cache); the
+   quality :class:`cache_search.search.ScheduleQuality` uses (judge score + PSNR fidelity to no-cache); the
    first ``--proxy-generations`` generations on the proxy (the first quarter of the prompts). Reports
    candidates evaluated, wall time, evaluations per second, the block (component) evaluations and MACs
    that prefix sharing ran against evaluating each candidate on its own, and what the proxy saved.
@@ -43,7 +43,8 @@ from cache_search.caching import enable_cache
 from cache_search.cost import CostModel
 from cache_search.schedule import CacheSchedule, block_layout
 from cache_search.guard import guard_front
-from cache_search.search import SearchConfig, nsga2_search, proxy_summary, quality_terms, sharing_summary, world_quality
+from cache_search.search import SearchConfig, nsga2_search, proxy_summary, quality_terms, sharing_summary, schedule_quality
+from qsched.scoring.scorer import WorldJudgeScorer
 from cache_search.stage import GUARD_SEED_OFFSET
 from qsched.generation import generate
 from qsched.tinyworld.judge import confidence_interval, judge, psnr
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
     blocks = block_layout(pipe)
     cost = CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
     _, prompts = sample_batch(seed=args.seed + 101, n=args.prompts, split="train")
-    evaluator = world_quality(pipe, prompts, settings, seed=args.seed, max_batch=args.max_batch,
+    evaluator = schedule_quality(pipe, prompts, settings, WorldJudgeScorer(), seed=args.seed, max_batch=args.max_batch,
                               share_prefixes=not args.no_share)
     state = {}
     start = time.perf_counter()
@@ -220,7 +221,7 @@ def main(argv=None) -> None:
         scheds = state["population"][:args.check_sharing]
         check = {}
         for share in (True, False):
-            ev = world_quality(pipe, prompts, settings, seed=args.seed, max_batch=args.max_batch, share_prefixes=share)
+            ev = schedule_quality(pipe, prompts, settings, WorldJudgeScorer(), seed=args.seed, max_batch=args.max_batch, share_prefixes=share)
             t = time.perf_counter()
             check[share] = (ev(scheds), time.perf_counter() - t, ev.counts)
         check = {"schedules": len(scheds), "seconds_shared": round(check[True][1], 2),

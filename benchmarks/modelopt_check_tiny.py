@@ -26,7 +26,7 @@ from qsched.adapters import adapter_for
 from qsched.bits import parse_bits
 from qsched.generation import generate
 from qsched.prompts import calibration_prompts
-from qsched.tinyworld.judge import psnr
+from qsched.metrics import psnr
 from qsched.tinyworld.model import TINY_SETTINGS, load_embedded
 
 

@@ -30,7 +30,8 @@ from calibrate.calibration import calibrate
 from qsched.bits import parse_bits
 from qsched.errors import ModelNotFoundError
 from qsched.generation import generate
-from qsched.jaq import jaq, world_jaq_terms
+from qsched.jaq import jaq, scorer_terms
+from qsched.scoring.scorer import WorldJudgeScorer
 from qsched.optimize import learn_coefficients
 from qsched.prompts import calibration_prompts
 from qsched.recipe import QuantizationConfig
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     train = unique_prompts(20_000, args.prompts, "train", set())
     heldout = unique_prompts(30_000, args.prompts, "test", set())
     evaluation = unique_prompts(args.eval_seed, args.eval_prompts, "test", set(heldout))
-    terms = world_jaq_terms()
+    terms = scorer_terms(WorldJudgeScorer())
 
     def objective(images, prompts):
         return jaq(images, prompts, *terms, k=args.k)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from cache_search.schedule import CacheSchedule, block_layout
-from cache_search.search import distributed_world_quality, world_quality
+from cache_search.search import distributed_schedule_quality, schedule_quality
+from qsched.scoring.scorer import WorldJudgeScorer
 from calibrate.sensitivity import analyze_sensitivity
 from qsched.distributed import RayConfig
 from qsched.tinyworld.model import TINY_SETTINGS, load_embedded
@@ -42,11 +43,11 @@ def sensitivity(pipe, prompts, layers, ray=None):
 
 def cache_eval(pipe, prompts, schedules, ray=None):
     if ray is None:
-        evaluator, startup = _timed(lambda: world_quality(pipe, prompts, TINY_SETTINGS, max_batch=64))
+        evaluator, startup = _timed(lambda: schedule_quality(pipe, prompts, TINY_SETTINGS, WorldJudgeScorer(), max_batch=64))
         values, seconds = _timed(lambda: evaluator(schedules))
         return values, seconds, startup
     t = time.perf_counter()
-    with distributed_world_quality(pipe, prompts, TINY_SETTINGS, ray=ray, max_batch=64) as evaluator:
+    with distributed_schedule_quality(pipe, prompts, TINY_SETTINGS, WorldJudgeScorer(), ray=ray, max_batch=64) as evaluator:
         startup = time.perf_counter() - t
         values, seconds = _timed(lambda: evaluator(schedules))
     return values, seconds, startup

@@ -13,7 +13,7 @@ Why this shape:
   FF-only), then random genomes whose reuse density is itself drawn uniformly from [0, 1], so the seeds
   span the whole MAC axis rather than clustering at 50 % reuse;
 * quality is pluggable: ``evaluate(schedules) -> list[float]`` is called once per generation with every
-  new schedule, so an evaluator can batch them (:class:`WorldQuality` does, in genome order, running
+  new schedule, so an evaluator can batch them (:class:`ScheduleQuality` does, in genome order, running
   each prefix the candidates of a call share only once); MACs come from a cheap ``macs(schedule)``
   (normally :meth:`cache_search.cost.CostModel.schedule_macs`). An evaluator's integer work counters
   (``evaluate.counts``: block evaluations run and saved by prefix sharing, MACs) are summed per generation
@@ -25,15 +25,15 @@ Why this shape:
   RNG states) is written atomically to the work dir; a killed search restarted on the same work dir
   continues from the last finished generation and ends with the same front as an unbroken run;
 * multi-fidelity (``SearchConfig.proxy_generations`` = G > 0): generations 0 .. G-1 (0 = the initial
-  population) are scored by ``evaluate.proxy(proxy_fraction)``, for :class:`WorldQuality` the first
-  quarter of the prompts with the same noise and the same batches (:meth:`WorldQuality.proxy`). Before
+  population) are scored by ``evaluate.proxy(proxy_fraction)``, for :class:`ScheduleQuality` the first
+  quarter of the prompts with the same noise and the same batches (:meth:`ScheduleQuality.proxy`). Before
   generation G the population is re-scored by the full evaluator and re-ranked (the switch; no random
   draws, so a resume on either side of it repeats it), and the search goes on at full fidelity. Proxy
   scores live in their own archive and counters in the checkpoint; the archive, the front and ``counts``
   hold full-fidelity evaluations only, and the front's ``proxy`` entry gives :func:`proxy_summary` what
   the proxy saved;
 * guard selection is a separate step (:func:`cache_search.guard.guard_front`): the final front re-scored
-  on other prompts (:meth:`WorldQuality.on_prompts`), keeping what they do not dominate, because the
+  on other prompts (:meth:`ScheduleQuality.on_prompts`), keeping what they do not dominate, because the
   search overfits its own prompts.
 
 The returned front is the non-dominated set of every schedule evaluated at full fidelity (not only the
@@ -73,7 +73,7 @@ class SearchConfig:
     seed: int = 0
     fora_periods: tuple[int, ...] = (2, 3, 4)
     # multi-fidelity: generations 0 .. proxy_generations - 1 are scored by ``evaluate.proxy(proxy_fraction)``
-    # (WorldQuality: the first ceil(fraction × P) prompts); 0 = every generation at full fidelity
+    # (ScheduleQuality: the first ceil(fraction × P) prompts); 0 = every generation at full fidelity
     proxy_generations: int = 0
     proxy_fraction: float = 0.25
 
@@ -241,7 +241,7 @@ class _Search:
         self.proxy_evaluator = None
         if config.proxy_generations and not callable(getattr(evaluate, "proxy", None)):
             raise ValueError("proxy_generations needs an evaluator with a proxy(fraction) method "
-                             "(WorldQuality and its Ray and CLIP variants have one)")
+                             "(ScheduleQuality and its Ray variant have one)")
         self.population: list[_Individual] = []
         self.generation = 0
         rng = random.Random(config.seed)
@@ -464,7 +464,7 @@ def nsga2_search(steps: int, blocks, evaluate: Callable[[list[CacheSchedule]], l
     return _Search(steps, blocks, evaluate, macs, config or SearchConfig(), work_dir).run(on_generation)
 
 
-# --- the tinyworld quality evaluator ------------------------------------------------------------------
+# --- the quality evaluator ----------------------------------------------------------------------------
 
 
 def proxy_prompt_count(prompts: int, fraction: float) -> int:
@@ -500,14 +500,16 @@ class _Evaluator:
         return variant
 
 
-class WorldQuality(_Evaluator):
-    """Quality of cached generations in the tiny world: judge score and fidelity to the uncached images.
+class ScheduleQuality(_Evaluator):
+    """Quality of cached generations: the scorer's content score and fidelity to the uncached images.
 
-    ``quality = (1 - w) · judge_score + w · fidelity`` with ``fidelity = mean_i min(PSNR_i, cap) / cap``
-    (PSNR of image i against the uncached pipeline's image for the same prompt and noise; cap 40 dB, beyond
-    which differences are invisible at 8 bits). Both terms lie in [0, 1]; w = 0.5 by default. The judge term
-    keeps the search honest about content (a cached image may differ yet still be right); the fidelity term
-    ranks schedules the judge cannot tell apart and makes the uncached schedule the quality reference.
+    ``quality = (1 - w) · score + w · fidelity`` with ``score`` the content score of the model profile's
+    :class:`qsched.scoring.scorer.Scorer` (the world's judge for flux-tiny, CLIP match and CLIP-IQA for a
+    real model) and ``fidelity = mean_i min(PSNR_i, cap) / cap`` (PSNR of image i against the uncached
+    pipeline's image for the same prompt and noise; cap 40 dB, beyond which differences are invisible at 8
+    bits). Both terms lie in [0, 1]; w = 0.5 by default. The content term keeps the search honest about
+    content (a cached image may differ yet still be right); the fidelity term ranks schedules the scorer
+    cannot tell apart and makes the uncached schedule the quality reference.
 
     Candidates are batched: up to ``max_batch // len(prompts)`` schedules run in one pipeline call with the
     prompts repeated per candidate (``enable_cache`` with a schedule per row group), and every row draws its
@@ -523,10 +525,11 @@ class WorldQuality(_Evaluator):
     guard set), :meth:`proxy` on the first of its own (the multi-fidelity proxy).
     """
 
-    def __init__(self, pipe, prompts: Sequence[str], settings, seed: int = 0, max_batch: int = 64,
+    def __init__(self, pipe, prompts: Sequence[str], settings, scorer, seed: int = 0, max_batch: int = 64,
                  fidelity_weight: float = 0.5, psnr_cap: float = 40.0, call_kwargs: dict | None = None,
                  share_prefixes: bool = True):
         self.pipe, self.prompts, self.settings, self.seed = pipe, list(prompts), settings, int(seed)
+        self.scorer = scorer
         self.max_batch, self.fidelity_weight, self.psnr_cap = int(max_batch), float(fidelity_weight), float(psnr_cap)
         self.call_kwargs = dict(call_kwargs or {})
         self.share_prefixes = bool(share_prefixes)
@@ -537,8 +540,8 @@ class WorldQuality(_Evaluator):
         self.reference = self._generate(None, 1)[0]
         self.reference_metrics = self.metrics(self.reference)
 
-    def _variant(self, prompts, seed, max_batch) -> "WorldQuality":
-        other = copy.copy(self)  # subclasses' scorers (ClipQuality's CLIP) come along
+    def _variant(self, prompts, seed, max_batch) -> "ScheduleQuality":
+        other = copy.copy(self)  # the scorer (and its loaded CLIP) comes along
         other.prompts, other.seed, other.max_batch = list(prompts), seed, max_batch
         other.counts, other.seconds, other._variants = {}, 0.0, {}
         other.reference = other._generate(None, 1)[0]
@@ -574,12 +577,12 @@ class WorldQuality(_Evaluator):
         return images.float().cpu(), counts
 
     def metrics(self, images) -> dict:
-        """Judge score and accuracy, mean PSNR to the reference, fidelity and the combined quality of P images."""
-        from qsched.tinyworld.judge import judge, psnr
+        """The scorer's content terms, mean PSNR to the reference, fidelity and the combined quality of P images."""
+        from qsched.metrics import psnr
 
-        verdict = judge(images, self.prompts)
-        return {"score": verdict.score, "accuracy": float(verdict.accuracy),
-                **quality_terms(verdict.score, psnr(images, self.reference), self.psnr_cap, self.fidelity_weight)}
+        content = self.scorer.content(images, self.prompts)
+        return {**content, **quality_terms(content["score"], psnr(images, self.reference), self.psnr_cap,
+                                           self.fidelity_weight)}
 
     def evaluate_metrics(self, schedules: Sequence[CacheSchedule]) -> list[dict]:
         """Metrics of each schedule, in the given order (evaluated in the calls :func:`batch_plan` makes)."""
@@ -613,7 +616,7 @@ class WorldQuality(_Evaluator):
 
 
 def quality_terms(score: float, db, psnr_cap: float = 40.0, fidelity_weight: float = 0.5) -> dict:
-    """:class:`WorldQuality`'s formula from a content ``score`` in [0, 1] and per-image PSNRs ``db`` to the
+    """:class:`ScheduleQuality`'s formula from a content ``score`` in [0, 1] and per-image PSNRs ``db`` to the
     uncached images: mean PSNR (capped at 100 dB for the record), fidelity and the combined quality."""
     fidelity = float(np.mean(np.minimum(db, psnr_cap) / psnr_cap))
     return {"psnr": float(np.mean(np.minimum(db, 100.0))), "fidelity": fidelity,
@@ -702,18 +705,24 @@ def batches(schedules: Sequence[CacheSchedule], prompts: int, max_batch: int) ->
     return [[schedules[i] for i in chunk] for chunk in batch_plan(schedules, prompts, max_batch)]
 
 
-class _WorldQualityBuilder:
-    """Runs on a Ray worker, once: load the pipeline and compute its uncached reference images."""
+class _ScheduleQualityBuilder:
+    """Runs on a Ray worker, once: load the pipeline and the scorer (from its plain spec), and compute the
+    uncached reference images."""
 
-    def __init__(self, source, prompts, settings, seed, kwargs):
+    def __init__(self, source, prompts, settings, scorer_spec, seed, kwargs):
         self.source, self.prompts, self.settings, self.seed, self.kwargs = source, prompts, settings, seed, kwargs
+        self.scorer_spec = scorer_spec
 
-    def __call__(self) -> WorldQuality:
-        return WorldQuality(self.source.load(), self.prompts, self.settings, self.seed, **self.kwargs)
+    def __call__(self) -> ScheduleQuality:
+        from qsched.scoring.scorer import scorer_from_spec
+
+        pipe = self.source.load()
+        scorer = scorer_from_spec(self.scorer_spec, device=str(getattr(pipe, "device", "cpu")))
+        return ScheduleQuality(pipe, self.prompts, self.settings, scorer, self.seed, **self.kwargs)
 
 
-class DistributedWorldQuality(_Evaluator):
-    """:class:`WorldQuality` over a :class:`qsched.distributed.WorkerPool`: each worker holds the pipeline
+class DistributedScheduleQuality(_Evaluator):
+    """:class:`ScheduleQuality` over a :class:`qsched.distributed.WorkerPool`: each worker holds the pipeline
     and the reference images; the batches of one generation go to whichever worker is free. Same batches
     as in process, so the same qualities, the same counters and the same front. Its :meth:`on_prompts`
     variants (proxy, guard) run on the workers too, each of which builds the variant once."""
@@ -725,8 +734,8 @@ class DistributedWorldQuality(_Evaluator):
         self.seconds = 0.0
         self._variants: dict = {}
 
-    def _variant(self, prompts, seed, max_batch) -> "DistributedWorldQuality":
-        return DistributedWorldQuality(self.pool, prompts, seed, max_batch, variant=True)
+    def _variant(self, prompts, seed, max_batch) -> "DistributedScheduleQuality":
+        return DistributedScheduleQuality(self.pool, prompts, seed, max_batch, variant=True)
 
     def evaluate_metrics(self, schedules: Sequence[CacheSchedule]) -> list[dict]:
         import time
@@ -745,21 +754,23 @@ class DistributedWorldQuality(_Evaluator):
         return _in_input_order(plan, [metrics for metrics, _ in results], len(schedules))
 
 
-def world_quality(pipe, prompts: Sequence[str], settings, seed: int = 0, **kwargs) -> WorldQuality:
-    """The tinyworld evaluator for :func:`nsga2_search` (see :class:`WorldQuality` for the formula)."""
-    return WorldQuality(pipe, prompts, settings, seed, **kwargs)
+def schedule_quality(pipe, prompts: Sequence[str], settings, scorer, seed: int = 0, **kwargs) -> ScheduleQuality:
+    """The evaluator for :func:`nsga2_search` (see :class:`ScheduleQuality` for the formula)."""
+    return ScheduleQuality(pipe, prompts, settings, scorer, seed, **kwargs)
 
 
 @contextmanager
-def distributed_world_quality(pipe, prompts: Sequence[str], settings, seed: int = 0, *, ray, source=None,
-                              max_batch: int = 64, **kwargs):
-    """:func:`world_quality` on Ray workers (``ray``: a :class:`qsched.distributed.RayConfig`), for the
-    duration of the ``with`` block. ``source`` defaults to ``pipe`` as it is now, via the object store."""
+def distributed_schedule_quality(pipe, prompts: Sequence[str], settings, scorer, seed: int = 0, *, ray,
+                                 source=None, max_batch: int = 64, **kwargs):
+    """:func:`schedule_quality` on Ray workers (``ray``: a :class:`qsched.distributed.RayConfig`), for the
+    duration of the ``with`` block. ``source`` defaults to ``pipe`` as it is now, via the object store; each
+    worker rebuilds ``scorer`` from its :meth:`~qsched.scoring.scorer.Scorer.spec`."""
     from qsched.distributed import PipelineSource, WorkerPool, connect
 
     connect(ray)
     source = source or PipelineSource.from_pipeline(pipe)
-    builder = _WorldQualityBuilder(source, list(prompts), settings, int(seed), dict(max_batch=max_batch, **kwargs))
+    builder = _ScheduleQualityBuilder(source, list(prompts), settings, scorer.spec(), int(seed),
+                                      dict(max_batch=max_batch, **kwargs))
     device = str(getattr(pipe, "device", "cpu"))
     with WorkerPool(ray, builder, device=device) as pool:
-        yield DistributedWorldQuality(pool, prompts, seed, max_batch)
+        yield DistributedScheduleQuality(pool, prompts, seed, max_batch)

@@ -4,7 +4,6 @@ the guard prompts do not dominate (:mod:`cache_search.guard`), and pick the oper
 ``--cache-budget`` asks for, by guard quality."""
 from __future__ import annotations
 
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from tqdm.auto import tqdm
 from .cost import CostModel
 from .guard import guard_front
 from .schedule import CacheSchedule, block_layout
-from .search import (ParetoFront, SearchConfig, distributed_world_quality, nsga2_search, proxy_summary,
-                     sharing_summary, world_quality)
+from .search import (ParetoFront, SearchConfig, distributed_schedule_quality, nsga2_search, proxy_summary,
+                     schedule_quality, sharing_summary)
 
 GUARD_SEED_OFFSET = 50_000  # the guard's noise: row i of the guard prompts draws from seed + 50,000 + i
 
@@ -36,28 +35,22 @@ def choose_point(front: ParetoFront, budget: float | None, quality_floor: float)
     return min(good, key=lambda i: points[i].macs)
 
 
-def search_cache(pipe, prompts: list[str], settings, config, seed: int, work: Path | None,
-                 progress: bool = True, ray=None, clip=None,
+def search_cache(pipe, prompts: list[str], settings, config, seed: int, work: Path | None, scorer,
+                 progress: bool = True, ray=None,
                  guard_prompts: list[str] | None = None) -> tuple[dict, CacheSchedule | None]:
-    """Run NSGA-II over caching schedules with the world's quality (judge + fidelity to no-cache), or,
-    given ``clip`` (a loaded :class:`qsched.scoring.clip.ClipBundle`), a real model's CLIP quality
-    (:mod:`cache_search.clip_quality`). ``ray`` (a :class:`qsched.distributed.RayConfig`) evaluates each
-    generation's world-quality candidates on Ray workers; the front is the same as in process.
+    """Run NSGA-II over caching schedules scored by ``scorer`` (the model profile's
+    :class:`qsched.scoring.scorer.Scorer`) plus fidelity to no-cache (:class:`cache_search.search.ScheduleQuality`).
+    ``ray`` (a :class:`qsched.distributed.RayConfig`) evaluates each generation's candidates on Ray workers,
+    each rebuilding the scorer from its spec; the front is the same as in process.
     ``guard_prompts`` (disjoint from ``prompts``; none or empty: no guard) re-score the front with the same
     quality, noise seed ``seed`` + :data:`GUARD_SEED_OFFSET`, and keep what they do not dominate."""
     cost = CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
     search = SearchConfig(population=config.population, generations=config.generations, seed=seed,
                           proxy_generations=config.proxy_generations)
-    if clip is not None:
-        from .clip_quality import clip_quality
-        if ray is not None:
-            warnings.warn("the CLIP cache-search quality runs in process; --ray is used by the other stages only",
-                          stacklevel=2)
-        evaluators = nullcontext(clip_quality(pipe, prompts, settings, clip, seed=seed))
-    elif ray is not None:
-        evaluators = distributed_world_quality(pipe, prompts, settings, seed=seed, ray=ray)
+    if ray is not None:
+        evaluators = distributed_schedule_quality(pipe, prompts, settings, scorer, seed=seed, ray=ray)
     else:
-        evaluators = nullcontext(world_quality(pipe, prompts, settings, seed=seed))
+        evaluators = nullcontext(schedule_quality(pipe, prompts, settings, scorer, seed=seed))
     bar = tqdm(total=config.generations + 1, desc="cache search", unit="gen", disable=not progress, leave=False)
     with evaluators as evaluator, bar:
         def on_generation(g, state):

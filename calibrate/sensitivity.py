@@ -260,10 +260,7 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def _default_image_metric() -> Callable:
-    try:
-        from qsched.tinyworld.judge import ssim
-    except ImportError as exc:  # pragma: no cover - the judge ships with the package
-        raise RuntimeError("qsched.tinyworld.judge.ssim is needed to score content layers") from exc
+    from qsched.metrics import ssim
     return ssim
 
 

@@ -4,15 +4,19 @@ Why not :func:`export.format.write_artifact`: that writes a whole new directory,
 copying gigabytes of shards to add one folder. Here only the new folder and ``manifest.json`` are written,
 and each step leaves a consistent artifact (``export.load(verify=True)`` passes after any of them):
 
-1. the files are written into a hidden sibling folder inside the artifact, fsynced, and hashed;
+1. the files are written into a hidden folder beside the artifact (same filesystem, so step 3 is a
+   rename), fsynced, and hashed: the reader refuses anything the manifest does not list, so a temporary
+   folder inside would make the artifact unloadable while an export runs, or for good after a crash;
 2. when replacing (``overwrite=True``), the manifest first stops listing the old folder, then the old
-   folder is moved aside;
-3. the new folder is renamed into place (unlisted files do not break verification);
+   folder is moved aside (beside the artifact, for the same reason);
+3. the new folder is renamed into place;
 4. ``manifest.json`` is replaced atomically (temporary file, fsync, ``os.replace``) with the new files
    listed (sha256 and bytes, as :mod:`export.format` does) and the caller's record under ``key``.
 
-A failure before step 4 removes the new folder, so a retry starts clean. Concurrent writers of the same
-artifact are not supported (the compile and ``qcompile report`` never run at the same time as this).
+Only for an instant (a rename apart, in step 2 and between steps 3 and 4) does the artifact hold a folder
+its manifest does not list; a crash exactly there leaves it refused by ``export.load`` with a message
+naming the folder to delete. A failure before step 4 removes the new folder, so a retry starts clean. Concurrent writers of the
+same artifact are not supported (the compile and ``qcompile report`` never run at the same time as this).
 """
 from __future__ import annotations
 
@@ -79,7 +83,8 @@ def add_folder(path, folder: str, write: Callable[[Path], None], key: str, recor
         raise ArtifactError(f"{target} is a file of the artifact, not an export folder; choose another name")
     _check_json(record, key)
 
-    tmp = path / f".{folder}.tmp-{secrets.token_hex(4)}"
+    real = Path(os.path.realpath(path))  # temporaries go beside the real folder: same filesystem, never inside
+    tmp = real.parent / f".{real.name}.{folder}.tmp-{secrets.token_hex(4)}"
     old = None
     moved = False
     try:
@@ -99,7 +104,7 @@ def add_folder(path, folder: str, write: Callable[[Path], None], key: str, recor
         if os.path.lexists(target):
             if listed or key in manifest:
                 _replace_manifest(path, new)  # stop listing the old folder before it goes
-            old = path / f".{folder}.old-{secrets.token_hex(4)}"
+            old = real.parent / f".{real.name}.{folder}.old-{secrets.token_hex(4)}"
             os.rename(target, old)
         os.rename(tmp, target)
         moved = True

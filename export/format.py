@@ -11,8 +11,9 @@ Layout::
 ``manifest.json`` holds whatever the caller put in it, plus two keys the writer owns:
 ``schema_version`` (:data:`SCHEMA_VERSION`) and ``files``, a map from every written file's relative
 path (POSIX separators) to ``{"sha256": <hex>, "bytes": <size>}``. ``manifest.json`` itself is not
-listed, nor is what a ``finalize`` callback adds (views derived from the listed files, such as
-``report.html``, which can then be regenerated in place without touching the manifest).
+listed, nor is ``report.html`` (:data:`UNLISTED_VIEWS`: the one view a ``finalize`` callback may add,
+derived from listed files, so it can be regenerated in place without touching the manifest; no loader
+reads it). Anything else in the directory is refused by the reader (see below).
 
 Why it is built this way:
 
@@ -26,6 +27,11 @@ Why it is built this way:
   artifact never unpickles anything.
 * **Checksums.** Every file's size and sha256 are in the manifest, so a truncated download or a
   flipped byte is reported as such (naming the file) instead of surfacing as garbage images.
+* **Nothing unlisted.** A loader downstream (diffusers, transformers) picks files by name, so a file the
+  manifest does not list would be read unverified -- e.g. a ``diffusion_pytorch_model.bin`` pickle next
+  to a deleted ``.safetensors``. The reader therefore refuses any file or folder the manifest does not
+  list (except ``manifest.json`` and :data:`UNLISTED_VIEWS`), any symlink (even one pointing inside:
+  what it points at is not what was listed) and any special file, before it checks sizes or hashes.
 * **Streaming.** ``shards`` may be an iterable of ``(name, tensors)`` pairs (e.g. a generator); each
   shard is written and released before the next is requested, so a model larger than RAM can be
   exported shard by shard.
@@ -52,6 +58,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST_NAME",
     "SHARD_SUFFIX",
+    "UNLISTED_VIEWS",
     "write_artifact",
     "read_manifest",
     "load_shard",
@@ -66,6 +73,8 @@ __all__ = [
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".safetensors"
+#: Unlisted files an artifact may hold at its top level: views derived from listed files, read by no loader.
+UNLISTED_VIEWS = frozenset({"report.html"})
 
 _CHUNK = 1 << 20  # 1 MiB hashing chunks: constant memory for multi-GB shards.
 
@@ -303,7 +312,8 @@ def write_artifact(
     with ``manifest.json``) or an empty directory is replaced, and anything else is refused so a typo
     cannot delete an unrelated folder. ``finalize(tmp_dir)``, when given, runs once the temporary
     directory holds every listed file and the manifest, before the rename; what it writes there lands
-    atomically with the rest but is not listed in ``files`` (see the module docstring).
+    atomically with the rest but is not listed in ``files``, so it may only write :data:`UNLISTED_VIEWS`
+    (anything else would make the artifact unloadable, and is refused here).
 
     Raises :class:`ArtifactError` for bad names or values, an
     unwritable destination or an I/O failure; on any failure nothing is left at ``out_dir`` (or the old
@@ -363,6 +373,7 @@ def write_artifact(
         _write_bytes(tmp / MANIFEST_NAME, text.encode("utf-8"))
         if finalize is not None:
             finalize(tmp)
+            _check_tree(tmp, full["files"])  # what the reader will accept: fail here, not at load time
 
         for d in sorted(layout.dirs, key=lambda s: -s.count("/")):
             _fsync_dir(tmp / d)
@@ -434,9 +445,43 @@ def _artifact_dir(path: PathLike) -> Path:
         raise ArtifactError(f"not a qsched artifact: {p} does not exist; check the path")
     if not p.is_dir():
         raise ArtifactError(f"not a qsched artifact: {p} is not a directory; pass the artifact folder")
+    if (p / MANIFEST_NAME).is_symlink():
+        raise _refused(p, MANIFEST_NAME, "is a symbolic link", "replace the link with the file itself")
     if not (p / MANIFEST_NAME).is_file():
         raise ArtifactError(f"not a qsched artifact: {p} has no {MANIFEST_NAME}; pass the folder qcompile wrote")
     return p
+
+
+def _refused(p: Path, rel: str, why: str, fix: str = "delete it") -> ArtifactError:
+    return ArtifactError(f"refusing artifact {p}: {rel!r} {why}; an artifact holds only the plain files its "
+                         f"{MANIFEST_NAME} lists, so {fix} or re-export the artifact")
+
+
+def _check_tree(p: Path, files: Mapping[str, Any]) -> None:
+    """Refuse every entry under ``p`` that is not ``manifest.json``, a listed file, a folder of listed files
+    or an :data:`UNLISTED_VIEWS` file; and every symlink or special file, wherever it points. Why: loaders
+    pick files by name, so anything unlisted would be read unverified, and a link can lead outside."""
+    dirs = {str(d) for rel in files for d in PurePosixPath(rel).parents if str(d) != "."}
+    allowed = set(files) | {MANIFEST_NAME} | UNLISTED_VIEWS
+    stack = [("", p)]
+    while stack:
+        prefix, folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            raise ArtifactError(f"cannot read {folder}: {_oserr(e)}") from e
+        for entry in entries:
+            rel = prefix + entry.name
+            if entry.is_symlink():
+                raise _refused(p, rel, "is a symbolic link", "replace the link with the file itself")
+            if entry.is_dir(follow_symlinks=False):
+                if rel not in dirs:
+                    raise _refused(p, rel + "/", f"is a folder {MANIFEST_NAME} does not list")
+                stack.append((rel + "/", Path(entry.path)))
+            elif not entry.is_file(follow_symlinks=False):
+                raise _refused(p, rel, "is not a regular file")
+            elif rel not in allowed:
+                raise _refused(p, rel, f"is not listed in {MANIFEST_NAME}, so it was never verified")
 
 
 def _corrupt(p: Path, what: str) -> ArtifactError:
@@ -446,8 +491,9 @@ def _corrupt(p: Path, what: str) -> ArtifactError:
 def read_manifest(path: PathLike, verify: bool = True) -> dict[str, Any]:
     """Read and check an artifact's ``manifest.json``; returns it as a dict (with ``files``).
 
-    Always checks that the manifest is valid JSON of a supported schema and that every listed file
-    exists with the recorded size (cheap). With ``verify=True`` (the default) it also re-hashes every
+    Always checks that the manifest is valid JSON of a supported schema, that the directory holds nothing
+    it does not list (no unlisted file or folder, no symlink: see the module docstring) and that every
+    listed file exists with the recorded size (cheap). With ``verify=True`` (the default) it also re-hashes every
     file against its recorded sha256 (reads everything; slow for GB-sized artifacts). Raises
     :class:`ArtifactError` naming the offending file. Uses only ``json``; never unpickles.
     """
@@ -492,6 +538,7 @@ def read_manifest(path: PathLike, verify: bool = True) -> dict[str, Any]:
             or entry["bytes"] < 0
         ):
             raise _corrupt(p, f"{MANIFEST_NAME} has a malformed entry for {rel}")
+    _check_tree(p, files)
 
     for rel, entry in files.items():
         fpath = p / rel

@@ -3,6 +3,11 @@
 Loading reads only JSON and safetensors (never pickle), verifies checksums and the schema version, and
 rebuilds the denoiser on the meta device so its FP weights are never materialised twice. The native
 runtime is streamed from the shards layer by layer (:func:`build_native_denoiser`).
+
+Never pickle, in depth: :func:`export.format.read_manifest` refuses any file the manifest does not list and
+any symlink; bundled components may not hold a pickle-capable file even when listed (:data:`UNSAFE_SUFFIXES`),
+their safetensors are parsed before diffusers sees them, and diffusers is told ``use_safetensors=True``, so
+it fails instead of falling back to a ``.bin``. Whatever still goes wrong is one :class:`ArtifactError` line.
 """
 from __future__ import annotations
 
@@ -14,23 +19,39 @@ from calibrate.apply import set_submodule
 from calibrate.qlayers import QuantLayer
 from qsched.errors import ArtifactError
 
-from .format import load_shard, open_shard, read_manifest
+from .format import SHARD_SUFFIX, load_shard, open_shard, read_manifest
 from .packing import unpack_int
 
+#: Files a bundled component may not hold, listed or not: formats diffusers or transformers would unpickle
+#: (``.bin``, ``.pt``, ``.ckpt``, sharded ``.bin`` indexes, ...) or import (``.py``), or read in place of
+#: safetensors. ``save_pretrained(safe_serialization=True)``, which writes the bundle, never writes them.
+UNSAFE_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".dill",
+                   ".npy", ".npz", ".msgpack", ".h5", ".gguf", ".flashpack", ".py", ".pyc", ".so")
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError)
 
-def _diffusers_class(name: str):
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _diffusers_class(name: str, base: str | None = None):
+    """The diffusers class the manifest names; with ``base``, it must subclass ``diffusers.<base>`` (a
+    manifest naming any other attribute of the module is refused, not called)."""
     import diffusers
 
-    cls = getattr(diffusers, name, None)
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if cls is None:
         raise ArtifactError(f"artifact needs diffusers class {name!r}, which this diffusers ({diffusers.__version__}) lacks; upgrade diffusers")
+    if base is not None and not (isinstance(cls, type) and issubclass(cls, getattr(diffusers, base))):
+        raise ArtifactError(f"corrupt artifact: its manifest names {name!r} where a diffusers {base} belongs; re-export it")
     return cls
 
 
 def _meta_denoiser(manifest: dict):
     """The denoiser on the meta device with an empty :class:`QuantLayer` per manifest layer: (model, class, config)."""
     info = manifest["denoiser"]
-    cls = _diffusers_class(info["class"])
+    cls = _diffusers_class(info["class"], "ModelMixin")
     config = {k: v for k, v in info["config"].items() if not k.startswith("_")}
     with torch.device("meta"):
         denoiser = cls.from_config(config)
@@ -121,12 +142,33 @@ def _materialise_leftover_buffers(denoiser, cls, config) -> None:
         module.register_buffer(leaf, reference_buffers[name].clone(), persistent=False)
 
 
+def check_bundle(path: Path, manifest: dict) -> None:
+    """Refuse a bundle holding a pickle-capable file (listed or not) and parse every bundled safetensors
+    header, so a bad component is one clear error naming the file, before diffusers opens anything."""
+    listed = [rel for rel in manifest["files"] if rel.startswith("components/")]
+    for rel in listed:
+        if rel.lower().endswith(UNSAFE_SUFFIXES):
+            raise ArtifactError(f"refusing artifact {path}: {rel!r} is a format that loads with pickle or runs code; "
+                                "bundled weights must be safetensors; re-export the artifact")
+    for rel in listed:
+        if rel.endswith(SHARD_SUFFIX):
+            with open_shard(path, rel, manifest):
+                pass
+
+
 def _other_components(manifest: dict, path: Path, denoiser):
     """The pipeline around the denoiser: bundled in the artifact, or loaded from the recorded source."""
     attr = manifest["denoiser"]["attr"]
     if manifest.get("bundle"):
-        pipeline_cls = _diffusers_class(manifest["pipeline_class"])
-        return pipeline_cls.from_pretrained(str(path / "components"), local_files_only=True, **{attr: denoiser})
+        pipeline_cls = _diffusers_class(manifest["pipeline_class"], "DiffusionPipeline")
+        try:  # use_safetensors: a missing .safetensors is an error, never a fallback to a .bin pickle
+            return pipeline_cls.from_pretrained(str(path / "components"), local_files_only=True, use_safetensors=True,
+                                                **{attr: denoiser})
+        except torch.OutOfMemoryError:
+            raise
+        except _LOAD_ERRORS as e:
+            raise ArtifactError(f"cannot load the bundled components of {path} ({_first_line(e)}); the artifact is "
+                                "corrupt or from an incompatible qsched; re-export it") from e
     source = manifest["source"]
     from qsched.models import load_source_pipeline
     return load_source_pipeline(source, manifest["pipeline_class"], **{attr: denoiser})
@@ -134,11 +176,28 @@ def _other_components(manifest: dict, path: Path, denoiser):
 
 def build_scheduler(record: dict):
     """The artifact's scheduler: its diffusers base, wrapped with Q-Sched coefficients when it has them."""
-    base = _diffusers_class(record["class"]).from_config(record["config"])
+    base = _diffusers_class(record["class"], "SchedulerMixin").from_config(record["config"])
     if record.get("coefficients"):
         from qsched.schedulers import QSchedScheduler
         return QSchedScheduler.wrap(base, record["coefficients"], interpolate=bool(record.get("interpolate")))
     return base
+
+
+def _denoiser(manifest: dict, path: Path, runtime: str, device: str):
+    if runtime == "onnx":  # the torch denoiser is never built: the graph carries the weights
+        from .runtime_onnx import KEY, onnx_denoiser
+        record = manifest.get(KEY) or {}
+        for graph in [record.get("graph"), *(record.get("steps") or [])]:  # only verified files, never outside
+            if graph is not None and graph not in manifest["files"]:
+                raise ArtifactError(f"corrupt artifact {path}: its ONNX record names {graph!r}, which "
+                                    f"manifest.json does not list; re-export it")
+        return onnx_denoiser(path, manifest, device=device)
+    if runtime == "native":  # streamed layer by layer; the W4 codes stay packed throughout
+        return build_native_denoiser(manifest, path)
+    tensors = {}
+    for shard in manifest["denoiser"]["shards"]:  # large denoisers are written one block group per shard
+        tensors.update(load_shard(path, shard))
+    return build_denoiser(manifest, tensors)
 
 
 def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulated"):
@@ -146,21 +205,30 @@ def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulat
 
     ``runtime="native"`` swaps the simulated layers for integer/packed ones (:mod:`export.runtime_torch`);
     ``runtime="onnx"`` runs the artifact's ONNX export with onnxruntime (:mod:`export.runtime_onnx`).
+    The pipeline's call defaults are the artifact's generation settings (``pipe.call_defaults``).
     """
     if runtime not in ("simulated", "native", "onnx"):
         raise ArtifactError(f"unknown runtime {runtime!r}; use 'simulated', 'native' or 'onnx'")
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
-    if runtime == "onnx":  # the torch denoiser is never built: the graph carries the weights
-        from .runtime_onnx import onnx_denoiser
-        denoiser = onnx_denoiser(path, manifest, device=device)
-    elif runtime == "native":  # streamed layer by layer; the W4 codes stay packed throughout
-        denoiser = build_native_denoiser(manifest, path)
-    else:
-        tensors = {}
-        for shard in manifest["denoiser"]["shards"]:  # large denoisers are written one block group per shard
-            tensors.update(load_shard(path, shard))
-        denoiser = build_denoiser(manifest, tensors)
+    check_bundle(path, manifest)
+    try:
+        pipe = _assemble(manifest, path, runtime, device)
+    except torch.OutOfMemoryError:
+        raise
+    except _LOAD_ERRORS as e:  # the manifest is not checksummed: an edited value (a layer's bits) lands here
+        raise ArtifactError(f"corrupt artifact {path}: its manifest does not describe a loadable pipeline "
+                            f"({_first_line(e)}); re-export it") from e
+    pipe.set_progress_bar_config(disable=True)
+    pipe.qsched_manifest = manifest
+    if manifest.get("generation"):  # pipe(prompt) draws at the settings the artifact was compiled and measured at
+        from qsched.generation import GenerationSettings, with_call_defaults
+        with_call_defaults(pipe, GenerationSettings(**manifest["generation"]))
+    return pipe.to(device)
+
+
+def _assemble(manifest: dict, path: Path, runtime: str, device: str):
+    denoiser = _denoiser(manifest, path, runtime, device)
     if runtime == "onnx":  # diffusers warns that the denoiser is not its usual class; that is the point
         from .runtime_onnx import quiet_component_type_check
         with quiet_component_type_check():
@@ -177,6 +245,4 @@ def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulat
         if runtime == "onnx":
             from .runtime_onnx import enable_onnx_cache as enable_cache  # noqa: F811
         pipe.qsched_cache = enable_cache(pipe, CacheSchedule.from_dict(cache))
-    pipe.set_progress_bar_config(disable=True)
-    pipe.qsched_manifest = manifest
-    return pipe.to(device)
+    return pipe

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
+from pathlib import Path
 
 from .bits import VALID_FORMS
 
@@ -38,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="'random' builds a registry model's full-size architecture from shipped configs, no download")
-    p.add_argument("--uniform", action="store_true", help="plain per-channel round-to-nearest at the given bits")
+    p.add_argument("--uniform", action="store_true",
+                   help="every layer at the given widths (round-to-nearest or GPTQ rounding) instead of MixDQ's mixed "
+                        "precision, which integer budgets such as w4a8 use by default")
+    p.add_argument("--scorer", metavar="CLIP",
+                   help="what judges images for Q-Sched, the cache search and the report: a local CLIP directory, "
+                        "a hub id, or 'world-judge' (default: the recipe's, else the model's: flux-tiny's world "
+                        "judge, CLIP ViT-L/14 from the hub for the registry's real models)")
     p.add_argument("--no-qsched", action="store_true", help="skip learning Q-Sched scheduler coefficients")
     p.add_argument("--no-cache-search", action="store_true", help="skip the cache-schedule search")
     p.add_argument("--cache-budget", type=float, metavar="FRACTION",
@@ -69,9 +79,93 @@ def _validate_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise QschedError(f"invalid --device {device!r}: expected cpu, cuda or cuda:N") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index not in (None, 0)):
+        raise QschedError(f"invalid --device {device!r}: expected cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QschedError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise QschedError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"numbered from 0; pick one of those or use --device cuda")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise QschedError(f"--device {device} requested but MPS (Apple GPU) is not available; use --device cpu")
+
+
+def _validate_model(model: str, init: str) -> None:
+    """The checks :func:`qsched.models.load_pipeline` makes, without loading anything."""
+    from .errors import ModelNotFoundError
+    from .models import _HUB_ID, REGISTRY
+    if not model.strip():
+        raise ModelNotFoundError(f"--model is empty; give a registry name ({', '.join(sorted(REGISTRY))}), "
+                                 "a hub id (org/name) or a local diffusers directory")
+    if model in REGISTRY:
+        return
+    if init == "random":
+        raise ModelNotFoundError(f"--init random needs a registry model, one of {sorted(REGISTRY)}; got {model!r}")
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{model} is a directory but not a diffusers pipeline (no model_index.json); "
+                                 "save one with pipe.save_pretrained()")
+    if path.exists() and not path.is_dir():
+        raise ModelNotFoundError(f"--model {model} is a file; expected a diffusers pipeline directory, "
+                                 "a registry name or a hub id")
+    if not path.is_dir() and not _HUB_ID.match(model):
+        raise ModelNotFoundError(f"unknown model {model!r}: not a registry name ({', '.join(sorted(REGISTRY))}), "
+                                 "an existing local directory, or a hub id like 'org/name'")
+
+
+_RAY_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:(\d{1,5})$")
+
+
+def _validate(args, spec) -> None:
+    """Every flag, before any model is loaded, so bad input costs nothing and writes nothing."""
+    from .errors import QschedError
+    _validate_model(args.model, args.init)
+    _validate_device(args.device)
+    if not 0 <= args.seed < 2**32:  # numpy's RandomState (the Q-Sched search) takes 32-bit seeds
+        raise QschedError(f"--seed {args.seed} is out of range: use an integer from 0 to {2**32 - 1}")
+    if args.eval_prompts < 0:
+        raise QschedError(f"--eval-prompts {args.eval_prompts} is negative: use 0 to skip the evaluation, or more")
+    if args.scorer is not None and not args.scorer.strip():
+        raise QschedError("--scorer is empty: give a local CLIP directory, a hub id, or world-judge")
+    if args.scorer is not None and os.sep in args.scorer.strip("/").replace("/", "", 1) and not Path(args.scorer).is_dir():
+        raise QschedError(f"--scorer {args.scorer}: no such directory; give a local CLIP directory (saved with "
+                          "save_pretrained), a hub id (org/name), or world-judge")
+    if args.cache_budget is not None:
+        if not (math.isfinite(args.cache_budget) and 0.0 < args.cache_budget <= 1.0):
+            raise QschedError(f"--cache-budget {args.cache_budget} must be a fraction of no-cache MACs in (0, 1], "
+                              "e.g. 0.6")
+        if args.no_cache_search:
+            raise QschedError("--cache-budget picks a cache-search point, but --no-cache-search skips the search; "
+                              "drop one of them")
+    if spec.is_fractional and args.uniform:
+        raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; use an integer "
+                          "weight width with --uniform, or drop --uniform")
+    if args.recipe is not None:
+        if not args.recipe.strip():
+            raise QschedError("--recipe is empty; give a recipe YAML file or leave --recipe out for the default")
+        from .recipe import load_recipe
+        load_recipe(args.recipe)
+    if args.ray is not None:
+        match = _RAY_ADDRESS.match(args.ray)
+        if not args.ray.strip():  # else `--ray ""` would quietly mean auto
+            raise QschedError("--ray needs a value: auto, local, or a cluster address such as 10.0.0.1:6379")
+        if args.ray not in ("auto", "local") and not (match and 0 < int(match.group(2)) < 65536):
+            raise QschedError(f"invalid --ray {args.ray!r}: expected auto, local, HOST:PORT (e.g. 10.0.0.1:6379) "
+                              "or ray://HOST:PORT")
+    if args.ray is not None or args.ray_workers is not None:
+        from .distributed import _ray
+        _ray()  # not installed: say so now, not at the first distributed stage
+    if "modelopt" in args.export:
+        from calibrate.modelopt_bridge import require_modelopt
+        require_modelopt()
+    if "onnx" in args.export:
+        from export.runtime_onnx import require_onnx
+        require_onnx()
+    if args.out is not None and not args.out.strip():
+        raise QschedError("--out is empty; give an artifact directory or leave --out out for the default")
+    from .compiler import check_out
+    check_out(Path(args.out or f"out/{Path(args.model).name}-{spec}"), args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,23 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .bits import parse_bits
         spec = parse_bits(args.bits)
-        _validate_device(args.device)
+        _validate(args, spec)
         ray = None
         if args.ray is not None or args.ray_workers is not None:
             from .distributed import RayConfig
             ray = RayConfig(address=args.ray or "auto", workers=args.ray_workers)
-        if "modelopt" in args.export:  # fail before compiling, not after
-            from calibrate.modelopt_bridge import require_modelopt
-            require_modelopt()
-        if "onnx" in args.export:
-            from export.runtime_onnx import require_onnx
-            require_onnx()
         from .compiler import compile as run_compile
         artifact = run_compile(model=args.model, bits=spec, out=args.out, recipe=args.recipe, seed=args.seed,
                                device=args.device, init=args.init, uniform=args.uniform, qsched=not args.no_qsched,
                                cache_search=not args.no_cache_search, bundle=args.bundle,
                                eval_prompts=args.eval_prompts, overwrite=args.overwrite, progress=not args.quiet,
-                               cache_budget=args.cache_budget, ray=ray)
+                               cache_budget=args.cache_budget, ray=ray, scorer=args.scorer)
         exports = {}
         if "modelopt" in args.export:
             from export.runtime_modelopt import export_modelopt
@@ -115,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qcompile: interrupted; no artifact was written", file=sys.stderr)
         return 130
-    summary = {"artifact": str(artifact.path), "bits": artifact.manifest["bits"], **artifact.metrics}
+    summary = {"artifact": str(artifact.path), "bits": artifact.manifest["bits"],
+               "stages": {name: stage.get("status", "?") + (f" ({stage['method']})" if stage.get("method") else "")
+                          + (f": {stage['reason']}" if stage.get("reason") else "")
+                          for name, stage in artifact.manifest.get("stages", {}).items()}, **artifact.metrics}
     if exports:
         summary["exports"] = exports
     print(json.dumps(summary, indent=2))

@@ -7,6 +7,7 @@ FP is in memory, and measures at export), and the artifact gets ``report/data.js
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -21,9 +22,10 @@ from tqdm.auto import tqdm
 from .artifact import Artifact
 from .bits import WEIGHT_WIDTHS, BitSpec, parse_bits
 from .errors import QschedError
+from .evaluate import fidelity_metrics
 from .generation import GenerationSettings, generate
-from .models import REGISTRY, default_settings, load_pipeline
-from .prompts import calibration_prompts
+from .models import default_settings, load_pipeline
+from .profiles import ModelProfile, default_scorer, no_scorer_message
 from .recipe import Recipe, find_recipe, load_recipe
 
 STAGES = ("load", "calibrate", "qsched", "cache_search", "export")
@@ -68,11 +70,15 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
             recipe: str | Path | Recipe | None = None, seed: int = 0, device: str = "cpu", init: str = "pretrained",
             uniform: bool = False, qsched: bool = True, cache_search: bool = True, bundle: bool = False,
             eval_prompts: int = 8, overwrite: bool = False, progress: bool = True,
-            cache_budget: float | None = None, ray=None) -> Artifact:
+            cache_budget: float | None = None, ray=None, scorer: str | None = None) -> Artifact:
     """Compile ``model`` at ``bits`` into an artifact directory ``out`` and return it.
 
-    ``uniform`` forces round-to-nearest at the target widths; ``qsched``/``cache_search`` switch those
-    stages off; ``bundle`` stores every pipeline component so the artifact loads without the source.
+    Every method runs by default: MixDQ's mixed precision under the bit budget, Q-Sched and the cache
+    search. ``uniform`` forces round-to-nearest at the target widths instead of MixDQ; ``qsched``/
+    ``cache_search`` switch those stages off. ``scorer`` (``world-judge``, a local CLIP directory or a hub
+    id; default: the recipe's, else the registry's for the model) judges images for Q-Sched, the cache
+    search and the report; with none, a compile that needs one stops before any work.
+    ``bundle`` stores every pipeline component so the artifact loads without the source.
     ``eval_prompts`` FP-vs-quantized images are generated to record fidelity (0 skips it). ``ray`` (a
     :class:`qsched.distributed.RayConfig`, or an address string: ``"auto"``, ``"local"``, ``host:port``)
     runs the per-layer sensitivity analysis and the cache-search evaluations on Ray workers, each loading
@@ -80,8 +86,9 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     """
     spec = parse_bits(bits) if isinstance(bits, str) else bits
     out = Path(out or f"out/{Path(model).name}-{spec}")
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
     recipe_obj, recipe_path = resolve_recipe(model, str(spec), recipe)
+    recipe_obj = copy.deepcopy(recipe_obj)  # overrides below never change the caller's recipe
     if cache_budget is not None:
         if not 0.0 < cache_budget <= 1.0:
             raise QschedError(f"--cache-budget {cache_budget} must be a fraction of no-cache MACs in (0, 1]")
@@ -89,6 +96,10 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     if spec.is_fractional and uniform:
         raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; "
                           f"use an integer weight width ({', '.join(map(str, WEIGHT_WIDTHS))}) with --uniform")
+    run_qsched, run_cache = qsched and recipe_obj.qsched.enabled, cache_search and recipe_obj.cache_search.enabled
+    scorer_source = scorer or recipe_obj.scorer or default_scorer(model)
+    if scorer_source is None and (run_qsched or run_cache):
+        raise QschedError(no_scorer_message(model))
     if isinstance(ray, str):
         from .distributed import RayConfig
         ray = RayConfig(address=ray)
@@ -96,8 +107,8 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     bar = tqdm(total=len(STAGES), desc="qcompile", unit="stage", disable=not progress)
     try:
         method = "uniform" if uniform else ("mixdq" if spec.is_fractional else recipe_obj.quantization.method)
-        return _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, init, qsched,
-                           cache_search, bundle, eval_prompts, overwrite, progress, method, ray)
+        return _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, init, run_qsched,
+                           run_cache, bundle, eval_prompts, overwrite, progress, method, ray, scorer_source)
     except BaseException:
         bar.leave = False  # clear the bar so the error message starts its own line
         raise
@@ -106,7 +117,7 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
 
 
 def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, init, qsched, cache_search, bundle,
-                eval_prompts, overwrite, progress, method, ray=None) -> Artifact:
+                eval_prompts, overwrite, progress, method, ray=None, scorer_source=None) -> Artifact:
     timings, stages = {}, {}
 
     def stage(name: str):
@@ -119,27 +130,29 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
         bar.update(1)
 
     stage("load")
+    # the scorer loads before the model: a CLIP that cannot be had stops a compile that needs it before any work
+    scorer = open_scorer(scorer_source, device, required=qsched or cache_search)
     pipe, source = load_pipeline(model, init=init, device=device, seed=seed)
     from .adapters import adapter_for
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     settings = generation_settings(model, pipe, recipe_obj)
-    embedded = model in REGISTRY and REGISTRY[model].embedded
+    profile = ModelProfile(model, settings, scorer_source, scorer)
     fp_params = sum(p.numel() for p in denoiser.parameters())
     source_info = {**source.to_dict(), "denoiser_sha256": state_digest(denoiser)}
-    eval_set = calibration_prompts(model, eval_prompts, seed=seed + 1, embedded=embedded) if eval_prompts else []
+    eval_set = profile.prompts("evaluation", eval_prompts, seed) if eval_prompts else []
     reference = generate(pipe, eval_set, settings, seed=seed, progress=progress and "FP reference") if eval_set else None
     from .report.measure import ReportProbe
-    samples = calibration_prompts(model, min(recipe_obj.report.samples, recipe_obj.calibration.prompts),
-                                  seed=recipe_obj.calibration.seed, embedded=embedded)
-    report_probe = ReportProbe.begin(pipe, adapter.denoiser_attr, settings, samples, recipe_obj.report, embedded, seed)
-    done("load", source=source.model)
+    cal = recipe_obj.calibration
+    prompts = profile.prompts("calibration", cal.prompts, cal.seed)
+    fp_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
+    report_probe = ReportProbe.begin(pipe, adapter.denoiser_attr, settings, prompts[:recipe_obj.report.samples],
+                                     recipe_obj.report, fp_bytes <= recipe_obj.report.fp_copy_max_gb * 1e9, seed)
+    done("load", source=source.model, scorer=scorer.spec() if scorer is not None else None)
 
     stage("calibrate")
     from calibrate.calibration import calibrate
     from calibrate.mixdq import width_floor
-    cal = recipe_obj.calibration
-    prompts = calibration_prompts(model, cal.prompts, seed=cal.seed, embedded=embedded)
     quant = recipe_obj.quantization
     mixdq = {"sensitivity_prompts": quant.sensitivity_prompts, "content_weight": quant.content_weight,
              "fp_act_fraction": quant.fp_act_fraction, "weight_widths": quant.weight_widths,
@@ -163,41 +176,30 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     done("calibrate", method=result.plan.method, prompts=len(prompts), **plan_info)
 
     stage("qsched")
-    if qsched and recipe_obj.qsched.enabled:
-        info = learn_schedule(pipe, model, embedded, settings, recipe_obj.qsched, seed, progress)
+    if qsched:
+        info = learn_schedule(pipe, profile, settings, recipe_obj.qsched, seed, progress)
         timings["qsched"] = round(time.perf_counter() - timings["qsched"], 3)
         stages["qsched"] = info
         bar.update(1)
     else:
         done("qsched")
-        stages["qsched"] = {"status": "skipped", "reason": "switched off"}
+        stages["qsched"] = {"status": "skipped", "reason": "switched off (--no-qsched or recipe qsched.enabled: false)"}
 
     stage("cache_search")
     cache_record = {"schedule": None, "pareto_front": None}
     cache_handle = None
-    if not (cache_search and recipe_obj.cache_search.enabled):
-        stages["cache_search"] = {"status": "skipped", "reason": "switched off"}
-    elif not embedded and not (recipe_obj.cache_search.clip or recipe_obj.qsched.clip):
-        stages["cache_search"] = {"status": "skipped", "reason": "no quality scorer for cache search on this model: "
-                                                                 "set cache_search.clip (or qsched.clip) in the recipe "
-                                                                 "to a local CLIP directory or hub id"}
+    search_prompts = profile.prompts("cache_train", recipe_obj.cache_search.prompts, seed)
+    if not cache_search:
+        stages["cache_search"] = {"status": "skipped",
+                                  "reason": "switched off (--no-cache-search or recipe cache_search.enabled: false)"}
     else:
         from cache_search.caching import enable_cache
         from cache_search.stage import search_cache
-        clip = None
-        if embedded:
-            search_prompts = cache_search_prompts(recipe_obj.cache_search, seed)
-        else:  # a real model: CLIP scores the schedules (cache_search/clip_quality.py)
-            from .scoring.clip import load_clip
-            clip_source = recipe_obj.cache_search.clip or recipe_obj.qsched.clip
-            clip = load_clip(clip_source, device=device)
-            search_prompts = calibration_prompts(model, recipe_obj.cache_search.prompts, seed=seed + 3)
-        guard_prompts = cache_guard_prompts(model, embedded, recipe_obj.cache_search, seed, search_prompts)
-        scored_by = dataclasses.replace(recipe_obj.cache_search, clip=clip.source if clip is not None else None)
+        guard_prompts = profile.prompts("cache_guard", recipe_obj.cache_search.guard_prompts, seed)
         key = cache_search_key(source_info["denoiser_sha256"], result, stages["qsched"], search_prompts, settings,
-                               scored_by, seed, guard_prompts)
+                               recipe_obj.cache_search, seed, guard_prompts, scorer.spec())
         cache_result, schedule = search_cache(pipe, search_prompts, settings, recipe_obj.cache_search, seed,
-                                              work_dir(out) / f"cache-{key[:16]}", progress, ray=ray, clip=clip,
+                                              work_dir(out) / f"cache-{key[:16]}", scorer, progress, ray=ray,
                                               guard_prompts=guard_prompts)
         stages["cache_search"] = cache_result["record"]
         cache_record = {"schedule": schedule.to_dict() if schedule else None, "pareto_front": cache_result["front"]}
@@ -210,16 +212,15 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     metrics = {}
     if reference is not None:
         images = generate(pipe, eval_set, settings, seed=seed, progress=progress and "quantized eval")
-        metrics["fidelity"] = fidelity_metrics_for(reference, images, eval_set, embedded)
+        metrics["fidelity"] = fidelity_metrics(reference, images, eval_set, scorer)
     report_files = report_probe.finish(pipe, spec, result.act_ranges, cache_record,
-                                       stages["cache_search"].get("chosen"), cache_handle,
-                                       cache_search_prompts(recipe_obj.cache_search, seed) if embedded else None)
+                                       stages["cache_search"].get("chosen"), cache_handle, scorer, search_prompts)
     timings["report"] = report_probe.seconds
     manifest = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": source_info, "bits": str(spec), "recipe": {"path": recipe_path, **recipe_obj.to_dict()},
         "generation": settings.to_dict(), "activation_ranges": {k: list(v) for k, v in result.act_ranges.items()},
-        "calibration_prompts": prompts, "eval_prompts": eval_set, "seed": seed,
+        "calibration_prompts": prompts, "eval_prompts": eval_set, "seed": seed, "profile": profile.to_dict(),
         "cache": cache_record,
         "stages": stages, "tools": tool_versions(),
     }
@@ -241,9 +242,9 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
 
 
 def cache_search_key(fp_digest: str, calibration, qsched_record: dict, prompts: list[str], settings, config,
-                     seed: int, guard_prompts: list[str] | None = None) -> str:
+                     seed: int, guard_prompts: list[str] | None = None, scorer: dict | None = None) -> str:
     """A hash of everything the cache search's evaluations depend on (the quantized model, the Q-Sched
-    coefficients, prompts and guard prompts, settings, search knobs), so a checkpoint is only ever resumed
+    coefficients, prompts and guard prompts, settings, search knobs, the scorer), so a checkpoint is only ever resumed
     by the same search. Left out: ``generations`` (a rerun with more generations continues the same search)
     and the knobs that only pick a point from the front (``budget``, ``quality_floor``)."""
     from cache_search.search import EVALUATOR_VERSION
@@ -254,59 +255,41 @@ def cache_search_key(fp_digest: str, calibration, qsched_record: dict, prompts: 
               "act_ranges": {k: [float(x) for x in v] for k, v in sorted(calibration.act_ranges.items())},
               "qsched": qsched_record.get("coefficients") if qsched_record.get("status") == "done" else None,
               "prompts": list(prompts), "guard_prompts": list(guard_prompts or []), "settings": settings.to_dict(),
-              "config": knobs, "seed": seed, "evaluator": EVALUATOR_VERSION}
+              "config": knobs, "seed": seed, "evaluator": EVALUATOR_VERSION, "scorer": scorer}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cache_search_prompts(config, seed: int) -> list[str]:
-    """The embedded world's prompts the cache search scores schedules on (the report re-scores on them)."""
-    from .tinyworld.world import sample_batch
-    return list(sample_batch(seed=40_000 + seed, n=config.prompts, split="train")[1])
+def open_scorer(source: str | None, device: str, required: bool):
+    """The :class:`qsched.scoring.scorer.Scorer` ``source`` names, loaded. One that cannot be had (a CLIP off
+    the hub while offline, a bad directory) is an error naming every way out when a search needs it, and
+    only costs the report its quality column when none does."""
+    from .errors import ModelNotFoundError
+    from .scoring.scorer import scorer_for
+
+    if source is None:
+        return None
+    try:
+        return scorer_for(source, device)
+    except ModelNotFoundError as err:
+        if required:
+            raise QschedError(f"{err}; or pass --no-qsched --no-cache-search, or use --model flux-tiny") from None
+        return None
 
 
-def cache_guard_prompts(model: str, embedded: bool, config, seed: int, search_prompts: list[str]) -> list[str]:
-    """The prompts that re-score the cache search's front (``config.guard_prompts`` of them, none when 0):
-    the embedded world's held-out split from their own seed; for a real model the calibration prompts that
-    follow the search's own, without any of the search prompts (fewer when the shipped list runs out)."""
-    n = config.guard_prompts
-    if not n:
-        return []
-    if embedded:
-        from .tinyworld.world import sample_batch
-        return list(sample_batch(seed=50_000 + seed, n=n, split="test")[1])
-    taken = set(search_prompts)
-    tail = calibration_prompts(model, len(search_prompts) + n, seed=seed + 3)[len(search_prompts):]
-    return [p for p in dict.fromkeys(tail) if p not in taken]
-
-
-def fidelity_metrics_for(reference, images, prompts, embedded: bool) -> dict:
-    from .evaluate import fidelity_metrics
-    return fidelity_metrics(reference, images, prompts, judge_prompts=embedded)
-
-
-def learn_schedule(pipe, model: str, embedded: bool, settings: GenerationSettings, config, seed: int,
+def learn_schedule(pipe, profile: ModelProfile, settings: GenerationSettings, config, seed: int,
                    progress: bool) -> dict:
-    """The Q-Sched stage: learn coefficients on the quantized pipeline (never the FP one) and apply them
-    when they beat the unmodified scheduler on held-out prompts. Returns the stage record."""
-    from .jaq import clip_jaq_terms, jaq, world_jaq_terms
+    """The Q-Sched stage: learn coefficients on the quantized pipeline (never the FP one) with JAQ from the
+    profile's scorer, and apply them when they beat the unmodified scheduler on held-out prompts. Returns
+    the stage record."""
+    from .jaq import jaq, scorer_terms
     from .optimize import learn_coefficients
     from .schedulers import SUPPORTED_SCHEDULERS, QSchedScheduler
 
     if type(pipe.scheduler).__name__ not in SUPPORTED_SCHEDULERS:
         return {"status": "skipped", "reason": f"scheduler {type(pipe.scheduler).__name__} is not supported by Q-Sched"}
-    if embedded:
-        terms = world_jaq_terms()
-        from .tinyworld.world import sample_batch
-        train = list(sample_batch(seed=20_000 + seed, n=config.prompts, split="train")[1])
-        heldout = list(sample_batch(seed=30_000 + seed, n=config.heldout_prompts, split="test")[1])
-    elif config.clip:
-        from .scoring.clip import load_clip
-        terms = clip_jaq_terms(load_clip(config.clip))
-        prompts = calibration_prompts(model, config.prompts + config.heldout_prompts, seed=seed + 2)
-        train, heldout = prompts[:config.prompts], prompts[config.prompts:]
-    else:
-        return {"status": "skipped", "reason": "no JAQ scorer for this model: set qsched.clip in the recipe "
-                                               "to a local CLIP directory or hub id"}
+    terms = scorer_terms(profile.scorer())
+    train = profile.prompts("qsched_train", config.prompts, seed)
+    heldout = profile.prompts("qsched_guard", config.heldout_prompts, seed)
     result = learn_coefficients(pipe, train, heldout, settings, lambda im, p: jaq(im, p, *terms, k=config.k),
                                 method=config.method, budget=config.budget, seed=seed, sigma0=config.sigma0,
                                 select=config.select, patience=config.patience, progress=progress)
@@ -325,14 +308,30 @@ def work_dir(out: Path) -> Path:
     return Path(out).resolve().parent / ".qsched-work"
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Fail before any work if ``out`` cannot be written (the writer checks again, atomically)."""
-    if out.exists() and not overwrite:
-        raise QschedError(f"output {out} already exists; choose another --out or pass --overwrite")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
+def check_out(out: Path, overwrite: bool) -> None:
+    """Fail before any work if ``out`` cannot be written (the writer checks again, atomically). Tries a real
+    mkdir in the nearest existing ancestor, since ``os.access`` says yes to root even on /proc or a
+    read-only mount."""
     import os
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise QschedError(f"cannot write the artifact to {out}: {probe} is not a writable directory")
+    import tempfile
+
+    out = Path(out)
+    if os.path.lexists(out):
+        if not overwrite:
+            raise QschedError(f"output {out} already exists; choose another --out or pass --overwrite")
+        if out.is_symlink() or not out.is_dir():
+            raise QschedError(f"--overwrite will not replace {out}: it is not a directory; remove it or choose "
+                              "another --out")
+        if not (out / "manifest.json").is_file() and any(out.iterdir()):
+            raise QschedError(f"--overwrite will not replace {out}: it is a non-empty directory that is not a qsched "
+                              "artifact (no manifest.json); remove it or choose another --out")
+    probe = out.absolute().parent
+    while not os.path.lexists(probe):
+        probe = probe.parent
+    if not probe.is_dir():
+        raise QschedError(f"cannot write the artifact to {out}: {probe} is not a directory; choose another --out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qcompile-probe-", dir=probe))
+    except OSError as err:
+        raise QschedError(f"cannot write the artifact to {out}: cannot create anything in {probe} "
+                          f"({err.strerror or err}); choose another --out") from None

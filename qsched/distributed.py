@@ -86,11 +86,14 @@ def connect(config: RayConfig) -> None:
 
 
 def cluster_summary() -> dict:
-    """Nodes and resources of the connected cluster (recorded in the manifest)."""
+    """Nodes and resources of the connected cluster (recorded in the manifest). ``connected`` is False, with
+    zero resources, when no stage needed Ray (e.g. ``--uniform --no-cache-search``): nothing is started."""
     ray = _ray()
+    if not ray.is_initialized():
+        return {"connected": False, "nodes": 0, "cpus": 0, "gpus": 0}
     resources = ray.cluster_resources()
-    return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0),
-            "gpus": resources.get("GPU", 0)}
+    return {"connected": True, "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
 
 
 # --- how a worker gets the model ---------------------------------------------------------------------

@@ -17,13 +17,18 @@ def size_metrics(fp_params: int, artifact_denoiser_bytes: int) -> dict:
 
 
 def fidelity_metrics(reference: torch.Tensor, images: torch.Tensor, prompts: list[str] | None = None,
-                     judge_prompts: bool = False) -> dict:
-    """PSNR/SSIM of ``images`` against the FP ``reference``; judged accuracy too for the embedded world."""
-    from .tinyworld.judge import judge, psnr, ssim
+                     scorer=None) -> dict:
+    """PSNR/SSIM of ``images`` against the FP ``reference`` on the same prompts and noise, and what ``scorer``
+    (a :class:`qsched.scoring.scorer.Scorer`) says of both: judged accuracy where it judges (the tiny
+    world), its content score otherwise."""
+    from .metrics import psnr, ssim
 
     out = {"psnr_vs_fp": float(psnr(reference, images).mean()), "ssim_vs_fp": float(ssim(reference, images).mean())}
-    if judge_prompts and prompts:
-        fp, q = judge(reference, prompts), judge(images, prompts)
-        out.update({"fp_accuracy": float(fp.accuracy), "accuracy": float(q.accuracy),
-                    "fp_score": float(fp.score), "score": float(q.score)})
-    return out
+    if scorer is None or not prompts:
+        return out
+    fp, q = scorer.judged(reference, prompts), scorer.judged(images, prompts)
+    if fp is not None:
+        return {**out, "fp_accuracy": fp["accuracy"], "accuracy": q["accuracy"], "fp_score": fp["score"],
+                "score": q["score"]}
+    return {**out, "fp_score": scorer.content(reference, prompts)["score"],
+            "score": scorer.content(images, prompts)["score"]}

@@ -2,7 +2,8 @@
 
 TC is text-image compatibility, IQ a no-reference image quality: both reference-free, so calibrating
 the scheduler coefficients never runs the full-precision model. The two terms are pluggable callables
-so the same search runs on the tiny shape world (the world's judge) and on real models (CLIP):
+(:func:`scorer_terms` takes them from the model profile's scorer), so the same search runs on the tiny
+shape world (the world's judge) and on real models (CLIP):
 
 * ``tc_fn(images, prompts)`` → one score per image (a scalar is accepted too: only means are used);
 * ``iq_fn(images)`` → one score per image (or a scalar).
@@ -21,7 +22,7 @@ from .errors import QschedError
 TcFn = Callable[[torch.Tensor, Sequence[str]], "np.ndarray | torch.Tensor | float"]
 IqFn = Callable[[torch.Tensor], "np.ndarray | torch.Tensor | float"]
 
-__all__ = ["jaq", "world_jaq_terms", "clip_jaq_terms"]
+__all__ = ["jaq", "scorer_terms"]
 
 
 def _mean(values, n: int, name: str) -> float:
@@ -47,29 +48,7 @@ def jaq(images: torch.Tensor, prompts: Sequence[str], tc_fn: TcFn, iq_fn: IqFn, 
     return _mean(tc_fn(images, prompts), n, "TC") + float(k) * _mean(iq_fn(images), n, "IQ")
 
 
-def world_jaq_terms() -> tuple[TcFn, IqFn]:
-    """TC and IQ for the tiny shape world: the world judge's per-image ``score`` and its
-    ``quality_score``. Imported lazily: the judge is only needed when the world is in use."""
-    from .tinyworld import judge as judge_mod
-
-    def tc(images, prompts):
-        return judge_mod.judge(images, list(prompts)).score
-
-    def iq(images):
-        return judge_mod.quality_score(images)
-
-    return tc, iq
-
-
-def clip_jaq_terms(bundle) -> tuple[TcFn, IqFn]:
-    """TC = CLIPScore / 100 (torchmetrics scale brought to [0, 1], commensurate with IQ) and
-    IQ = CLIP-IQA in [0, 1], both from one loaded :class:`qsched.scoring.clip.ClipBundle`."""
-    from .scoring.clip import clip_iqa, clip_score
-
-    def tc(images, prompts):
-        return clip_score(bundle, images, list(prompts)) / 100.0
-
-    def iq(images):
-        return clip_iqa(bundle, images)
-
-    return tc, iq
+def scorer_terms(scorer) -> tuple[TcFn, IqFn]:
+    """TC and IQ from a :class:`qsched.scoring.scorer.Scorer`: its text match and its image quality (the
+    world's judge score and quality for flux-tiny; CLIPScore / 100 and CLIP-IQA for a real model)."""
+    return scorer.text_match, scorer.image_quality

@@ -2,7 +2,9 @@
 and the embedded trained tiny model.
 
 Every loader returns the pipeline together with a :class:`SourceRef`, which the artifact records so that
-``export.load`` can rebuild the components it did not store.
+``export.load`` can rebuild the components it did not store. Every load passes ``use_safetensors=True``:
+weights are read from safetensors only, never from a pickle (``.bin``) that diffusers would otherwise
+fall back to, so a pipeline without safetensors is an error naming the fix.
 """
 from __future__ import annotations
 
@@ -17,11 +19,17 @@ from .errors import ModelNotFoundError
 from .generation import GenerationSettings
 
 
+#: the CLIP that judges the registry's real models by default (CLIPScore's usual ViT-L/14); a user without
+#: the hub passes a local directory with ``--scorer`` or the recipe's ``scorer``
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
 @dataclass(frozen=True)
 class RegistryEntry:
     hub_id: str | None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     embedded: bool = False
+    scorer: str | None = DEFAULT_CLIP  # see qsched.profiles
 
 
 def _registry() -> dict[str, RegistryEntry]:
@@ -32,7 +40,7 @@ def _registry() -> dict[str, RegistryEntry]:
         d = shipped_defaults(name)
         entries[name] = RegistryEntry(hub, GenerationSettings(d["num_inference_steps"], d["height"], d["width"],
                                                               d["guidance_scale"], d.get("max_sequence_length")))
-    entries["flux-tiny"] = RegistryEntry(None, embedded=True)
+    entries["flux-tiny"] = RegistryEntry(None, embedded=True, scorer="world-judge")
     return entries
 
 
@@ -41,6 +49,7 @@ DEFAULT_MODEL = "flux-tiny"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ALTERNATIVES = ("use a local diffusers directory (--model /path/to/pipeline), the embedded model "
                  "(--model flux-tiny), or --init random to build a registry architecture from shipped configs")
+_SAFETENSORS_HINT = "qsched reads weights from safetensors only (never pickle); re-save it with save_pretrained(safe_serialization=True)"
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,21 @@ def default_settings(model: str, pipe=None) -> GenerationSettings:
         size = pipe.default_sample_size * getattr(pipe, "vae_scale_factor", 8)
     if size:
         settings.height = settings.width = int(size)
+    settings.max_sequence_length = _text_length(pipe)
     return settings
+
+
+def _text_length(pipe) -> int | None:
+    """The text length a local pipeline was built for, where its call takes ``max_sequence_length`` and its
+    long-text tokenizer (FLUX's T5 ``tokenizer_2``, PixArt's ``tokenizer``) is shorter than diffusers' 512
+    default: padding a 16-token model's text to 512 tokens changes what it draws and costs 30× the time."""
+    import inspect
+
+    if pipe is None or "max_sequence_length" not in inspect.signature(type(pipe).__call__).parameters:
+        return None
+    tokenizer = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if isinstance(length, int) and 0 < length < 512 else None
 
 
 def _hub_error(model: str, err: Exception) -> ModelNotFoundError:
@@ -106,7 +129,7 @@ def load_pipeline(model: str, init: str = "pretrained", device: str = "cpu", dty
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(f"{model} is a directory but not a diffusers pipeline (no model_index.json); save one with pipe.save_pretrained()")
         from diffusers import DiffusionPipeline
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+        pipe = _from_local(DiffusionPipeline, str(path), torch_dtype=dtype)
         return _place(pipe, device, None), SourceRef(str(path.resolve()), "local")
     hub_id = REGISTRY[model].hub_id if model in REGISTRY else model
     if not _HUB_ID.match(hub_id):
@@ -118,7 +141,8 @@ def load_pipeline(model: str, init: str = "pretrained", device: str = "cpu", dty
 def _load_from_hub(hub_id: str, revision: str | None, device: str, dtype):
     from diffusers import DiffusionPipeline
     try:
-        pipe = DiffusionPipeline.from_pretrained(hub_id, revision=revision, torch_dtype=dtype or torch.bfloat16)
+        pipe = DiffusionPipeline.from_pretrained(hub_id, revision=revision, torch_dtype=dtype or torch.bfloat16,
+                                                 use_safetensors=True)
     except (OSError, ValueError, ConnectionError) as err:  # hub errors subclass OSError/ValueError
         raise _hub_error(hub_id, err) from None
     except Exception as err:  # requests/httpx errors when the network is down
@@ -126,6 +150,17 @@ def _load_from_hub(hub_id: str, revision: str | None, device: str, dtype):
             raise _hub_error(hub_id, err) from None
         raise
     return _place(pipe, device, None), SourceRef(hub_id, "hub", revision=revision)
+
+
+def _from_local(cls, path: str, **kwargs):
+    """``cls.from_pretrained`` on a local directory, safetensors only; a directory holding only ``.bin``
+    weights (or otherwise unreadable) is one :class:`ModelNotFoundError` line."""
+    try:
+        return cls.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        hint = _SAFETENSORS_HINT if "safetensors" in detail else "save a complete pipeline with pipe.save_pretrained()"
+        raise ModelNotFoundError(f"cannot load the pipeline in {path} ({detail}); {hint}") from None
 
 
 def _place(pipe, device: str, dtype):
@@ -151,8 +186,8 @@ def load_source_pipeline(source: dict, pipeline_class: str, **components):
         if not Path(model).is_dir():
             raise ModelNotFoundError(f"the artifact's source pipeline {model} no longer exists; "
                                      "recompile with --bundle to make the artifact self-contained")
-        return cls.from_pretrained(model, **components)
+        return _from_local(cls, model, **components)
     try:
-        return cls.from_pretrained(model, revision=source.get("revision"), **components)
+        return cls.from_pretrained(model, revision=source.get("revision"), use_safetensors=True, **components)
     except (OSError, ValueError, ConnectionError) as err:
         raise _hub_error(model, err) from None

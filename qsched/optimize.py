@@ -239,7 +239,7 @@ def learn_coefficients(pipe, train_prompts: Sequence[str], heldout_prompts: Sequ
     """Search Q-Sched coefficients for ``pipe`` (already quantized) that maximise ``objective``.
 
     ``objective(images, prompts) -> float`` is maximised, e.g.
-    ``lambda im, p: jaq(im, p, *world_jaq_terms(), k=2.0)``. ``budget`` caps the configurations sampled
+    ``lambda im, p: jaq(im, p, *scorer_terms(profile_scorer), k=2.0)``. ``budget`` caps the configurations sampled
     on the train prompts, identity included (default: 250 for cma / nelder-mead, the whole grid plus
     the identity for grid). ``batch_size=None`` samples all prompts in one batch. ``seed`` is both the
     sampling seed shared by every candidate and the optimiser's seed. ``select="guard"`` returns the

@@ -1,4 +1,6 @@
-"""Calibration prompts: the world's own captions for flux-tiny, a shipped list for real models."""
+"""Prompt pools for real models: a training pool (calibration, the searches) and a held-out pool (guards,
+evaluation), disjoint so a guard never scores what a search fitted. The tiny world draws its own captions
+(:mod:`qsched.tinyworld.world`); :mod:`qsched.profiles` picks from either by purpose and seed."""
 from __future__ import annotations
 
 REAL_MODEL_PROMPTS = [
@@ -36,10 +38,37 @@ REAL_MODEL_PROMPTS = [
     "a paper origami crane on a white background",
 ]
 
-
-def calibration_prompts(model: str, count: int, seed: int = 0, embedded: bool = False) -> list[str]:
-    """``count`` calibration prompts; the embedded world samples its training-split captions from ``seed``."""
-    if embedded:
-        from .tinyworld.world import sample_batch
-        return list(sample_batch(seed=10_000 + seed, n=count, split="train")[1])
-    return [REAL_MODEL_PROMPTS[i % len(REAL_MODEL_PROMPTS)] for i in range(count)]
+HELD_OUT_PROMPTS = [
+    "a red vintage car parked on a cobblestone street",
+    "a bowl of fresh strawberries on a white table, top view",
+    "a snowy owl perched on a wooden fence at night",
+    "a watercolor painting of a mountain village at sunrise",
+    "a close-up portrait of a young woman with freckles",
+    "a small wooden cabin beside a frozen lake",
+    "a dog wearing a raincoat walking in the rain",
+    "a cup of green tea next to a stack of old letters",
+    "a busy night market with paper lanterns",
+    "a field of lavender under a purple evening sky",
+    "a yellow taxi driving through a crowded city street",
+    "three goldfish swimming in a round glass bowl",
+    "a pixel art spaceship flying over a planet",
+    "a calm beach with palm trees at sunset",
+    "a slice of chocolate cake with a cherry on top",
+    "an oil painting of a windmill in a green field",
+    "a kitten sleeping in a basket of yarn",
+    "the word 'CAFE' painted on a brick wall",
+    "a quiet reading room with large arched windows",
+    "a macro photo of a snowflake on dark wool",
+    "a train crossing a stone bridge in autumn",
+    "a robot watering plants in a greenhouse",
+    "a red panda climbing a mossy tree",
+    "an isometric illustration of a tiny bakery",
+    "a flock of flamingos standing in shallow water",
+    "a bowl of tomato soup with basil leaves",
+    "a samurai standing in a bamboo forest",
+    "a sailboat on a glassy lake at dawn",
+    "a glowing jellyfish in the deep ocean",
+    "a paper lantern floating on a dark river",
+    "a green parrot sitting on a wooden perch",
+    "a cozy kitchen with copper pots on the wall",
+]

@@ -13,10 +13,10 @@ from .shipped_configs import build_component, build_scheduler, components, load_
 
 
 def _tokenizer(max_length: int, with_bos: bool):
-    from .prompts import REAL_MODEL_PROMPTS
+    from .prompts import HELD_OUT_PROMPTS, REAL_MODEL_PROMPTS
     from .tinyworld.model import build_tokenizer
 
-    words = sorted({w for p in REAL_MODEL_PROMPTS for w in re.findall(r"\w+|[^\w\s]", p.lower())})
+    words = sorted({w for p in REAL_MODEL_PROMPTS + HELD_OUT_PROMPTS for w in re.findall(r"\w+|[^\w\s]", p.lower())})
     tok = build_tokenizer(words, with_bos=with_bos)
     tok.model_max_length = max_length
     return tok

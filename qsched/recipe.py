@@ -29,9 +29,10 @@ class CalibrationConfig:
 
 @dataclass
 class QuantizationConfig:
-    """How the BitPlan is chosen. ``method``: ``uniform`` (round-to-nearest at the target) or ``mixdq``."""
+    """How the BitPlan is chosen. ``method``: ``mixdq`` (mixed widths under the target as a size-weighted
+    average budget, the default) or ``uniform`` (every layer at the target widths; ``--uniform``)."""
 
-    method: str = "uniform"
+    method: str = "mixdq"
     group_size: int | None = None
     keep_fp: list[str] = field(default_factory=list)
     groups: dict[str, str] = field(default_factory=dict)
@@ -82,8 +83,8 @@ class GenerationConfig:
 class QSchedConfig:
     """Q-Sched: learn per-step scheduler coefficients with the reference-free JAQ objective.
 
-    ``clip``: a local CLIP directory or hub id for real models' JAQ terms (the embedded model uses its
-    world's judge). ``method``: ``cma`` (ours, per-step) or ``grid`` (Q-Sched's first-step grid).
+    JAQ's terms come from the recipe's ``scorer``. ``method``: ``cma`` (ours, per-step) or ``grid``
+    (Q-Sched's first-step grid).
     ``select``: ``guard`` keeps the candidate with the best held-out JAQ (a per-step search overfits a
     few train prompts), ``train`` the best train one. ``patience``: stop after this many train runs
     without a held-out improvement (null: spend the whole budget).
@@ -96,7 +97,6 @@ class QSchedConfig:
     prompts: int = 16
     heldout_prompts: int = 16
     sigma0: float = 0.05
-    clip: str | None = None
     select: str = "guard"
     patience: int | None = None
 
@@ -123,8 +123,6 @@ class CacheSearchConfig:
     prompts: int = 8
     guard_prompts: int = 16
     proxy_generations: int = 0
-    #: real models: the CLIP (local directory or hub id) that scores schedules; default: qsched.clip
-    clip: str | None = None
 
 
 @dataclass
@@ -138,6 +136,9 @@ class ReportConfig:
 
     samples: int = 4
     repeats: int = 3
+    #: a second, side-by-side FP copy of the denoiser (for the RTN baseline and quality with FP as the
+    #: reference) is kept only when the FP denoiser is at most this many GB; 0 never keeps one
+    fp_copy_max_gb: float = 2.0
 
 
 @dataclass
@@ -147,6 +148,9 @@ class Recipe:
     model: str | None = None
     bits: str | None = None
     description: str = ""
+    #: what judges images for Q-Sched, the cache search and the report: ``world-judge`` (the tiny world's
+    #: judge) or a CLIP (a local directory or a hub id); null: the registry's default for the model, if any
+    scorer: str | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -253,8 +257,22 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
                           "sensitivity_prompts >= 1")
     if not 0 <= recipe.report.samples <= 64 or not 1 <= recipe.report.repeats <= 20:
         raise RecipeError(f"{source}: report.samples must lie in [0, 64] and report.repeats in [1, 20]")
+    if not 0.0 <= recipe.report.fp_copy_max_gb < float("inf"):
+        raise RecipeError(f"{source}: report.fp_copy_max_gb must be 0 or more; got {recipe.report.fp_copy_max_gb!r}")
+    if recipe.scorer is not None and not recipe.scorer.strip():
+        raise RecipeError(f"{source}: scorer must be world-judge, a local CLIP directory or a hub id, or null")
     if not 0.0 <= recipe.calibration.momentum < 1.0:
         raise RecipeError(f"{source}: calibration.momentum must lie in [0, 1)")
+    if not 0 <= recipe.calibration.seed < 2**32:  # numpy's RandomState takes 32-bit seeds
+        raise RecipeError(f"{source}: calibration.seed must lie in [0, {2**32 - 1}]; got {recipe.calibration.seed!r}")
+    if q.group_size is not None and q.group_size < 1:
+        raise RecipeError(f"{source}: quantization.group_size must be a positive number of channels or null; "
+                          f"got {q.group_size!r}")
+    if not 0.0 < recipe.qsched.sigma0 < float("inf"):
+        raise RecipeError(f"{source}: qsched.sigma0 must be a positive step size; got {recipe.qsched.sigma0!r}")
+    g = recipe.generation
+    if any(v is not None and v < 1 for v in (g.steps, g.height, g.width)):
+        raise RecipeError(f"{source}: generation.steps, height and width must be positive or null")
     if recipe.bits is not None:
         from .bits import parse_bits
         from .errors import BitSpecError
@@ -268,12 +286,18 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML file."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory; give a recipe YAML file")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe YAML as UTF-8") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
     return parse_recipe(data, str(path))
 
 

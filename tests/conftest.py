@@ -38,11 +38,12 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_report_artifact(tmp_path_factory):
-    """flux-tiny compiled once with small knobs (every stage runs, report measured): for the report tests."""
+    """flux-tiny compiled once with small knobs (Q-Sched, cache search and report run; uniform widths, since
+    MixDQ's sensitivity pass costs minutes and has tests of its own): for the report tests."""
     import qsched
     from qsched.recipe import parse_recipe
 
-    recipe = parse_recipe({"calibration": {"prompts": 8, "batch_size": 8},
+    recipe = parse_recipe({"calibration": {"prompts": 8, "batch_size": 8}, "quantization": {"method": "uniform"},
                            "qsched": {"budget": 4, "prompts": 2, "heldout_prompts": 2},
                            "cache_search": {"population": 8, "generations": 1, "prompts": 4},
                            "report": {"samples": 3, "repeats": 2}})
@@ -75,3 +76,14 @@ def random_quant_layer(kind="linear", shape=(64, 96), weight_bits=8, act_bits=8,
             layer.act_scale.fill_(scale)
             layer.act_zero_point.fill_(zp)
     return layer
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP saved as a local directory: the real-model scorer of the tests (no hub)."""
+    from test_clip_scoring import _tiny_clip, _tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    _tiny_clip().save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path

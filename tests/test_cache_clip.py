@@ -1,14 +1,14 @@
 """Cache search on a model without a judge: CLIP text-image match + CLIP-IQA + fidelity to no-cache."""
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
-from cache_search.clip_quality import ClipQuality
 from cache_search.schedule import CacheSchedule, block_layout
+from cache_search.search import schedule_quality
 from cache_search.stage import search_cache
 from qsched.recipe import CacheSearchConfig
 from qsched.scoring.clip import clip_iqa, clip_score, load_clip
+from qsched.scoring.scorer import ClipScorer
 
 from conftest import TEST_WORDS
 from test_clip_scoring import _tiny_clip, _tokenizer
@@ -36,7 +36,7 @@ def test_clip_quality_scores_and_fidelity(pipe, bundle):
 
     settings = replace(TINY_SETTINGS, steps=3)
     blocks = block_layout(pipe)
-    evaluator = ClipQuality(pipe, PROMPTS, settings, bundle, seed=0, k=2.0, max_batch=4)
+    evaluator = schedule_quality(pipe, PROMPTS, settings, ClipScorer(bundle, k=2.0), seed=0, max_batch=4)
     ref = evaluator.reference
     expected = (clip_score(bundle, ref, PROMPTS).mean() / 100.0 + 2.0 * clip_iqa(bundle, ref).mean()) / 3.0
     assert evaluator.reference_metrics["score"] == pytest.approx(expected, rel=1e-6)
@@ -52,11 +52,12 @@ def test_search_cache_with_clip_gives_a_front(pipe, bundle, tmp_path):
 
     settings = replace(TINY_SETTINGS, steps=3)
     config = CacheSearchConfig(population=4, generations=1, prompts=2, budget=0.8, proxy_generations=1)
-    result, schedule = search_cache(pipe, PROMPTS, settings, config, seed=0, work=tmp_path, progress=False, clip=bundle,
+    result, schedule = search_cache(pipe, PROMPTS, settings, config, seed=0, work=tmp_path, progress=False,
+                                    scorer=ClipScorer(bundle),
                                     guard_prompts=["a green triangle"])
     front, record = result["front"], result["record"]
     assert record["status"] == "done" and front["points"]
-    # the guard and the proxy are ClipQuality's own scoring on other prompts (on a prompt subset)
+    # the guard and the proxy are the CLIP scorer's own quality on other prompts (on a prompt subset)
     assert record["guard"]["prompts"] == 1 and all(p["guard_quality"] is not None for p in front["points"])
     assert record["proxy"]["prompts"] == [1, 2]
     points = [(p["guard_quality"], p["mac_fraction"]) for p in front["points"]]

@@ -8,7 +8,8 @@ import pytest
 from cache_search.guard import guard_front
 from cache_search.schedule import CacheSchedule, block_layout
 from cache_search.search import (CHECKPOINT, FrontPoint, ParetoFront, SearchConfig, cx_multi_point, non_dominated,
-                                 nsga2_search, proxy_summary, world_quality)
+                                 nsga2_search, proxy_summary, schedule_quality)
+from qsched.scoring.scorer import WorldJudgeScorer
 from cache_search.stage import choose_point
 
 BLOCKS = (("transformer_blocks.0", ("attn", "ff", "ff_context")),
@@ -142,7 +143,7 @@ def test_world_quality_evaluator_and_a_tiny_search(tmp_path):
     pipe = build_tiny_pipeline(seed=0, words=TEST_WORDS)
     blocks = block_layout(pipe)
     prompts = ["a red circle", "a blue square on the left"]
-    wq = world_quality(pipe, prompts, TINY_SETTINGS, seed=0, max_batch=6)  # 3 candidates per call
+    wq = schedule_quality(pipe, prompts, TINY_SETTINGS, WorldJudgeScorer(), seed=0, max_batch=6)  # 3 candidates per call
     ref = wq.reference_metrics
     assert ref["fidelity"] == 1.0 and ref["quality"] == pytest.approx(0.5 * ref["score"] + 0.5)
     scheds = [CacheSchedule.no_cache(4, blocks), CacheSchedule.fora(4, blocks, 2),
@@ -215,7 +216,7 @@ def test_prefix_sharing_search_ends_with_the_same_front():
     cost = CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
     prompts = ["a red circle", "a blue square on the left"]
     config = SearchConfig(population=8, generations=2, seed=5)
-    fronts = {share: nsga2_search(3, blocks, world_quality(pipe, prompts, settings, max_batch=16, share_prefixes=share),
+    fronts = {share: nsga2_search(3, blocks, schedule_quality(pipe, prompts, settings, WorldJudgeScorer(), max_batch=16, share_prefixes=share),
                                   cost.schedule_macs, config) for share in (True, False)}
     shared, plain = fronts[True], fronts[False]
     assert [p.schedule for p in shared.points] == [p.schedule for p in plain.points]
@@ -393,7 +394,7 @@ def test_world_quality_proxy_and_guard_in_the_stage(tmp_path):
     settings = replace(TINY_SETTINGS, steps=3)
     blocks = block_layout(pipe)
     prompts = ["a red circle", "a blue square on the left", "a green triangle", "a red square above a blue circle"]
-    wq = world_quality(pipe, prompts, settings, max_batch=8)  # 2 candidates per call
+    wq = schedule_quality(pipe, prompts, settings, WorldJudgeScorer(), max_batch=8)  # 2 candidates per call
     proxy = wq.proxy(0.25)
     assert proxy.prompts == prompts[:1] and proxy.proxy_scale == (1, 4) and wq.proxy(0.25) is proxy
     scheds = [CacheSchedule.no_cache(3, blocks), CacheSchedule.fora(3, blocks, 2), CacheSchedule.ff_only(3, blocks)]
@@ -409,7 +410,7 @@ def test_world_quality_proxy_and_guard_in_the_stage(tmp_path):
     config = CacheSearchConfig(population=8, generations=2, prompts=4, guard_prompts=2, proxy_generations=1,
                                budget=0.9)
     result, schedule = search_cache(pipe, prompts, settings, config, seed=0, work=tmp_path, progress=False,
-                                    guard_prompts=["a green circle", "a blue triangle"])
+                                    scorer=WorldJudgeScorer(), guard_prompts=["a green circle", "a blue triangle"])
     record, front = result["record"], ParetoFront.from_dict(result["front"])
     assert record["guard"] == {"prompts": 2, "points_before": len(front.points) + record["guard"]["removed"],
                                "removed": record["guard"]["removed"]}
@@ -420,19 +421,17 @@ def test_world_quality_proxy_and_guard_in_the_stage(tmp_path):
     assert blocks_saved["proxy_at_full_fidelity"] == 4 * blocks_saved["proxy_run"] > 0
 
 
-def test_compile_guard_prompts_are_disjoint_from_the_search_prompts():
-    from dataclasses import replace
-
-    from qsched.compiler import cache_guard_prompts, cache_search_prompts
-    from qsched.prompts import calibration_prompts
-    from qsched.recipe import CacheSearchConfig
+def test_profile_guard_prompts_are_disjoint_from_the_search_prompts():
+    from qsched.profiles import ModelProfile
+    from qsched.tinyworld.model import TINY_SETTINGS
     from qsched.tinyworld.world import is_held_out
 
-    config = CacheSearchConfig(prompts=8, guard_prompts=16)
-    search = cache_search_prompts(config, seed=0)
-    guard = cache_guard_prompts("flux-tiny", True, config, 0, search)  # the held-out split, its own seed
+    world = ModelProfile("flux-tiny", TINY_SETTINGS, "world-judge")
+    search, guard = world.prompts("cache_train", 8, seed=0), world.prompts("cache_guard", 16, seed=0)
     assert len(guard) == 16 and all(is_held_out(p) for p in guard) and not any(is_held_out(p) for p in search)
-    real_search = calibration_prompts("flux-schnell", 8, seed=3)
-    real = cache_guard_prompts("flux-schnell", False, config, 0, real_search)
-    assert len(real) == 16 and not set(real) & set(real_search)
-    assert cache_guard_prompts("flux-tiny", True, replace(config, guard_prompts=0), 0, search) == []
+    real = ModelProfile("flux-schnell", TINY_SETTINGS, "some/clip")
+    for train, held in (("cache_train", "cache_guard"), ("qsched_train", "qsched_guard"), ("calibration", "evaluation")):
+        a, b = real.prompts(train, 8, seed=0), real.prompts(held, 16, seed=0)
+        assert len(a) == 8 and len(b) == 16 and not set(a) & set(b)
+    assert real.prompts("cache_train", 8, seed=0) != real.prompts("qsched_train", 8, seed=0)  # own seed offsets
+    assert world.prompts("cache_guard", 0, seed=0) == []

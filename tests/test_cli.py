@@ -41,7 +41,7 @@ def test_unknown_model(tmp_path):
 
 
 def test_hub_unreachable_names_the_alternatives(tmp_path):
-    result = run_cli("--model", "some-org/some-model", "--out", str(tmp_path / "a"))
+    result = run_cli("--model", "some-org/some-model", "--no-qsched", "--no-cache-search", "--out", str(tmp_path / "a"))
     assert_one_line_error(result, "hub", "local diffusers directory", "flux-tiny", "--init random")
     assert not (tmp_path / "a").exists()
 
@@ -86,18 +86,20 @@ def test_fractional_bits_with_uniform_is_a_clear_error(tiny_pipeline_dir, tmp_pa
 
 
 def test_main_compiles_a_local_pipeline(tiny_pipeline_dir, tmp_path, capsys):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("calibration:\n  prompts: 2\n  batch_size: 2\n")
     code = main(["--model", str(tiny_pipeline_dir), "--bits", "w8a8", "--out", str(tmp_path / "art"),
-                 "--recipe", str(recipe), "--eval-prompts", "0", "--quiet"])
+                 "--recipe", str(_small_recipe(tmp_path)), "--eval-prompts", "0", "--quiet", "--uniform", "--no-qsched",
+                 "--no-cache-search"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["bits"] == "w8a8" and (tmp_path / "art" / "manifest.json").is_file()
+    assert summary["stages"]["calibrate"] == "done (uniform-rtn)" or summary["stages"]["calibrate"].startswith("done (")
+    assert summary["stages"]["qsched"].startswith("skipped: switched off (--no-qsched")
 
 
 def test_corrupt_artifact_fails_to_load_with_a_clear_error(tiny_pipeline_dir, tmp_path):
     assert main(["--model", str(tiny_pipeline_dir), "--bits", "w4a8", "--out", str(tmp_path / "art"),
-                 "--eval-prompts", "0", "--quiet", "--recipe", str(_small_recipe(tmp_path))]) == 0
+                 "--eval-prompts", "0", "--quiet", "--recipe", str(_small_recipe(tmp_path)),
+                 "--uniform", "--no-qsched", "--no-cache-search"]) == 0
     shard = tmp_path / "art" / "transformer.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -110,5 +112,25 @@ def test_corrupt_artifact_fails_to_load_with_a_clear_error(tiny_pipeline_dir, tm
 
 def _small_recipe(tmp_path):
     recipe = tmp_path / "small.yaml"
-    recipe.write_text("calibration:\n  prompts: 2\n  batch_size: 2\n")
+    recipe.write_text("calibration: {prompts: 2, batch_size: 2}\nquantization: {rounding: rtn}\n"
+                      "report: {samples: 0, fp_copy_max_gb: 0}\n")  # the cheapest compile that reaches export
     return recipe
+
+
+def test_cluster_summary_without_ray_started_starts_nothing(monkeypatch):
+    """--ray with no stage that needs it (e.g. --uniform --no-cache-search) used to crash at export."""
+    ray = pytest.importorskip("ray")
+    from qsched.distributed import cluster_summary
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("cluster_summary must not start Ray"))
+    assert cluster_summary() == {"connected": False, "nodes": 0, "cpus": 0, "gpus": 0}
+
+
+def test_ray_flag_with_no_distributed_stage_compiles(tmp_path, capsys):
+    pytest.importorskip("ray")
+    code = main(["--model", "flux-tiny", "--bits", "w4a8", "--uniform", "--no-qsched", "--no-cache-search",
+                 "--ray", "local", "--recipe", str(_small_recipe(tmp_path)), "--eval-prompts", "0", "--quiet",
+                 "--out", str(tmp_path / "art")])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["ray"]["address"] == "local" and "connected" in manifest["ray"]

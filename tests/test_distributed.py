@@ -11,12 +11,13 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'qsch
 
 from cache_search.guard import guard_front  # noqa: E402
 from cache_search.schedule import block_layout  # noqa: E402
-from cache_search.search import SearchConfig, distributed_world_quality, nsga2_search, world_quality  # noqa: E402
+from cache_search.search import SearchConfig, distributed_schedule_quality, nsga2_search, schedule_quality  # noqa: E402
+from qsched.scoring.scorer import WorldJudgeScorer  # noqa: E402
 from cache_search.cost import CostModel  # noqa: E402
 from calibrate.sensitivity import analyze_sensitivity  # noqa: E402
 from qsched.distributed import PipelineSource, RayConfig, WorkerPool  # noqa: E402
 from qsched.errors import QschedError  # noqa: E402
-from qsched.tinyworld.judge import ssim  # noqa: E402
+from qsched.metrics import ssim  # noqa: E402
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline  # noqa: E402
 
 from conftest import TEST_WORDS  # noqa: E402
@@ -149,10 +150,10 @@ def test_cache_search_on_ray_finds_the_same_front(pipe):
     layout = block_layout(pipe)
     guard_prompts = ["a green triangle", "a red square on the right"]
     # max_batch 4 → two candidates per pipeline call, so each generation is several Ray tasks
-    in_process = world_quality(pipe, PROMPTS, settings, max_batch=4)
+    in_process = schedule_quality(pipe, PROMPTS, settings, WorldJudgeScorer(), max_batch=4)
     local = nsga2_search(settings.steps, layout, in_process, cost.schedule_macs, config)
     local = guard_front(local, in_process.on_prompts(guard_prompts, seed=9))
-    with distributed_world_quality(pipe, PROMPTS, settings, ray=TWO, max_batch=4) as evaluator:
+    with distributed_schedule_quality(pipe, PROMPTS, settings, WorldJudgeScorer(), ray=TWO, max_batch=4) as evaluator:
         remote = nsga2_search(settings.steps, layout, evaluator, cost.schedule_macs, config)
         remote = guard_front(remote, evaluator.on_prompts(guard_prompts, seed=9))  # proxy and guard on the workers
     assert remote.evaluations == local.evaluations > config.population and local.proxy["candidates"] > 0

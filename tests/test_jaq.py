@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from qsched.errors import QschedError
-from qsched.jaq import clip_jaq_terms, jaq
+from qsched.jaq import jaq, scorer_terms
+from qsched.scoring.scorer import ClipScorer
 
 
 def test_jaq_is_mean_tc_plus_k_mean_iq():
@@ -41,5 +42,5 @@ def test_clip_terms_scale(monkeypatch):
 
     monkeypatch.setattr(clip_mod, "clip_score", lambda b, imgs, ps: np.array([30.0, 20.0]))
     monkeypatch.setattr(clip_mod, "clip_iqa", lambda b, imgs: np.array([0.6, 0.8]))
-    tc, iq = clip_jaq_terms(object())
+    tc, iq = scorer_terms(ClipScorer(object()))
     assert jaq(torch.zeros(2, 3, 4, 4), ["a", "b"], tc, iq) == pytest.approx(0.25 + 2 * 0.7)

@@ -9,6 +9,7 @@ import torch
 from scipy import ndimage
 
 from qsched.tinyworld import judge as J
+from qsched import metrics
 from qsched.tinyworld import world as w
 
 
@@ -188,7 +189,7 @@ def test_ssim_known_values(truth):
     assert np.allclose(J.ssim(x, y), J.ssim(y, x))
     # constant images: no variance, SSIM reduces to the luminance term
     mx, my = 0.4, 0.6
-    c1 = (J.SSIM_K1) ** 2
+    c1 = (metrics.SSIM_K1) ** 2
     expected = (2 * mx * my + c1) / (mx**2 + my**2 + c1)
     assert J.ssim(np.full((1, 32, 32, 3), mx), np.full((1, 32, 32, 3), my))[0] == pytest.approx(expected)
 

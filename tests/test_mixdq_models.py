@@ -13,7 +13,7 @@ from qsched.bits import parse_bits
 from qsched.generation import generate
 from qsched.tiny_pipelines import (TINY_PIXART_SETTINGS, TINY_SDXL_SETTINGS, build_tiny_pixart_pipeline,
                                    build_tiny_sdxl_pipeline)
-from qsched.tinyworld.judge import ssim
+from qsched.metrics import ssim
 
 from conftest import TEST_WORDS
 

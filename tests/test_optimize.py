@@ -187,7 +187,8 @@ def test_reference_free_with_world_jaq(qpipe, monkeypatch):
 
     import qsched.models
     import qsched.tinyworld.model
-    from qsched.jaq import jaq, world_jaq_terms
+    from qsched.jaq import jaq, scorer_terms
+    from qsched.scoring.scorer import WorldJudgeScorer
 
     def no_fp_weights(*args, **kwargs):
         raise AssertionError("the Q-Sched search tried to load full-precision weights")
@@ -196,7 +197,7 @@ def test_reference_free_with_world_jaq(qpipe, monkeypatch):
         monkeypatch.setattr(cls, "from_pretrained", no_fp_weights)
     monkeypatch.setattr(qsched.models, "load_pipeline", no_fp_weights)
     monkeypatch.setattr(qsched.tinyworld.model, "load_embedded", no_fp_weights)
-    terms = world_jaq_terms()
+    terms = scorer_terms(WorldJudgeScorer())
     result = learn_coefficients(qpipe, TRAIN, HELDOUT, S2, lambda im, p: jaq(im, p, *terms, k=2.0),
                                 method="cma", budget=8, seed=0, progress=False)
     assert result.runs == 8

@@ -57,7 +57,7 @@ def test_compile_writes_report_files_and_page(art):
     files = manifest["files"]
     assert "report/data.json" in files and any(k.startswith("report/images/") and k.endswith(".png") for k in files)
     assert (art / "report.html").is_file() and "report.html" not in files  # derived view: not checksummed
-    assert manifest["recipe"]["report"] == {"samples": 3, "repeats": 2}
+    assert manifest["recipe"]["report"] == {"samples": 3, "repeats": 2, "fp_copy_max_gb": 2.0}
     assert manifest["timings_s"]["report"] > 0
     assert not list(art.parent.glob(".*tmp*"))
 
@@ -123,22 +123,27 @@ def test_collect_bit_plan_schedule_and_coefficients(data, art):
         assert label in labels
 
 
-def test_other_models_record_what_was_not_measured(tiny_pipeline_dir, tmp_path):
-    """A local diffusers directory is not the embedded model: no scorer, no second denoiser copy."""
+def test_a_model_without_scorer_or_fp_copy_records_what_was_not_measured(tiny_pipeline_dir, tmp_path):
+    """A local diffusers directory with no scorer, and a report told to keep no FP copy (what a model too
+    large for a second copy gets): FP is timed at load, RTN and quality are recorded as not measured."""
     import qsched
-    recipe = parse_recipe({"calibration": {"prompts": 2, "batch_size": 2}, "report": {"samples": 2, "repeats": 1}})
+    recipe = parse_recipe({"calibration": {"prompts": 2, "batch_size": 2},
+                           "report": {"samples": 2, "repeats": 1, "fp_copy_max_gb": 0}})
     artifact = qsched.compile(str(tiny_pipeline_dir), "w8a8", out=tmp_path / "art", recipe=recipe, eval_prompts=0,
-                              progress=False)
+                              progress=False, uniform=True, qsched=False, cache_search=False)
     data = collect(artifact.path)
     by_id = {p["id"]: p for p in data["points"]}
     assert list(by_id) == ["fp", "rtn", "fora-2", "fora-3", "compiled"] and data["chosen"] == "compiled"
-    assert not by_id["rtn"]["measured"] and "embedded model" in by_id["rtn"]["reason"]
-    assert not by_id["fora-2"]["measured"] and "quality scorer" in by_id["fora-2"]["reason"]
-    for point in (by_id["fp"], by_id["compiled"]):  # FP timed at load, the artifact at export; no quality
+    assert not by_id["rtn"]["measured"] and "second copy" in by_id["rtn"]["reason"]
+    for point in (by_id["fp"], by_id["fora-2"], by_id["compiled"]):  # timed and drawn; no quality without a scorer
         assert point["latency_s"] > 0 and len(point["images"]) == 2 and point["macs"] > 0
-        assert point.get("quality") is None and "no quality scorer" in point["quality_reason"]
+        assert point.get("quality") is None and "no image scorer" in point["quality_reason"]
+    assert by_id["fora-2"]["mac_fraction"] < 1.0
     assert json.loads((artifact.path / "report" / "data.json").read_text())["latency"]["fp"].startswith("at load")
-    assert data["quality"]["measured"] is False and data["cache_layout"] is None
+    assert data["quality"]["measured"] is False and data["cache_layout"]["steps"] == 4  # the FORA points' layout
+    stages = artifact.manifest["stages"]
+    assert stages["qsched"]["status"] == stages["cache_search"]["status"] == "skipped"
+    assert "--no-qsched" in stages["qsched"]["reason"] and "--no-cache-search" in stages["cache_search"]["reason"]
     assert (artifact.path / "report.html").is_file()
 
 

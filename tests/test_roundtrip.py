@@ -30,7 +30,9 @@ save_file({"images": generate(pipe, sys.argv[3:], s, seed=7, batch_size=2).conti
 def compiled(request, tiny_pipeline_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / f"tiny-{request.param}"
     return qsched.compile(str(tiny_pipeline_dir), request.param, out=out, eval_prompts=0, progress=False,
-                          recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=8)))
+                          uniform=True, qsched=False, cache_search=False,
+                          recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=8),
+                                              report=qsched.recipe.ReportConfig(samples=0)))
 
 
 def test_fresh_process_load_matches_in_memory_bit_for_bit(compiled, tmp_path):
@@ -44,6 +46,26 @@ def test_fresh_process_load_matches_in_memory_bit_for_bit(compiled, tmp_path):
     loaded = load_file(out)["images"]
     assert torch.equal(expected, loaded)
     assert expected.std() > 0.01  # real images, not a constant
+
+
+def test_a_bare_call_draws_at_the_compiled_settings(compiled):
+    """``pipe(prompt)`` on a loaded artifact uses its generation settings (not diffusers' 28 steps and
+    512-token text); arguments the caller passes still win."""
+    import export
+    from qsched.generation import call_arguments
+
+    pipe = export.load(compiled.path)
+    settings = GenerationSettings(**compiled.manifest["generation"])
+    assert type(pipe).__name__ == "FluxPipeline" and pipe.call_defaults["num_inference_steps"] == settings.steps
+    assert pipe.call_defaults.get("max_sequence_length") == settings.max_sequence_length
+
+    def draw(**kwargs):
+        return pipe(PROMPTS[:2], generator=torch.Generator().manual_seed(3), output_type="pt", **kwargs).images
+
+    bare = draw()
+    assert bare.shape[-2:] == (settings.height, settings.width)
+    assert torch.equal(bare, draw(**call_arguments(pipe, settings)))
+    assert not torch.equal(bare, draw(num_inference_steps=1))
 
 
 def test_artifact_holds_packed_weights_of_every_quantized_layer(compiled):
@@ -86,7 +108,9 @@ def test_bundled_artifact_loads_without_the_source(tiny_pipeline_dir, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_pipeline_dir, src)
     art = qsched.compile(str(src), "w8a8", out=tmp_path / "bundled", bundle=True, eval_prompts=0, progress=False,
-                         recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=2)))
+                         uniform=True, qsched=False, cache_search=False,
+                         recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=2),
+                                              report=qsched.recipe.ReportConfig(samples=0)))
     settings = GenerationSettings(**art.manifest["generation"])
     expected = generate(art.compiled_pipeline, PROMPTS[:2], settings, seed=1)
     shutil.rmtree(src)
@@ -100,7 +124,7 @@ def test_fractional_budget_compiles_mixed_precision_and_round_trips(tiny_pipelin
         "calibration": {"prompts": 4, "batch_size": 4}, "generation": {"steps": 2},
         "quantization": {"weight_widths": [2, 4, 8], "act_widths": [8], "sensitivity_prompts": 2}})
     art = qsched.compile(str(tiny_pipeline_dir), "w3.5a8", out=tmp_path / "mixed", recipe=recipe,
-                         eval_prompts=0, progress=False)
+                         eval_prompts=0, progress=False, qsched=False, cache_search=False)
     plan = art.bit_plan
     widths = {p.weight_bits for p in plan.layers.values()}
     assert plan.method == "mixdq" and len(widths) > 1 and widths <= {2, 4, 8}

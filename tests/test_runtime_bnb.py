@@ -126,7 +126,9 @@ def test_tiny_artifact_runs_on_bnb(tiny_pipeline_dir, tmp_path):
     from qsched.generation import GenerationSettings, generate
 
     art = qsched.compile(str(tiny_pipeline_dir), "w8a8", out=tmp_path / "art", eval_prompts=0, progress=False,
-                         recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=2, batch_size=2)))
+                         uniform=True, qsched=False, cache_search=False,
+                         recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=2, batch_size=2),
+                                              report=qsched.recipe.ReportConfig(samples=0)))
     settings = GenerationSettings(**art.manifest["generation"])
     prompts = ["a red circle on the left", "a green square"]
     expected = generate(export.load(art.path), prompts, settings, seed=2, batch_size=2)

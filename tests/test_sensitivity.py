@@ -21,7 +21,7 @@ SETTINGS = replace(TINY_SETTINGS, steps=2)
 BLOCK = ["single_transformer_blocks.0.*"]  # quality layers (attention, norm, proj_out) and a content one (proj_mlp)
 
 
-from qsched.tinyworld.judge import ssim as SSIM  # noqa: E402
+from qsched.metrics import ssim as SSIM  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -265,12 +265,12 @@ def summary_rows(manifest: dict, points: list[dict], chosen_id: str | None) -> l
 def _quality_axis(measured: dict | None) -> dict:
     note = (measured or {}).get("quality") or {}
     if note.get("measured"):
-        return {"measured": True, "label": "quality (judge + fidelity to FP)",
+        return {"measured": True, "label": f"quality ({note.get('scorer', 'scorer')} + fidelity to FP)",
                 "description": f"{note['formula']}; w = {note['fidelity_weight']}, cap = {note['psnr_cap']} dB, "
                                f"{note['prompts']} prompts"}
     if measured is None:
         return {"measured": True, "label": "quality (cache search)",
-                "description": "the cache search's own quality: judge + fidelity to the uncached compiled model"}
+                "description": "the cache search's own quality: the scorer's content score + fidelity to the uncached compiled model"}
     return {"measured": False, "label": "quality", "description": note.get("reason", "not measured")}
 
 

@@ -18,7 +18,7 @@ def png_bytes(image, max_side: int = MAX_SIDE) -> bytes:
     """One image (float [3,H,W] or [H,W,3] in [0, 1], numpy or torch) as PNG bytes, at most ``max_side``."""
     from PIL import Image
 
-    from qsched.tinyworld.judge import to_uint8_hwc
+    from qsched.metrics import to_uint8_hwc
 
     pixels = to_uint8_hwc(image)[0]
     img = Image.fromarray(np.ascontiguousarray(pixels))  # uint8 [H, W, 3]: RGB

@@ -9,22 +9,22 @@ The points:
 
 * ``fp``: the source model: no quantization, no cache, its own scheduler;
 * ``rtn``: plain per-channel round-to-nearest at the same bits, its own scheduler, no cache; only where
-  it is cheap (the embedded model: it needs a second copy of the denoiser), otherwise recorded as not
-  measured, with the reason;
+  a second copy of the denoiser is cheap (the model profile's ``fp_copy_max_bytes``), otherwise recorded
+  as not measured, with the reason;
 * ``fora-2``, ``fora-3``: FORA every N steps on the compiled model (quantized + Q-Sched);
 * ``front-<i>``: every Pareto-front point of the cache search (the compiled model with that schedule),
   the chosen one marked; without a front, one ``compiled`` point: the artifact as written.
 
-Quality (embedded model only; other models have no scorer and record why): the cache search's own
-evaluator (:class:`cache_search.search.WorldQuality`, judge score and PSNR fidelity, same prompts and
-seeds), but with FP's images as the fidelity reference, so all points share one scale on which FP is the
-reference. The search's own number (fidelity to the uncached compiled model) is kept as
+Quality (where the model profile has a scorer and the FP copy is kept; otherwise recorded as not measured,
+with the reason): the cache search's own evaluator (:class:`cache_search.search.ScheduleQuality`, the
+scorer's content score and PSNR fidelity, same prompts and seeds), but with FP's images as the fidelity
+reference, so all points share one scale on which FP is the reference. The search's own number (fidelity to the uncached compiled model) is kept as
 ``search_quality``. MACs come from :class:`cache_search.cost.CostModel` (per image, whole sampling run).
 
 Latency: the generation of the sample prompts (one batch), timed ``repeats`` times per point in
-interleaved rounds, so a drift in machine load hits every point alike; the median is reported. For the
-embedded model the FP point runs side by side with the others (a copy of the FP denoiser is kept); for
-real models, keeping a second copy is too costly, so FP is timed on the same prompts at load time.
+interleaved rounds, so a drift in machine load hits every point alike; the median is reported. With the
+FP copy the FP point runs side by side with the others; without it (a large model), FP is timed on the
+same prompts at load time.
 """
 from __future__ import annotations
 
@@ -108,19 +108,19 @@ class ReportProbe:
     """Collects the report's measurements across a compile: :meth:`begin` at the load stage (FP is still
     in memory), :meth:`finish` at the export stage; ``finish`` returns the files to store."""
 
-    def __init__(self, attr: str, settings, samples: list[str], repeats: int, embedded: bool, seed: int):
+    def __init__(self, attr: str, settings, samples: list[str], repeats: int, seed: int):
         self.attr, self.settings, self.samples, self.repeats = attr, settings, list(samples), int(repeats)
-        self.embedded, self.seed = embedded, int(seed)
-        self.fp: _Variant | None = None  # a copy of the FP model (embedded only)
-        self.fp_record: dict = {}  # FP measured at load (other models)
+        self.seed = int(seed)
+        self.fp: _Variant | None = None  # a copy of the FP model, where it is cheap
+        self.fp_record: dict = {}  # FP measured at load (without the copy)
         self.seconds = 0.0
 
     @classmethod
-    def begin(cls, pipe, attr: str, settings, samples: list[str], config, embedded: bool, seed: int) -> "ReportProbe":
-        """Keep a copy of the FP model (embedded), or time FP's sample generation now (other models)."""
+    def begin(cls, pipe, attr: str, settings, samples: list[str], config, fp_copy: bool, seed: int) -> "ReportProbe":
+        """Keep a copy of the FP model (``fp_copy``: it is cheap), or time FP's sample generation now."""
         start = time.perf_counter()
-        probe = cls(attr, settings, samples[:config.samples], config.repeats, embedded, seed)
-        if embedded:
+        probe = cls(attr, settings, samples[:config.samples], config.repeats, seed)
+        if fp_copy:
             probe.fp = _Variant(copy.deepcopy(getattr(pipe, attr)), copy.deepcopy(pipe.scheduler))
         elif probe.samples:
             runs, images = [], None
@@ -133,12 +133,13 @@ class ReportProbe:
         return probe
 
     def finish(self, pipe, spec, act_ranges: dict, cache_record: dict | None, chosen: int | None,
-               cache_handle=None, quality_prompts: list[str] | None = None) -> dict[str, bytes]:
+               cache_handle=None, scorer=None, quality_prompts: list[str] | None = None) -> dict[str, bytes]:
         """Measure every point on the compiled ``pipe`` and return ``{artifact path: bytes}`` to store.
 
         ``cache_record``: the manifest's ``cache`` entry (its ``pareto_front``), ``chosen`` the chosen
         front index, ``cache_handle`` the chosen schedule's live cache (disabled while measuring and
-        enabled again afterwards), ``quality_prompts`` the cache search's prompts (embedded model).
+        enabled again afterwards), ``scorer`` the model profile's scorer (None: quality is not measured) and
+        ``quality_prompts`` the cache search's prompts.
         """
         from cache_search.caching import enable_cache
 
@@ -148,7 +149,7 @@ class ReportProbe:
             cache_handle.disable()
         try:
             data, files = self._measure(pipe, spec, act_ranges, (cache_record or {}).get("pareto_front"), chosen,
-                                        quality_prompts)
+                                        scorer, quality_prompts)
         finally:
             if schedule is not None:
                 enable_cache(pipe, schedule)
@@ -169,10 +170,8 @@ class ReportProbe:
         points.append(_Point("rtn", f"uniform RTN {spec}", "baseline", "rtn", rtn[0], reason=rtn[1]))
         blocks = _layout_or_none(block_layout, pipe)
         for n in FORA_PERIODS:
-            sched = CacheSchedule.fora(self.settings.steps, blocks, n) if blocks and self.embedded else None
-            reason = "" if sched is not None else (
-                "FORA baselines are scored with the embedded world's judge; this model has no quality scorer"
-                if blocks else "this denoiser has no cacheable block")
+            sched = CacheSchedule.fora(self.settings.steps, blocks, n) if blocks else None
+            reason = "" if sched is not None else "this denoiser has no cacheable block"
             setup = _Variant(compiled.denoiser, compiled.scheduler, sched) if sched is not None else None
             points.append(_Point(f"fora-{n}", f"FORA every {n} (compiled model)", "baseline", "compiled", setup,
                                  sched, reason=reason))
@@ -190,7 +189,7 @@ class ReportProbe:
 
     def _rtn_variant(self, spec, act_ranges) -> tuple[_Variant | None, str]:
         if self.fp is None:
-            return None, "measured only for the embedded model: it needs a second quantized copy of the denoiser"
+            return None, "not measured: the FP denoiser is too large to keep a second copy (model profile's fp_copy_max_bytes)"
         if spec.is_fractional:
             return None, f"{spec} is a fractional budget: there is no uniform width to round to"
         from calibrate.apply import quantize_
@@ -203,11 +202,11 @@ class ReportProbe:
 
     # --- measuring --------------------------------------------------------------------------------
 
-    def _measure(self, pipe, spec, act_ranges, front, chosen, quality_prompts) -> tuple[dict, dict]:
+    def _measure(self, pipe, spec, act_ranges, front, chosen, scorer, quality_prompts) -> tuple[dict, dict]:
         points = self._points(pipe, spec, act_ranges, front, chosen)
         live = [p for p in points if p.variant_setup is not None]
         self._macs(pipe, points)
-        quality_note = self._quality(pipe, live, quality_prompts)
+        quality_note = self._quality(pipe, live, scorer, quality_prompts)
         for p in live:
             if p.variant == "rtn":
                 from export.save import denoiser_tensors
@@ -243,15 +242,16 @@ class ReportProbe:
                 macs = cost.schedule_macs(p.schedule) if p.schedule is not None else full
                 p.record.update(macs=macs, mac_fraction=macs / full)
 
-    def _quality(self, pipe, live: list[_Point], prompts: list[str] | None) -> dict:
-        if not (self.embedded and prompts and self.fp is not None):
-            return {"measured": False,
-                    "reason": "no quality scorer for this model (the embedded model uses its world's judge)"}
+    def _quality(self, pipe, live: list[_Point], scorer, prompts: list[str] | None) -> dict:
+        if scorer is None or not prompts:
+            return {"measured": False, "reason": "no image scorer for this model (--scorer or the recipe's scorer)"}
+        if self.fp is None:
+            return {"measured": False, "reason": "the FP denoiser is too large to keep a second copy as the reference"}
         from cache_search.schedule import CacheSchedule, block_layout
-        from cache_search.search import world_quality
+        from cache_search.search import schedule_quality
 
         with configured(pipe, self.attr, self.fp):
-            evaluator = world_quality(pipe, prompts, self.settings, seed=self.seed)
+            evaluator = schedule_quality(pipe, prompts, self.settings, scorer, seed=self.seed)
         no_cache = CacheSchedule.no_cache(self.settings.steps, block_layout(pipe))
         for p in live:
             if p.variant == "fp":
@@ -259,11 +259,11 @@ class ReportProbe:
             else:  # one point per call: a point's quality must not depend on which others share its batch
                 with configured(pipe, self.attr, _Variant(p.variant_setup.denoiser, p.variant_setup.scheduler)):
                     metrics = evaluator.evaluate_metrics([p.schedule or no_cache])[0]
-            p.record.update(quality=metrics["quality"], judge_score=metrics["score"], psnr_vs_fp=metrics["psnr"],
+            p.record.update(quality=metrics["quality"], content_score=metrics["score"], psnr_vs_fp=metrics["psnr"],
                             fidelity=metrics["fidelity"])
         return {"measured": True, "prompts": len(prompts), "fidelity_weight": evaluator.fidelity_weight,
-                "psnr_cap": evaluator.psnr_cap,
-                "formula": "(1 - w) * judge score + w * mean(min(PSNR vs FP, cap) / cap), "
+                "psnr_cap": evaluator.psnr_cap, "scorer": scorer.kind,
+                "formula": f"(1 - w) * {scorer.kind} content score + w * mean(min(PSNR vs FP, cap) / cap), "
                            "the cache search's evaluator with FP as the reference"}
 
     def _time_and_image(self, pipe, points: list[_Point]) -> dict[str, bytes]:
@@ -295,7 +295,7 @@ class ReportProbe:
                 paths.append(path)
             p.record["images"] = paths
             if reference is not None:
-                from qsched.tinyworld.judge import psnr
+                from qsched.metrics import psnr
                 p.record["sample_psnr_vs_fp"] = [float(v) for v in psnr(images[p.id], reference)]
         return files
 

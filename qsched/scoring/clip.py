@@ -158,7 +158,7 @@ def load_clip(
     offline = _hub_offline()
     only_local = local or offline
     try:
-        model = CLIPModel.from_pretrained(source, local_files_only=only_local)
+        model = CLIPModel.from_pretrained(source, local_files_only=only_local, use_safetensors=True)  # never pickle
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=only_local)
         image_cfg = _read_image_config(source, local, offline)
     except _hub_errors() as err:

@@ -83,8 +83,8 @@ def load_embedded(weights_dir: Path = WEIGHTS_DIR, **components):
         raise ModelNotFoundError(f"the embedded flux-tiny weights are missing from {weights_dir}; "
                                  "reinstall qsched or retrain them with `python -m qsched.tinyworld.train`")
     # weights ship in fp16 to stay small; compute runs in fp32 (what the reported numbers use)
-    pipe = FluxPipeline.from_pretrained(str(weights_dir), local_files_only=True, torch_dtype=torch.float32,
-                                        **components)
+    pipe = FluxPipeline.from_pretrained(str(weights_dir), local_files_only=True, use_safetensors=True,
+                                        torch_dtype=torch.float32, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -93,5 +93,6 @@ def export_weights(source_dir: Path, weights_dir: Path = WEIGHTS_DIR) -> None:
     """Write a trained pipeline into the package as fp16 safetensors (what ``load_embedded`` reads)."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(str(source_dir), local_files_only=True, torch_dtype=torch.float16)
+    pipe = FluxPipeline.from_pretrained(str(source_dir), local_files_only=True, use_safetensors=True,
+                                        torch_dtype=torch.float16)
     pipe.save_pretrained(str(weights_dir), safe_serialization=True)

@@ -190,7 +190,7 @@
     var fmtQ = function (v) { return num(v, 4); };
     var rows = [
       ["quality", has(p.quality) ? fmtQ(p.quality) : "n/a" + (p.quality_reason ? " (" + p.quality_reason + ")" : "")],
-      ["judge score", has(p.judge_score) ? fmtQ(p.judge_score) : null],
+      ["content score", has(p.content_score) ? fmtQ(p.content_score) : null],
       ["PSNR vs FP", has(p.psnr_vs_fp) ? num(p.psnr_vs_fp, 2) + " dB" : null],
       ["search quality", has(p.search_quality) ? fmtQ(p.search_quality) : null],
       ["MACs", has(p.macs) ? FORMATS.macs(p.macs) + " (" + num(100 * p.mac_fraction, 1) + "% of no cache)" : "n/a"],
