@@ -14,7 +14,9 @@ Per layer form (:func:`layer_form`, recorded per layer in the manifest; nothing 
   equals the simulation's ``[0, 2^b - 1]`` clamp.
 * 5-8-bit weights, per channel (``dq-int8``): int8 codes ``[K, N]`` → ``DequantizeLinear(axis=1)`` →
   ``MatMul``. With 8-bit activations this is the QDQ pattern onnxruntime fuses into its integer kernel
-  (``MatMulIntegerToFloat`` on CPU).
+  (``MatMulIntegerToFloat`` on CPU). Every int8 weight ``DequantizeLinear`` has its own explicit zero point 0,
+  which onnxruntime's ``session.x64quantprecision`` rewrite needs (it keeps the integer kernel exact on x86
+  CPUs without VNNI; see :func:`export.runtime_onnx.session_settings`).
 * ≤4-bit weights (``matmulnbits``, bits=4): ``com.microsoft::MatMulNBits``. The codes are symmetric, so the
   uint4 code is ``code + 8`` with the op's default zero point 8 (2- and 3-bit codes fit the same nibbles).
   The block size is the largest of 128/64/32/16 (the CPU kernel takes 16 to 256) that divides the scale
@@ -80,15 +82,15 @@ def _(x, scale, zero_point, lo, hi):
 
 
 @torch.library.custom_op("qsched_onnx::dq_matmul", mutates_args=())
-def dq_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-              block_size: int, cast: int) -> torch.Tensor:
+def dq_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor], block_size: int, cast: int) -> torch.Tensor:
     w = codes.float() * (scale if block_size == 0 else scale.repeat_interleave(block_size, 0))
     y = x @ w.to(x.dtype)
     return y if bias is None else y + bias
 
 
 @dq_matmul.register_fake
-def _(x, codes, scale, bias, block_size, cast):
+def _(x, codes, scale, zero_point, bias, block_size, cast):
     return x.new_empty((*x.shape[:-1], codes.shape[1]))
 
 
@@ -110,8 +112,8 @@ def _(x, packed, scales, bias, k, n, bits, block_size, accuracy_level):
 
 
 @torch.library.custom_op("qsched_onnx::dq_conv2d", mutates_args=())
-def dq_conv2d(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-              weight_shape: list[int], stride: list[int], padding: list[int], dilation: list[int], groups: int,
+def dq_conv2d(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor], weight_shape: list[int], stride: list[int], padding: list[int], dilation: list[int], groups: int,
               block_size: int) -> torch.Tensor:
     if block_size == 0:
         w = codes.float() * scale.view(-1, *([1] * (codes.dim() - 1)))
@@ -121,7 +123,7 @@ def dq_conv2d(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: O
 
 
 @dq_conv2d.register_fake
-def _(x, codes, scale, bias, weight_shape, stride, padding, dilation, groups, block_size):
+def _(x, codes, scale, zero_point, bias, weight_shape, stride, padding, dilation, groups, block_size):
     h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight_shape[2] - 1) - 1) // stride[0] + 1
     w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight_shape[3] - 1) - 1) // stride[1] + 1
     return x.new_empty((x.shape[0], weight_shape[0], h, w))
@@ -153,19 +155,20 @@ def _translations() -> dict:
             x = op.Clip(x, lo, hi)
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
 
-    def _dq(codes, scale, axis_per_channel, block_axis, block_size):
+    def _dq(codes, scale, zero_point, axis_per_channel, block_axis, block_size):
+        args = (codes, scale) if zero_point is None else (codes, scale, zero_point)
         if block_size == 0:
-            return op.DequantizeLinear(codes, scale, axis=axis_per_channel)
-        return op.DequantizeLinear(codes, scale, axis=block_axis, block_size=block_size)
+            return op.DequantizeLinear(*args, axis=axis_per_channel)
+        return op.DequantizeLinear(*args, axis=block_axis, block_size=block_size)
 
-    def t_dq_matmul(x, codes, scale, bias, block_size, cast):
+    def t_dq_matmul(x, codes, scale, zero_point, bias, block_size, cast):
         if cast:  # codes [K, N] * scales [G, 1, N] as plain arithmetic (int8-cast-mul)
             k, n = codes.shape
             grouped = op.Reshape(op.Cast(codes, to=1), op.Constant(value_ints=[k // block_size, block_size, n]))
             w = op.Reshape(op.Mul(grouped, op.Unsqueeze(scale, op.Constant(value_ints=[1]))),
                            op.Constant(value_ints=[k, n]))
         else:
-            w = _dq(codes, scale, 1, 0, block_size)
+            w = _dq(codes, scale, zero_point, 1, 0, block_size)
         y = op.MatMul(x, w)
         return y if bias is None else op.Add(y, bias)
 
@@ -174,8 +177,8 @@ def _translations() -> dict:
                              accuracy_level=accuracy_level)
         return y if bias is None else op.Add(y, bias)
 
-    def t_dq_conv2d(x, codes, scale, bias, weight_shape, stride, padding, dilation, groups, block_size):
-        w = _dq(codes, scale, 0, 1, block_size)
+    def t_dq_conv2d(x, codes, scale, zero_point, bias, weight_shape, stride, padding, dilation, groups, block_size):
+        w = _dq(codes, scale, zero_point, 0, 1, block_size)
         if block_size:
             w = op.Reshape(w, op.Constant(value_ints=list(weight_shape)))
         args = (x, w) if bias is None else (x, w, bias)
@@ -302,6 +305,12 @@ class OnnxLayer(nn.Module):
             self.register_buffer("codes", codes.reshape(codes.shape[0], -1).contiguous() if grouped else codes.clone())
             self.register_buffer("scale", scale.contiguous() if grouped else scale[:, 0].contiguous())
         self.block_size = layer.group_size if grouped else 0
+        # int8 codes get an explicit zero point of 0 (the same value as none), shaped like the scale: with
+        # session.x64quantprecision (export.runtime_onnx.session_settings) onnxruntime rewrites int8 weights
+        # as uint8 + 128 and gives a DequantizeLinear without a zero point a scalar one, which per-axis and
+        # blocked DequantizeLinear reject (onnxruntime 1.31 and 1.32).
+        self.register_buffer("zero_point", torch.zeros_like(self.scale, dtype=torch.int8)
+                             if self.form["weight"] == "dq-int8" else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp = x
@@ -318,7 +327,8 @@ class OnnxLayer(nn.Module):
                                                          self.weight_shape[0], self.form["bits"], self.block_size,
                                                          self.accuracy_level)
             else:
-                out = torch.ops.qsched_onnx.dq_matmul(x, self.codes, self.scale, self.bias, self.block_size,
+                out = torch.ops.qsched_onnx.dq_matmul(x, self.codes, self.scale, self.zero_point, self.bias,
+                                                      self.block_size,
                                                       int(weight == "int8-cast-mul"))
         else:
             args = self.conv_args
@@ -326,7 +336,8 @@ class OnnxLayer(nn.Module):
             if weight == "fp":
                 out = F.conv2d(x, self.weight, self.bias, **args)
             else:
-                out = torch.ops.qsched_onnx.dq_conv2d(x, self.codes, self.scale, self.bias, list(self.weight_shape),
+                out = torch.ops.qsched_onnx.dq_conv2d(x, self.codes, self.scale, self.zero_point, self.bias,
+                                                      list(self.weight_shape),
                                                       pair(args.get("stride", 1)), pair(args.get("padding", 0)),
                                                       pair(args.get("dilation", 1)), int(args.get("groups", 1)),
                                                       self.block_size)
@@ -591,6 +602,34 @@ def _finish(model, int4: dict[str, str]) -> None:
             if value.const_value is not None:
                 value.const_value.name = new
             graph.initializers[new] = value
+    _unshare_weight_dq_inputs(graph)
+
+
+def _unshare_weight_dq_inputs(graph) -> None:
+    """Give every int8 weight DequantizeLinear its own codes and zero point initializers. The exporter merges
+    equal initializers (the all-zero zero points of layers of one width become one), and onnxruntime's
+    x64quantprecision rewrite converts each DequantizeLinear's inputs to uint8 under a name derived from the
+    input's: a shared input is converted twice and the session fails ("Attempt to replace the existing
+    tensor")."""
+    import onnx_ir as ir
+
+    for node in list(graph):
+        if node.op_type != "DequantizeLinear" or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        codes = node.inputs[0]
+        if codes is None or not codes.is_initializer() or codes.dtype != ir.DataType.INT8:
+            continue
+        layer = codes.name.removesuffix(".codes")
+        for index, leaf in ((0, "codes"), (2, "zero_point")):
+            value, name = node.inputs[index], f"{layer}.{leaf}"
+            if len(value.uses()) < 2 or value.name == name:  # not shared, or this layer's own (others copy)
+                continue
+            while name in graph.initializers:
+                name += "_"
+            copy = ir.Value(name=name, type=value.type, shape=value.shape,
+                            const_value=ir.Tensor(value.const_value.numpy().copy(), name=name))
+            graph.register_initializer(copy)
+            node.replace_input_with(index, copy)
 
 
 def int4_initializers(model_proto) -> list[str]:

@@ -375,11 +375,19 @@ def session_settings(layers: dict, accuracy_level: int) -> dict:
       its bias Add into a float Gemm before its QDQ pass runs, so the ``MatMulIntegerToFloat`` fusion never
       sees the pattern and the int8 weights are dequantized on every call;
     * onnxruntime's own DequantizeLinear+MatMul → MatMulNBits rewrite at the export's accuracy level (its
-      default, 4, would quantize activations to int8 where the simulation does not).
+      default, 4, would quantize activations to int8 where the simulation does not);
+    * ``session.x64quantprecision`` on: on x86 CPUs without VNNI (AVX2, AVX-512F) onnxruntime's uint8 x int8
+      kernel (``vpmaddubsw``) sums pairs of products in int16 with saturation, so an 8-bit weight code next to
+      an 8-bit activation (255 * 127 * 2 > 32767) silently clips some dot products (measured: 12% of the
+      output scale on a few elements, any onnxruntime version). With the option onnxruntime stores such
+      weights as uint8 + 128 and runs its exact uint8 x uint8 kernel; where the fast kernel cannot overflow
+      (VNNI, or codes within 7 bits) it changes nothing. The graph's int8 weight DequantizeLinear nodes carry
+      explicit zero points for it (export.onnx_graph.OnnxLayer).
     """
     qdq = any(f["weight"] == "dq-int8" and f["act"] and f["op"] == "MatMul" for f in layers.values())
     return {"disabled_optimizers": ["MatMulAddFusion"] if qdq else [],
-            "config": {"session.qdq_matmulnbits_accuracy_level": str(int(accuracy_level))}}
+            "config": {"session.qdq_matmulnbits_accuracy_level": str(int(accuracy_level)),
+                       "session.x64quantprecision": "1"}}
 
 
 def make_session(path, record: dict, providers: list | None = None, threads: int | None = None):
