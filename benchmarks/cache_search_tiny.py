@@ -61,9 +61,9 @@ def load(args):
     if args.bits != "fp":  # uniform RTN, the recipe default for flux-tiny (no Q-Sched coefficients)
         from calibrate.calibration import calibrate
         from qsched.bits import parse_bits
-        from qsched.prompts import calibration_prompts
+        from qsched.profiles import world_profile
 
-        calibrate(pipe, parse_bits(args.bits), calibration_prompts("flux-tiny", 64, seed=0, embedded=True),
+        calibrate(pipe, parse_bits(args.bits), world_profile().prompts("calibration", 64, 0),
                   TINY_SETTINGS, seed=0, batch_size=16, progress=False)
     return pipe
 

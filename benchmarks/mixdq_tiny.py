@@ -27,7 +27,6 @@ row's ``fp_tokens`` says what the calibration did.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from calibrate.calibration import calibrate
 from calibrate.mixdq import width_floor
 from qsched.bits import parse_bits
 from qsched.generation import generate
-from qsched.prompts import calibration_prompts
+from qsched.profiles import world_profile
 from qsched.recipe import QuantizationConfig
 from qsched.tinyworld.judge import confidence_interval, judge, psnr, ssim
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
@@ -74,7 +73,7 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
 
     _, prompts = sample_batch(seed=args.seed, n=args.prompts, split="test")
-    cal = calibration_prompts("flux-tiny", args.calibration_prompts, seed=0, embedded=True)
+    cal = world_profile().prompts("calibration", args.calibration_prompts, 0)
     fp = load_embedded(Path(args.weights))
     reference = generate(fp, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64, progress="FP")
     report = {"prompts": args.prompts, "seed": args.seed, "steps": TINY_SETTINGS.steps,

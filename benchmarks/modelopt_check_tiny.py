@@ -25,7 +25,7 @@ from calibrate.uniform import uniform_plan
 from qsched.adapters import adapter_for
 from qsched.bits import parse_bits
 from qsched.generation import generate
-from qsched.prompts import calibration_prompts
+from qsched.profiles import world_profile
 from qsched.metrics import psnr
 from qsched.tinyworld.model import TINY_SETTINGS, load_embedded
 
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     pipe = load_embedded()
     fp = pipe.transformer
-    prompts = calibration_prompts("flux-tiny", 64, seed=0, embedded=True)
+    prompts = world_profile().prompts("calibration", 64, 0)
     ranges = collect_activation_ranges(pipe, prompts, TINY_SETTINGS, seed=0, batch_size=8, progress=False)
     plan = uniform_plan(fp, adapter_for(fp), parse_bits(args.bits), args.group_size)
     reference = quantize_(copy.deepcopy(fp), plan, ranges)

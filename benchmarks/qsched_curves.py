@@ -33,7 +33,7 @@ from qsched.generation import generate
 from qsched.jaq import jaq, scorer_terms
 from qsched.scoring.scorer import WorldJudgeScorer
 from qsched.optimize import learn_coefficients
-from qsched.prompts import calibration_prompts
+from qsched.profiles import world_profile
 from qsched.recipe import QuantizationConfig
 from qsched.schedulers import QSchedScheduler
 from qsched.tinyworld.judge import confidence_interval, judge, quality_score
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         print(f"error: {err}\n(the trained flux-tiny weights are needed; for a smoke test pass --random-model)",
               file=sys.stderr)
         return 2
-    cal = calibration_prompts("flux-tiny", args.cal_prompts, seed=0, embedded=True)
+    cal = world_profile().prompts("calibration", args.cal_prompts, 0)
     train = unique_prompts(20_000, args.prompts, "train", set())
     heldout = unique_prompts(30_000, args.prompts, "test", set())
     evaluation = unique_prompts(args.eval_seed, args.eval_prompts, "test", set(heldout))

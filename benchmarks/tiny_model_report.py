@@ -18,7 +18,7 @@ import torch
 from calibrate.calibration import calibrate
 from qsched.bits import parse_bits
 from qsched.generation import generate
-from qsched.prompts import calibration_prompts
+from qsched.profiles import world_profile
 from qsched.tinyworld.judge import confidence_interval, judge, psnr, quality_score, ssim
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
 from qsched.tinyworld.world import sample_batch
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     if reference is None:
         reference = generate(pipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64)
     report["uniform_rtn_4steps"] = {}
-    cal_prompts = calibration_prompts("flux-tiny", 64, seed=0, embedded=True)
+    cal_prompts = world_profile().prompts("calibration", 64, 0)
     for bits in args.bits:
         qpipe = load_embedded(weights)
         calibrate(qpipe, parse_bits(bits), cal_prompts, TINY_SETTINGS, seed=0, batch_size=16, progress=False)

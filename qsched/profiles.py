@@ -110,3 +110,10 @@ def default_scorer(model: str) -> str | None:
 
     entry = REGISTRY.get(model)
     return entry.scorer if entry is not None else None
+
+
+def world_profile(name: str = "flux-tiny") -> ModelProfile:
+    """The embedded world model's profile (its settings, the world's judge): what the benchmarks draw from."""
+    from .tinyworld.model import TINY_SETTINGS
+
+    return ModelProfile(name, TINY_SETTINGS, WORLD_JUDGE)
