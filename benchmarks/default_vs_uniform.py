@@ -7,6 +7,8 @@ model. Reported per artifact: judged accuracy (±95 %), PSNR/SSIM against FP, av
 chosen cache point's MAC fraction, and the compile's wall time (on whatever machine runs it: say which).
 
     python benchmarks/default_vs_uniform.py --prompts 1024 --out bench-out/default-vs-uniform.json
+    python benchmarks/default_vs_uniform.py --prompts 1024 --quantization-only --work bench-out/dvu-q \
+        --out bench-out/default-vs-uniform-quantization.json
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=2024, help="prompt draw and noise seed")
     p.add_argument("--work", default="bench-out/default-vs-uniform", help="where the two artifacts are written")
     p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--quantization-only", action="store_true",
+                   help="--no-qsched --no-cache-search for both: the allocation's effect alone")
     args = p.parse_args(argv)
 
     prompts = world_profile().prompts("evaluation", args.prompts, args.seed)
@@ -49,7 +53,8 @@ def main(argv=None) -> None:
         out = Path(args.work) / name
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        art = qsched.compile("flux-tiny", args.bits, out=out, uniform=uniform, progress=False, overwrite=True)
+        art = qsched.compile("flux-tiny", args.bits, out=out, uniform=uniform, progress=False, overwrite=True,
+                             qsched=not args.quantization_only, cache_search=not args.quantization_only)
         seconds = time.perf_counter() - start
         pipe = export.load(out)
         images = generate(pipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64)
@@ -60,7 +65,8 @@ def main(argv=None) -> None:
                       "cache_mac_fraction": cache.get("mac_fraction"), "compile_seconds": round(seconds, 1),
                       "stage_seconds": art.manifest["timings_s"]}
         print(name, json.dumps(rows[name]), flush=True)
-    result = {"bits": args.bits, "prompts": len(prompts), "seed": args.seed, "rows": rows}
+    result = {"bits": args.bits, "prompts": len(prompts), "seed": args.seed, "rows": rows,
+              "quantization_only": args.quantization_only}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
