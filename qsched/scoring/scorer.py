@@ -68,9 +68,7 @@ class WorldJudgeScorer(Scorer):
         return np.asarray(quality_score(images), dtype=np.float64)
 
     def content(self, images, prompts):
-        from qsched.tinyworld.judge import judge
-        verdict = judge(images, list(prompts))
-        return {"score": float(verdict.score), "accuracy": float(verdict.accuracy)}
+        return self.judged(images, prompts)
 
     def judged(self, images, prompts):
         from qsched.tinyworld.judge import judge
