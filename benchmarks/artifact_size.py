@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer
+from qsched.runtime.apply import set_submodule
+from qsched.runtime.qlayers import QuantLayer
 from export.format import write_artifact
 from export.save import denoiser_tensors, layer_specs
-from qsched.adapters import adapter_for
-from qsched.bits import parse_bits
-from qsched.shipped_configs import build_denoiser
+from qsched.models.adapters import adapter_for
+from qsched.core.bits import parse_bits
+from qsched.models.shipped_configs import build_denoiser
 
 
 def materialise(module: nn.Module, seed: int) -> None:

@@ -39,14 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_search.caching import enable_cache
+from qsched.runtime.caching import enable_cache
 from cache_search.cost import CostModel
-from cache_search.schedule import CacheSchedule, block_layout
+from qsched.runtime.cache_schedule import CacheSchedule, block_layout
 from cache_search.guard import guard_front
 from cache_search.search import SearchConfig, nsga2_search, proxy_summary, quality_terms, sharing_summary, schedule_quality
 from qsched.scoring.scorer import WorldJudgeScorer
 from cache_search.stage import GUARD_SEED_OFFSET
-from qsched.generation import generate
+from qsched.runtime.generation import generate
 from qsched.tinyworld.judge import confidence_interval, judge, psnr
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline, load_embedded
 from qsched.tinyworld.world import sample_batch
@@ -60,8 +60,8 @@ def load(args):
     pipe = load_embedded()
     if args.bits != "fp":  # uniform RTN, the recipe default for flux-tiny (no Q-Sched coefficients)
         from calibrate.calibration import calibrate
-        from qsched.bits import parse_bits
-        from qsched.profiles import world_profile
+        from qsched.core.bits import parse_bits
+        from qsched.models.profiles import world_profile
 
         calibrate(pipe, parse_bits(args.bits), world_profile().prompts("calibration", 64, 0),
                   TINY_SETTINGS, seed=0, batch_size=16, progress=False)

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import qsched
-from qsched.generation import generate
+from qsched.runtime.generation import generate
 from qsched.metrics import confidence_interval, psnr, ssim
-from qsched.profiles import world_profile
+from qsched.models.profiles import world_profile
 from qsched.tinyworld.judge import judge
 from qsched.tinyworld.model import TINY_SETTINGS, load_embedded
 

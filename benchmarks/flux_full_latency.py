@@ -2,7 +2,7 @@
 
 The FLUX.1-schnell transformer (12 B parameters, from the shipped config) is built at random init
 directly on the device, block by block from one seed, so every variant holds identical weights. The
-quantized variants replace each block's linears by :class:`calibrate.qlayers.QuantLayer` (uniform
+quantized variants replace each block's linears by :class:`qsched.runtime.qlayers.QuantLayer` (uniform
 round-to-nearest, per-output-channel scales) and immediately by the native runtime layers of
 :func:`export.runtime_torch.to_native_` (int8 x int8 ``torch._int_mm`` for W8A8; packed int4 unpacked on
 the fly for W4A8), so the simulated FP copy never exists for more than one block. Activation ranges come
@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer
+from qsched.runtime.apply import set_submodule
+from qsched.runtime.qlayers import QuantLayer
 from calibrate.statistics import observe_inputs
 from export.runtime_torch import to_native_
-from qsched.adapters import adapter_for
-from qsched.shipped_configs import build_denoiser, load_component_config
+from qsched.models.adapters import adapter_for
+from qsched.models.shipped_configs import build_denoiser, load_component_config
 
 VARIANTS = {"bf16": (None, None), "w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, None)}
 

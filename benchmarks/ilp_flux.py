@@ -17,8 +17,8 @@ import time
 
 from calibrate.allocation import allocate
 from calibrate.sensitivity import LayerSensitivity, SensitivityTable, metric_for_group
-from qsched.adapters import adapter_for
-from qsched.shipped_configs import build_denoiser
+from qsched.models.adapters import adapter_for
+from qsched.models.shipped_configs import build_denoiser
 
 WEIGHT_WIDTHS = [2, 3, 4, 5, 6, 8]
 ACT_WIDTHS = [4, 8]

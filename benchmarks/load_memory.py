@@ -70,7 +70,7 @@ def _status() -> dict[str, int]:
 
 
 def scaled_config(model: str, units: int) -> dict:
-    from qsched.shipped_configs import load_component_config
+    from qsched.models.shipped_configs import load_component_config
 
     cfg = dict(load_component_config(model, "transformer"))
     cfg["num_layers"], cfg["num_single_layers"] = units, 2 * units
@@ -80,7 +80,7 @@ def scaled_config(model: str, units: int) -> dict:
 def meta_denoiser(cfg: dict):
     import torch
 
-    from qsched.shipped_configs import _build_diffusers
+    from qsched.models.shipped_configs import _build_diffusers
 
     return _build_diffusers(cfg, "meta", torch.bfloat16)
 
@@ -92,7 +92,7 @@ def write_pair(model: str, units: int, out: Path, seed: int = 0, with_bf16: bool
     import torch
 
     from artifact_size import block_shards, materialise
-    from calibrate.bitplan import BitPlan, LayerPlan
+    from qsched.core.bitplan import BitPlan, LayerPlan
     from export.format import write_artifact
     from safetensors.torch import save_file
 

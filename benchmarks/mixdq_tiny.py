@@ -16,7 +16,7 @@ GPTQ included).
 :mod:`calibrate.fp_tokens`) → ``+gptq`` (GPTQ weight rounding) → ``+sqnr-only`` (mixed precision with every layer scored by SQNR) → ``+decoupled`` (content layers by
 SSIM: full MixDQ), plus ``mixdq-rtn`` (full MixDQ with round-to-nearest), ``mixdq-no-fp-acts`` (full MixDQ without FP-activation layers),
 ``mixdq-floor-3`` (no layer under 3 bits), ``uniform-mse`` / ``mixdq-mse`` with clipped weight scales
-(:func:`calibrate.quantizers.weight_scale`) instead of max scales, and ``mixdq-in-context`` (with and
+(:func:`qsched.runtime.quantizers.weight_scale`) instead of max scales, and ``mixdq-in-context`` (with and
 without the floor): sensitivity probed around the operating point (``sensitivity_context: uniform``). Fractional targets have no uniform rows. On flux-tiny ``+bos`` equals ``naive``:
 its text stream is T5 (no BOS) and ``benchmarks/text_outliers.py`` finds no outlier tokens in it; each
 row's ``fp_tokens`` says what the calibration did.
@@ -35,9 +35,9 @@ import torch
 
 from calibrate.calibration import calibrate
 from calibrate.mixdq import width_floor
-from qsched.bits import parse_bits
-from qsched.generation import generate
-from qsched.profiles import world_profile
+from qsched.core.bits import parse_bits
+from qsched.runtime.generation import generate
+from qsched.models.profiles import world_profile
 from qsched.recipe import QuantizationConfig
 from qsched.tinyworld.judge import confidence_interval, judge, psnr, ssim
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from calibrate import modelopt_bridge as mb
-from calibrate.apply import quantize_
+from qsched.runtime.apply import quantize_
 from calibrate.calibration import collect_activation_ranges
 from calibrate.uniform import uniform_plan
-from qsched.adapters import adapter_for
-from qsched.bits import parse_bits
-from qsched.generation import generate
-from qsched.profiles import world_profile
+from qsched.models.adapters import adapter_for
+from qsched.core.bits import parse_bits
+from qsched.runtime.generation import generate
+from qsched.models.profiles import world_profile
 from qsched.metrics import psnr
 from qsched.tinyworld.model import TINY_SETTINGS, load_embedded
 

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 
 from calibrate.calibration import calibrate
-from qsched.bits import parse_bits
-from qsched.errors import ModelNotFoundError
-from qsched.generation import generate
-from qsched.jaq import jaq, scorer_terms
+from qsched.core.bits import parse_bits
+from qsched.core.errors import ModelNotFoundError
+from qsched.runtime.generation import generate
+from qsched.coefficients.jaq import jaq, scorer_terms
 from qsched.scoring.scorer import WorldJudgeScorer
-from qsched.optimize import learn_coefficients
-from qsched.profiles import world_profile
+from qsched.coefficients.optimize import learn_coefficients
+from qsched.models.profiles import world_profile
 from qsched.recipe import QuantizationConfig
-from qsched.schedulers import QSchedScheduler
+from qsched.runtime.schedulers import QSchedScheduler
 from qsched.tinyworld.judge import confidence_interval, judge, quality_score
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline, load_embedded
 from qsched.tinyworld.world import sample_batch

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cache_search.schedule import CacheSchedule, block_layout
+from qsched.runtime.cache_schedule import CacheSchedule, block_layout
 from cache_search.search import distributed_schedule_quality, schedule_quality
 from qsched.scoring.scorer import WorldJudgeScorer
 from calibrate.sensitivity import analyze_sensitivity

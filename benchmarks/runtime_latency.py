@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer
-from calibrate.quantizers import quantize_weight
+from qsched.runtime.apply import set_submodule
+from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.quantizers import quantize_weight
 from export.runtime_torch import NativeDequantLayer, NativeInt8Linear, to_native_
 
 
@@ -177,7 +177,7 @@ def bench_linear(in_features: int, out_features: int, tokens: list[int], repeat:
 
 
 def tiny_pipeline(random_model: bool):
-    from qsched.errors import ModelNotFoundError
+    from qsched.core.errors import ModelNotFoundError
     from qsched.tinyworld.model import build_tiny_pipeline, load_embedded
 
     if not random_model:

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from calibrate.quantizers import activation_qparams, fake_quantize_activation
-from qsched.adapters import adapter_for
-from qsched.generation import generate
+from qsched.runtime.quantizers import activation_qparams, fake_quantize_activation
+from qsched.models.adapters import adapter_for
+from qsched.runtime.generation import generate
 from qsched.tinyworld.world import sample_batch
 
 TEXT_LAYERS = {
@@ -55,11 +55,11 @@ def load(model: str):
         pipe = load_embedded()
         return pipe, TINY_SETTINGS, pipe.tokenizer_2
     if model == "sdxl-tiny":
-        from qsched.tiny_pipelines import TINY_SDXL_SETTINGS, build_tiny_sdxl_pipeline
+        from qsched.models.tiny_pipelines import TINY_SDXL_SETTINGS, build_tiny_sdxl_pipeline
         pipe = build_tiny_sdxl_pipeline(0)
         return pipe, TINY_SDXL_SETTINGS, pipe.tokenizer
     if model == "pixart-tiny":
-        from qsched.tiny_pipelines import TINY_PIXART_SETTINGS, build_tiny_pixart_pipeline
+        from qsched.models.tiny_pipelines import TINY_PIXART_SETTINGS, build_tiny_pixart_pipeline
         pipe = build_tiny_pixart_pipeline(0)
         return pipe, TINY_PIXART_SETTINGS, pipe.tokenizer
     raise SystemExit(f"unknown model {model!r}: flux-tiny, sdxl-tiny or pixart-tiny")

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from calibrate.calibration import calibrate
-from qsched.bits import parse_bits
-from qsched.generation import generate
-from qsched.profiles import world_profile
+from qsched.core.bits import parse_bits
+from qsched.runtime.generation import generate
+from qsched.models.profiles import world_profile
 from qsched.tinyworld.judge import confidence_interval, judge, psnr, quality_score, ssim
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
 from qsched.tinyworld.world import sample_batch

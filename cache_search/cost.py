@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from .schedule import CacheSchedule, _denoiser, block_layout
+from qsched.runtime.cache_schedule import CacheSchedule, _denoiser, block_layout
 
 SAMPLE, IMAGE, TEXT, JOINT = "sample", "image", "text", "joint"
 

@@ -14,8 +14,8 @@ import dataclasses
 import math
 from typing import Callable, Sequence
 
-from .schedule import CacheSchedule
-from .search import ParetoFront, _add_counts, _evaluator_counts, non_dominated
+from qsched.runtime.cache_schedule import CacheSchedule
+from cache_search.search import ParetoFront, _add_counts, _evaluator_counts, non_dominated
 
 
 def guard_front(front: ParetoFront, evaluate_guard: Callable[[Sequence[CacheSchedule]], list[float]]) -> ParetoFront:

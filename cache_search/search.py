@@ -54,7 +54,7 @@ from typing import Callable, Sequence
 import numpy as np
 from deap import base, tools
 
-from .schedule import CacheSchedule, _normalise_blocks
+from qsched.runtime.cache_schedule import CacheSchedule, _normalise_blocks
 
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_FORMAT = "qsched-cache-search"
@@ -457,7 +457,7 @@ def nsga2_search(steps: int, blocks, evaluate: Callable[[list[CacheSchedule]], l
                  on_generation: Callable[[int, object], None] | None = None) -> ParetoFront:
     """Run (or resume, when ``work_dir`` holds a checkpoint) the NSGA-II cache-schedule search.
 
-    ``blocks``: the layout, e.g. :func:`cache_search.schedule.block_layout(pipe)`. ``on_generation(g, search)``
+    ``blocks``: the layout, e.g. :func:`qsched.runtime.cache_schedule.block_layout(pipe)`. ``on_generation(g, search)``
     runs after generation g's checkpoint is written (g = 0 is the evaluated initial population); raising
     from it stops the search, which the same call resumes later.
     """
@@ -516,7 +516,7 @@ class ScheduleQuality(_Evaluator):
     initial noise from its own generator (seed + prompt index), so each candidate sees exactly the noise the
     reference saw, whatever the batch. :func:`batch_plan` sorts the candidates by genome before cutting
     them into calls, so candidates with long common prefixes share a call, and ``share_prefixes`` (on by
-    default) runs each shared prefix once (see :mod:`cache_search.caching`).
+    default) runs each shared prefix once (see :mod:`qsched.runtime.caching`).
 
     ``counts`` sums what the evaluations ran (integers, a function of the schedules only, so the search
     keeps them in its checkpoint): candidates, pipeline calls, component and denoiser rows run / naive
@@ -552,7 +552,7 @@ class ScheduleQuality(_Evaluator):
         """Images of ``groups`` row groups (one per schedule) and the counters of the call."""
         import torch
 
-        from .caching import enable_cache
+        from qsched.runtime.caching import enable_cache
 
         p, s = len(self.prompts), self.settings
         kwargs = dict(num_inference_steps=s.steps, height=s.height, width=s.width, guidance_scale=s.guidance_scale,
@@ -625,7 +625,7 @@ def quality_terms(score: float, db, psnr_cap: float = 40.0, fidelity_weight: flo
 
 def _cost_model(pipe, settings):
     """The pipeline's MAC table, to weight the row counters; None for a denoiser without MAC rules."""
-    from .cost import CostModel
+    from cache_search.cost import CostModel
 
     try:
         return CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cost import CostModel
-from .guard import guard_front
-from .schedule import CacheSchedule, block_layout
-from .search import (ParetoFront, SearchConfig, distributed_schedule_quality, nsga2_search, proxy_summary,
+from cache_search.cost import CostModel
+from cache_search.guard import guard_front
+from qsched.runtime.cache_schedule import CacheSchedule, block_layout
+from cache_search.search import (ParetoFront, SearchConfig, distributed_schedule_quality, nsga2_search, proxy_summary,
                      schedule_quality, sharing_summary)
 
 GUARD_SEED_OFFSET = 50_000  # the guard's noise: row i of the guard prompts draws from seed + 50,000 + i

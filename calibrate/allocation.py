@@ -30,12 +30,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from qsched.errors import QschedError
+from qsched.core.errors import QschedError
 
-from .bitplan import BitPlan, LayerPlan
+from qsched.core.bitplan import BitPlan, LayerPlan
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .sensitivity import SensitivityTable
+    from calibrate.sensitivity import SensitivityTable
 
 FP_BITS = 16
 _OBJECTIVE_SCALE = 1000.0  # keeps the solver's absolute tolerances far below one layer's contribution

@@ -7,17 +7,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from qsched.adapters import adapter_for
-from qsched.bits import BitSpec
-from qsched.generation import GenerationSettings, generate
+from qsched.models.adapters import adapter_for
+from qsched.core.bits import BitSpec
+from qsched.runtime.generation import GenerationSettings, generate
 
-from .apply import quantize_
-from .bitplan import BitPlan
-from .fp_tokens import FPTokenReport, FPTokens, fp_tokens_from_rows, record_rows
-from .gptq import (HESSIAN_CHUNK_BYTES, collect_hessians, gptq_quantize, hessian_chunks, observe_hessians,
+from qsched.runtime.apply import quantize_
+from qsched.core.bitplan import BitPlan
+from calibrate.fp_tokens import FPTokenReport, FPTokens, fp_tokens_from_rows, record_rows
+from calibrate.gptq import (HESSIAN_CHUNK_BYTES, collect_hessians, gptq_quantize, hessian_chunks, observe_hessians,
                    uses_gptq)
-from .statistics import observe_inputs
-from .uniform import uniform_plan
+from calibrate.statistics import observe_inputs
+from calibrate.uniform import uniform_plan
 
 
 @dataclass
@@ -98,7 +98,7 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     ``bos_aware``: when activations are quantized, the adapter's text layers serve a constant BOS row in
     FP and their ranges leave it out (:mod:`calibrate.fp_tokens`); sensitivity is measured that way too.
     ``weight_scale``: ``"max"`` (plain round-to-nearest) or ``"mse"`` (per-row clipped scales with the least
-    rounding error, :func:`calibrate.quantizers.weight_scale`), for both methods. ``rounding``: ``"rtn"``
+    rounding error, :func:`qsched.runtime.quantizers.weight_scale`), for both methods. ``rounding``: ``"rtn"``
     (round-to-nearest) or ``"gptq"``: linear layers' weights rounded against their calibration inputs
     (:mod:`calibrate.gptq`; the Hessians are observed during the statistics pass, or one more FP pass when
     activations stay FP or the Hessians need more than one pass; MixDQ's
@@ -130,7 +130,7 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
                                          progress=progress and "GPTQ inputs"))
     sensitivity = allocation = None
     if method == "mixdq":
-        from .mixdq import mixdq_plan
+        from calibrate.mixdq import mixdq_plan
         options = dict(mixdq or {})
         n = options.pop("sensitivity_prompts", 8)
         plan, table, result = mixdq_plan(pipe, spec, prompts[:n], settings, ranges or None, seed=seed,

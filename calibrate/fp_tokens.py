@@ -11,7 +11,7 @@ Nothing is taken on trust: the rows are captured during the FP calibration run, 
 FP rows when its input there was the same in every calibrated sequence. A BOS from a bidirectional
 encoder (T5) fails this and is reported. All-zero rows are tolerated: SDXL zeroes the unconditional
 embedding under classifier-free guidance (``force_zeros_for_empty_prompt``), and at run time a row that
-does not match the stored input simply keeps the quantized result (:func:`calibrate.qlayers.substitute_fp_tokens`).
+does not match the stored input simply keeps the quantized result (:func:`qsched.runtime.qlayers.substitute_fp_tokens`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .qlayers import FP_TOKEN_RTOL
+from qsched.runtime.qlayers import FP_TOKEN_RTOL
 
 
 @dataclass

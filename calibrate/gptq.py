@@ -4,7 +4,7 @@ Why: at 3 bits, round-to-nearest error dominates and mixed precision has no room
 stay at 3 bits or wider). GPTQ (Frantar et al., 2022) rounds one input column at a time and spreads each
 column's rounding error over the columns not yet rounded, weighted by the inverse Hessian ``H = X^T X`` of
 the layer's calibration inputs, so the layer's *output* error shrinks rather than its weight error. The
-codes and scales it returns have exactly the layout of :func:`calibrate.quantizers.quantize_weight`
+codes and scales it returns have exactly the layout of :func:`qsched.runtime.quantizers.quantize_weight`
 (symmetric, per output channel or per group, max scales), so packing, the artifact and every runtime are
 unchanged: only which integer each weight rounds to differs.
 
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .quantizers import _grouped, weight_qmax, weight_scale
+from qsched.runtime.quantizers import _grouped, weight_qmax, weight_scale
 
 
 #: GPTQ rounds weights of at most this width; wider ones keep round-to-nearest, which at 8 bits is within
@@ -88,7 +88,7 @@ def collect_hessians(pipe, layers: dict[str, nn.Module], prompts: list[str], set
                      progress=False) -> dict[str, torch.Tensor]:
     """Mean ``X^T X`` of every linear layer's inputs over FP sampler runs on ``prompts`` (one run per
     :func:`hessian_chunks` group; one run in all for models whose Hessians fit in ``max_bytes``)."""
-    from qsched.generation import generate
+    from qsched.runtime.generation import generate
 
     hessians = {}
     chunks = hessian_chunks(layers, max_bytes)

@@ -10,15 +10,15 @@ import math
 from pathlib import Path
 from typing import Callable, Iterable
 
-from qsched.adapters import adapter_for
-from qsched.bits import WEIGHT_WIDTHS, BitSpec
-from qsched.errors import QschedError
-from qsched.generation import GenerationSettings
+from qsched.models.adapters import adapter_for
+from qsched.core.bits import WEIGHT_WIDTHS, BitSpec
+from qsched.core.errors import QschedError
+from qsched.runtime.generation import GenerationSettings
 
-from .allocation import AllocationResult, allocate, allocation_plan, reference_widths
-from .bitplan import BitPlan, LayerPlan
-from .sensitivity import SensitivityTable, analyze_sensitivity
-from .uniform import group_size_for
+from calibrate.allocation import AllocationResult, allocate, allocation_plan, reference_widths
+from qsched.core.bitplan import BitPlan, LayerPlan
+from calibrate.sensitivity import SensitivityTable, analyze_sensitivity
+from calibrate.uniform import group_size_for
 
 
 SENSITIVITY_CONTEXTS = ("fp", "uniform")
@@ -65,7 +65,7 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
     (:func:`calibrate.allocation.reference_widths`), i.e. around the operating point. ``hessians`` /
     ``hessian_key``: GPTQ-rounded weights in the sensitivity probes (see :func:`analyze_sensitivity`).
     """
-    from .calibration import collect_statistics
+    from calibrate.calibration import collect_statistics
 
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)

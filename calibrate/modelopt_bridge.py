@@ -1,5 +1,5 @@
 """Our BitPlan expressed as an nvidia-modelopt quantization, and a per-layer check of modelopt against our
-reference quantizers (:mod:`calibrate.quantizers`).
+reference quantizers (:mod:`qsched.runtime.quantizers`).
 
 Why: modelopt's fake-quantized model is the door to its TensorRT export, but a different quantizer would
 silently change what was searched and measured. So the config is built layer by layer from the plan (no
@@ -61,12 +61,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qsched.errors import QschedError
+from qsched.core.errors import QschedError
 
-from .apply import set_submodule
-from .bitplan import BitPlan, LayerPlan
-from .qlayers import QuantLayer
-from .quantizers import activation_qparams, fake_quantize_activation, quantize_weight, weight_qmax
+from qsched.runtime.apply import set_submodule
+from qsched.core.bitplan import BitPlan, LayerPlan
+from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.quantizers import activation_qparams, fake_quantize_activation, quantize_weight, weight_qmax
 
 ACTIVATION_MODES = ("affine", "symmetric")
 INSTALL_HINT = "pip install qsched[modelopt]"
@@ -324,7 +324,7 @@ def to_modelopt(denoiser: nn.Module, plan: BitPlan | None = None, act_ranges: di
                 activations: str = "affine", extra_cfg: list[dict] | None = None) -> nn.Module:
     """Quantize ``denoiser`` in place with modelopt so that it computes our quantization; returns it.
 
-    ``denoiser`` either holds our :class:`QuantLayer` s (after :func:`calibrate.apply.quantize_`, or from
+    ``denoiser`` either holds our :class:`QuantLayer` s (after :func:`qsched.runtime.apply.quantize_`, or from
     :func:`export.loader.build_denoiser`; each becomes an ``nn.Linear``/``nn.Conv2d`` with its dequantized
     weight, which modelopt re-quantizes to the same codes), or is the FP denoiser with ``plan`` and
     ``act_ranges``. ``extra_cfg`` entries are appended to the config (and then checked like the rest).
@@ -471,7 +471,7 @@ def check_against_reference(reference: nn.Module, quantized: nn.Module | None = 
     """Compare modelopt's quantizers with ours, layer by layer; returns ``{module path: row}``.
 
     ``reference`` holds our :class:`QuantLayer` s (or is the FP denoiser, with ``plan`` and ``act_ranges``,
-    quantized here with :func:`calibrate.apply.quantize_` on a copy). ``quantized`` is the modelopt model;
+    quantized here with :func:`qsched.runtime.apply.quantize_` on a copy). ``quantized`` is the modelopt model;
     by default it is built from a copy of ``reference`` with :func:`to_modelopt`. ``samples`` maps a layer
     to real inputs for its activation check (see :func:`capture_inputs`); otherwise a dense sweep over
     the calibrated range (and beyond it) is used. Layers are checked one at a time and the reference's
@@ -485,7 +485,7 @@ def check_against_reference(reference: nn.Module, quantized: nn.Module | None = 
     """
     import copy
 
-    from .apply import quantize_
+    from qsched.runtime.apply import quantize_
 
     if not any(isinstance(m, QuantLayer) for m in reference.modules()):
         if plan is None:

@@ -43,14 +43,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qsched.adapters import adapter_for
-from qsched.errors import QschedError
-from qsched.generation import GenerationSettings, generate
+from qsched.models.adapters import adapter_for
+from qsched.core.errors import QschedError
+from qsched.runtime.generation import GenerationSettings, generate
 
-from .apply import set_submodule
-from .qlayers import QuantLayer
-from .statistics import observe_inputs
-from .uniform import group_size_for
+from qsched.runtime.apply import set_submodule
+from qsched.runtime.qlayers import QuantLayer
+from calibrate.statistics import observe_inputs
+from calibrate.uniform import group_size_for
 
 CACHE_VERSION = 1
 MAX_SQNR_DB = 150.0  # a bit-exact output would be +inf dB; capped so tables stay plain JSON
@@ -368,7 +368,7 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     model from ``pipeline_source`` (default: this ``pipe`` through the object store); the table is the same.
     ``fp_tokens`` (layer -> :class:`calibrate.fp_tokens.FPTokens`): BOS rows served in FP, as the final
     model will; observed ranges then leave those rows out. ``weight_scale``: the weight quantizer's scale
-    (``"max"`` or ``"mse"``, :func:`calibrate.quantizers.weight_scale`), as the final model will use it.
+    (``"max"`` or ``"mse"``, :func:`qsched.runtime.quantizers.weight_scale`), as the final model will use it.
     ``context`` (layer -> (weight bits, act bits), ``None`` = FP): the widths every *other* layer has while a
     layer is probed (default: all FP, MixDQ's setting); a probed layer keeps its context width on the side
     not being probed. Activation widths in the context need ``act_ranges``. ``hessians`` (layer -> input
@@ -537,7 +537,7 @@ def _analyze_layer(probe: _Probe, name: str, module: nn.Module, group: str, weig
 def _rounded(module: nn.Module, bits: int | None, group_size: int | None, hessian,
              weight_scale: str = "max") -> tuple | None:
     """GPTQ ``(codes, scales)`` when the layer has a Hessian and quantized weights, else ``None`` (RTN)."""
-    from .gptq import gptq_quantize, uses_gptq
+    from calibrate.gptq import gptq_quantize, uses_gptq
 
     if hessian is None or not uses_gptq(bits):
         return None
@@ -548,6 +548,6 @@ def _gptq_key(hessians: dict | None, hessian_key: str | None) -> str | None:
     """What GPTQ probes depend on: where the Hessians came from, which layers have one, the widest GPTQ width."""
     if not hessians:
         return None
-    from .gptq import GPTQ_MAX_BITS
+    from calibrate.gptq import GPTQ_MAX_BITS
 
     return f"gptq<={GPTQ_MAX_BITS}:{hessian_key}:{sorted(hessians)}"

@@ -44,7 +44,7 @@ def observe_inputs(layers: dict[str, nn.Module], momentum: float | None = 0.95,
 
     ``exclude_rows`` (layer -> token positions) leaves those rows out of a layer's range: rows served
     in FP (a BOS outlier) must not set the scale of the quantized rest."""
-    from .fp_tokens import drop_rows
+    from calibrate.fp_tokens import drop_rows
 
     exclude_rows = exclude_rows or {}
     observers = {name: RangeObserver(momentum) for name in layers}

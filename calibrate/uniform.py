@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import fnmatch
 
-from qsched.adapters import ModelAdapter
-from qsched.bits import BitSpec
+from qsched.models.adapters import ModelAdapter
+from qsched.core.bits import BitSpec
 
-from .bitplan import BitPlan, LayerPlan
+from qsched.core.bitplan import BitPlan, LayerPlan
 
 
 def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int | None = None,
                  keep_fp: list[str] | None = None, groups: dict[str, str] | None = None,
                  weight_scale: str = "max") -> BitPlan:
     """One width for all layers; layers matching a ``keep_fp`` glob stay FP, and the plan says so.
-    ``weight_scale``: ``"max"`` (plain RTN) or ``"mse"`` (clipped scales, calibrate.quantizers)."""
+    ``weight_scale``: ``"max"`` (plain RTN) or ``"mse"`` (clipped scales, qsched.runtime.quantizers)."""
     act_bits = spec.act_bits if spec.quantize_activations else None
     plan = BitPlan(method="uniform-rtn", target=str(spec))
     for name, module in adapter.quantizable_layers(denoiser).items():

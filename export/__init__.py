@@ -3,7 +3,7 @@
 
 def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulated"):
     """Load an artifact directory into a diffusers pipeline; see :func:`export.loader.load`."""
-    from .loader import load as _load
+    from export.loader import load as _load
 
     return _load(path, device=device, verify=verify, runtime=runtime)
 

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qsched.errors import ArtifactError
+from qsched.core.errors import ArtifactError
 
-from .format import (MANIFEST_NAME, _check_json, _check_relpath, _fsync_dir, _hash_and_fsync, _oserr, _write_bytes,
+from export.format import (MANIFEST_NAME, _check_json, _check_relpath, _fsync_dir, _hash_and_fsync, _oserr, _write_bytes,
                      read_manifest)
 
 __all__ = ["add_folder"]

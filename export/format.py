@@ -52,7 +52,7 @@ from typing import Any, Union
 
 import torch
 
-from qsched.errors import ArtifactError
+from qsched.core.errors import ArtifactError
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer
-from qsched.errors import ArtifactError
+from qsched.runtime.apply import set_submodule
+from qsched.runtime.qlayers import QuantLayer
+from qsched.core.errors import ArtifactError
 
-from .format import SHARD_SUFFIX, load_shard, open_shard, read_manifest
-from .packing import unpack_int
+from export.format import SHARD_SUFFIX, load_shard, open_shard, read_manifest
+from export.packing import unpack_int
 
 #: Files a bundled component may not hold, listed or not: formats diffusers or transformers would unpickle
 #: (``.bin``, ``.pt``, ``.ckpt``, sharded ``.bin`` indexes, ...) or import (``.py``), or read in place of
@@ -95,7 +95,7 @@ def build_native_denoiser(manifest: dict, path, int_matmul: bool = True) -> torc
     nothing stays memory-mapped, and each shard is closed once read), turned into its native layer (2-4 bit
     codes kept as the stored packed bytes) and released, so the peak is the native model plus one layer.
     """
-    from .runtime_torch import native_from_stored
+    from export.runtime_torch import native_from_stored
 
     denoiser, cls, config = _meta_denoiser(manifest)
     shards = manifest["denoiser"]["shards"]
@@ -170,7 +170,7 @@ def _other_components(manifest: dict, path: Path, denoiser):
             raise ArtifactError(f"cannot load the bundled components of {path} ({_first_line(e)}); the artifact is "
                                 "corrupt or from an incompatible qsched; re-export it") from e
     source = manifest["source"]
-    from qsched.models import load_source_pipeline
+    from qsched.models.registry import load_source_pipeline
     return load_source_pipeline(source, manifest["pipeline_class"], **{attr: denoiser})
 
 
@@ -178,14 +178,14 @@ def build_scheduler(record: dict):
     """The artifact's scheduler: its diffusers base, wrapped with Q-Sched coefficients when it has them."""
     base = _diffusers_class(record["class"], "SchedulerMixin").from_config(record["config"])
     if record.get("coefficients"):
-        from qsched.schedulers import QSchedScheduler
+        from qsched.runtime.schedulers import QSchedScheduler
         return QSchedScheduler.wrap(base, record["coefficients"], interpolate=bool(record.get("interpolate")))
     return base
 
 
 def _denoiser(manifest: dict, path: Path, runtime: str, device: str):
     if runtime == "onnx":  # the torch denoiser is never built: the graph carries the weights
-        from .runtime_onnx import KEY, onnx_denoiser
+        from export.runtime_onnx import KEY, onnx_denoiser
         record = manifest.get(KEY) or {}
         for graph in [record.get("graph"), *(record.get("steps") or [])]:  # only verified files, never outside
             if graph is not None and graph not in manifest["files"]:
@@ -222,7 +222,7 @@ def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulat
     pipe.set_progress_bar_config(disable=True)
     pipe.qsched_manifest = manifest
     if manifest.get("generation"):  # pipe(prompt) draws at the settings the artifact was compiled and measured at
-        from qsched.generation import GenerationSettings, with_call_defaults
+        from qsched.runtime.generation import GenerationSettings, with_call_defaults
         with_call_defaults(pipe, GenerationSettings(**manifest["generation"]))
     return pipe.to(device)
 
@@ -230,7 +230,7 @@ def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulat
 def _assemble(manifest: dict, path: Path, runtime: str, device: str):
     denoiser = _denoiser(manifest, path, runtime, device)
     if runtime == "onnx":  # diffusers warns that the denoiser is not its usual class; that is the point
-        from .runtime_onnx import quiet_component_type_check
+        from export.runtime_onnx import quiet_component_type_check
         with quiet_component_type_check():
             pipe = _other_components(manifest, path, denoiser)
     else:
@@ -240,9 +240,9 @@ def _assemble(manifest: dict, path: Path, runtime: str, device: str):
         pipe.scheduler = build_scheduler(scheduler)
     cache = (manifest.get("cache") or {}).get("schedule")
     if cache:  # the chosen cache schedule, applied through the pipeline's own __call__
-        from cache_search.caching import enable_cache
-        from cache_search.schedule import CacheSchedule
+        from qsched.runtime.caching import enable_cache
+        from qsched.runtime.cache_schedule import CacheSchedule
         if runtime == "onnx":
-            from .runtime_onnx import enable_onnx_cache as enable_cache  # noqa: F811
+            from export.runtime_onnx import enable_onnx_cache as enable_cache  # noqa: F811
         pipe.qsched_cache = enable_cache(pipe, CacheSchedule.from_dict(cache))
     return pipe

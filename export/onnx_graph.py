@@ -1,6 +1,6 @@
 """The quantized denoiser as an ONNX graph that carries the artifact's own integers.
 
-How: every :class:`~calibrate.qlayers.QuantLayer` is swapped (in place, restored afterwards) for an
+How: every :class:`~qsched.runtime.qlayers.QuantLayer` is swapped (in place, restored afterwards) for an
 :class:`OnnxLayer` that holds the layer's codes and scales in the layout an ONNX operator reads, and calls
 one of four small torch custom ops (``qsched_onnx::*``). ``torch.onnx.export(..., dynamo=True)`` traces the
 denoiser with them kept whole, and ``custom_translation_table`` turns each into standard ONNX (or
@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer, substitute_fp_tokens
+from qsched.runtime.apply import set_submodule
+from qsched.runtime.qlayers import QuantLayer, substitute_fp_tokens
 
 OPSET = 21  # blocked DequantizeLinear and int4 tensors
 NBITS_BLOCKS = (128, 64, 32, 16)  # MatMulNBits block sizes tried, largest first (the CPU kernel takes 16..256)

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from qsched.errors import ArtifactError
+from qsched.core.errors import ArtifactError
 
 __all__ = ["NIBBLE_BITS", "BYTE_BITS", "SUPPORTED_BITS", "pack_int", "unpack_int", "check_packed", "packed_nbytes"]
 

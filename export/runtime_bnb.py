@@ -31,12 +31,12 @@ import logging
 import torch
 from torch import nn
 
-from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer, with_fp_tokens
-from calibrate.quantizers import dequantize_weight
-from qsched.errors import QschedError
+from qsched.runtime.apply import set_submodule
+from qsched.runtime.qlayers import QuantLayer, with_fp_tokens
+from qsched.runtime.quantizers import dequantize_weight
+from qsched.core.errors import QschedError
 
-from .runtime_torch import NativeDequantLayer
+from export.runtime_torch import NativeDequantLayer
 
 __all__ = ["require_bitsandbytes", "bnb_layer", "to_bnb_", "FOUR_BIT_TYPES"]
 

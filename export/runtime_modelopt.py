@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from calibrate.bitplan import BitPlan
+from qsched.core.bitplan import BitPlan
 from calibrate.modelopt_bridge import (ACTIVATION_MODES, check_against_reference, require_modelopt, summarize,
                                        to_modelopt)
-from qsched.errors import ArtifactError
+from qsched.core.errors import ArtifactError
 
-from .amend import add_folder
-from .format import load_shard, read_manifest
-from .loader import _diffusers_class, _materialise_leftover_buffers, build_denoiser
+from export.amend import add_folder
+from export.format import load_shard, read_manifest
+from export.loader import _diffusers_class, _materialise_leftover_buffers, build_denoiser
 
 FOLDER = "modelopt"
 KEY = "modelopt"

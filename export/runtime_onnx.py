@@ -15,7 +15,7 @@ honoured by :class:`OnnxCacheDriver`.
 Why the cache schedule works without hooks inside the graph: the export returns every cached component's
 output as an extra graph output (``cache.<slot>.<call>.<part>``), and for each step's set of reused
 components a variant graph takes those tensors as *inputs* instead, with everything that only fed them cut
-away. The driver tracks steps through the scheduler (as :mod:`cache_search.caching` does), feeds the stored
+away. The driver tracks steps through the scheduler (as :mod:`qsched.runtime.caching` does), feeds the stored
 outputs into the step's graph and stores what later steps reuse. So the reused components really are not
 computed, and the numbers equal the torch cached pipeline's.
 
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qsched.errors import ArtifactError, QschedError
+from qsched.core.errors import ArtifactError, QschedError
 
-from .onnx_graph import OUTPUT
+from export.onnx_graph import OUTPUT
 
 FOLDER = "onnx"
 KEY = "onnx"
@@ -75,8 +75,8 @@ def capture_call(pipe, manifest: dict, prompts: int = 2) -> dict:
 
     Nothing past the text encoders runs. ``prompts`` > 1 so the batch axis is traced as dynamic.
     """
-    from cache_search.schedule import _denoiser
-    from qsched.generation import GenerationSettings, generate
+    from qsched.runtime.cache_schedule import _denoiser
+    from qsched.runtime.generation import GenerationSettings, generate
 
     settings = GenerationSettings(**manifest["generation"])
     texts = list(manifest.get("calibration_prompts") or []) + ["a red circle on the left", "a blue square"]
@@ -130,12 +130,12 @@ def export_onnx(path, overwrite: bool = False, verify: bool = True, dynamic: boo
     require_onnx()
     import onnx_ir as ir
 
-    from cache_search.schedule import CacheSchedule, _denoiser
+    from qsched.runtime.cache_schedule import CacheSchedule, _denoiser
 
-    from .amend import add_folder
-    from .format import read_manifest
-    from .loader import load
-    from .onnx_graph import OPSET, export_graph, reuse_variant
+    from export.amend import add_folder
+    from export.format import read_manifest
+    from export.loader import load
+    from export.onnx_graph import OPSET, export_graph, reuse_variant
 
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
@@ -197,7 +197,7 @@ _ATTRIBUTE_PATHS = ("add_embedding.linear_1.in_features",)
 
 
 def _module_attributes(denoiser: nn.Module) -> dict:
-    from calibrate.qlayers import QuantLayer
+    from qsched.runtime.qlayers import QuantLayer
 
     out = {}
     for dotted in _ATTRIBUTE_PATHS:
@@ -249,7 +249,7 @@ class OnnxDenoiser(*_diffusers_bases()):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
-        from .loader import _diffusers_class
+        from export.loader import _diffusers_class
 
         self.root = Path(root)
         self.record = record
@@ -306,7 +306,7 @@ class OnnxDenoiser(*_diffusers_bases()):
     # --- forward ------------------------------------------------------------------------------------
 
     def _feed(self, args, kwargs) -> tuple[dict, torch.Tensor, bool]:
-        from .onnx_graph import canonical_kwargs, flatten_call
+        from export.onnx_graph import canonical_kwargs, flatten_call
 
         bound = self._signature.bind(None, *args, **kwargs)  # None stands for self
         arguments = dict(bound.arguments)
@@ -423,7 +423,7 @@ def _set_dotted(root, dotted: str, value) -> None:
 class OnnxCacheDriver:
     """Applies the artifact's cache schedule to an :class:`OnnxDenoiser` inside a pipeline call.
 
-    Step tracking is :mod:`cache_search.caching`'s: ``scheduler.set_timesteps`` starts a run (step 0,
+    Step tracking is :mod:`qsched.runtime.caching`'s: ``scheduler.set_timesteps`` starts a run (step 0,
     nothing stored) and ``scheduler.step`` advances it; every denoiser call in between belongs to the step.
     At step ``t`` the graph of that step's reuse set runs, fed the stored outputs of the reused components;
     the outputs of computed components that a later step reuses are stored. ``disable()`` restores the
@@ -499,7 +499,7 @@ class OnnxCacheDriver:
             self._calls[slot] = self._calls.get(slot, 0) + calls
         return values[OUTPUT]
 
-    # --- install / remove (scheduler hooks, as cache_search.caching) ---------------------------------
+    # --- install / remove (scheduler hooks, as qsched.runtime.caching) ---------------------------------
 
     def _patch(self, obj, attr: str, new) -> None:
         self._patched.append((obj, attr, attr in vars(obj), vars(obj).get(attr)))
@@ -510,7 +510,7 @@ class OnnxCacheDriver:
             raise RuntimeError("a cache schedule is already enabled on this ONNX denoiser; disable it first")
         sched = self.scheduler
         if sched is not None:
-            from cache_search.caching import hook_scheduler_steps
+            from qsched.runtime.caching import hook_scheduler_steps
             hook_scheduler_steps(self, sched)
         self.denoiser.cache = self
         self.active = True
@@ -520,7 +520,7 @@ class OnnxCacheDriver:
         """Remove the scheduler hooks; the denoiser runs its full graph again."""
         if not self.active:
             return
-        from cache_search.caching import restore_patches
+        from qsched.runtime.caching import restore_patches
         restore_patches(self._patched)
         self._store.clear()
         self.active = False
@@ -536,7 +536,7 @@ class OnnxCacheDriver:
 
 def enable_onnx_cache(pipe, schedule, strict_steps: bool = True) -> OnnxCacheDriver:
     """Install ``schedule`` (the artifact's) on a pipeline whose denoiser is an :class:`OnnxDenoiser`."""
-    from cache_search.schedule import _denoiser
+    from qsched.runtime.cache_schedule import _denoiser
 
     denoiser = _denoiser(pipe)
     if not isinstance(denoiser, OnnxDenoiser):

@@ -1,6 +1,6 @@
 """Torch-native runtime: deployment layers that compute with the artifact's integers instead of simulating them.
 
-The simulated :class:`~calibrate.qlayers.QuantLayer` dequantizes its weights once and keeps an FP copy
+The simulated :class:`~qsched.runtime.qlayers.QuantLayer` dequantizes its weights once and keeps an FP copy
 (fast to evaluate, but no smaller than the FP model). :func:`to_native_` swaps each one for a layer that
 keeps only what the artifact stores and does the arithmetic a deployment would do:
 
@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate.apply import set_submodule
-from calibrate.qlayers import QuantLayer, quantized_forward, with_fp_tokens
-from qsched.errors import ArtifactError
+from qsched.runtime.apply import set_submodule
+from qsched.runtime.qlayers import QuantLayer, quantized_forward, with_fp_tokens
+from qsched.core.errors import ArtifactError
 
-from .packing import NIBBLE_BITS, check_packed, pack_int
+from export.packing import NIBBLE_BITS, check_packed, pack_int
 
 __all__ = ["NativeInt8Linear", "NativeDequantLayer", "StoredLayer", "native_layer", "native_from_stored", "to_native_",
            "int_mm", "unpack_nibbles", "int_matmul_eligible"]
@@ -61,7 +61,7 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Same arithmetic as :func:`calibrate.quantizers.dequantize_weight` (fp32 multiply, then cast)."""
+    """Same arithmetic as :func:`qsched.runtime.quantizers.dequantize_weight` (fp32 multiply, then cast)."""
     groups = scale.shape[1]
     grouped = codes.reshape(shape[0], groups, -1).float() * scale.unsqueeze(-1)
     return grouped.reshape(shape).to(dtype)

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from calibrate.bitplan import BitPlan
-from calibrate.qlayers import QuantLayer
+from qsched.core.bitplan import BitPlan
+from qsched.runtime.qlayers import QuantLayer
 
-from .format import write_artifact
-from .packing import pack_int
+from export.format import write_artifact
+from export.packing import pack_int
 
 DENOISER_SHARD = "{attr}.safetensors"
 
@@ -51,7 +51,7 @@ def denoiser_tensors(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def scheduler_record(scheduler) -> dict:
     """The scheduler as plain JSON: diffusers base class and config, plus Q-Sched coefficients if wrapped."""
-    from qsched.schedulers import QSchedScheduler
+    from qsched.runtime.schedulers import QSchedScheduler
 
     if isinstance(scheduler, QSchedScheduler):
         rec = scheduler.to_dict()
@@ -86,7 +86,7 @@ def _finite_config(class_name: str, config: dict) -> dict:
 def bundle_shards_and_files(pipe, denoiser_attr: str) -> tuple[dict, dict]:
     """Every pipeline component except the denoiser, as saved by ``save_pretrained`` (for ``--bundle``).
     A Q-Sched scheduler is bundled as its diffusers base; the coefficients live in the manifest."""
-    from qsched.schedulers import QSchedScheduler
+    from qsched.runtime.schedulers import QSchedScheduler
 
     shards, files = {}, {}
     scheduler = pipe.scheduler
@@ -131,7 +131,7 @@ def save_quantized(out_dir, pipe, denoiser_attr: str, plan: BitPlan, manifest: d
     tensors = denoiser_tensors(denoiser)
     shards = {manifest["denoiser"]["shards"][0]: tensors}
     if fp_params is not None:
-        from qsched.evaluate import size_metrics
+        from qsched.scoring.fidelity import size_metrics
         packed = sum(t.numel() * t.element_size() for t in tensors.values())
         manifest["metrics"] = {**manifest.get("metrics", {}), "size": size_metrics(fp_params, packed)}
     files = dict(extra_files or {})

@@ -2,10 +2,23 @@
 
 ``qsched.compile(model, bits, out)`` runs calibration (mixed precision), Q-Sched and cache search and
 writes one artifact; ``export.load(path)`` turns the artifact back into a diffusers pipeline.
+
+The package's layers (imports point downward only; ``.importlinter`` holds the contract):
+``cli`` → ``compiler``/``artifact`` → ``report`` → ``export/`` → the methods (``calibrate/``,
+``cache_search/``, ``coefficients``) → ``distributed`` → ``models``/``scoring`` → ``tinyworld`` → ``metrics``
+→ ``recipe`` → ``runtime`` → ``core``. ``compile`` and ``Artifact`` are imported on first use, so importing
+any lower layer (as ``export.load`` does) never pulls in the compiler and its solvers.
 """
 __version__ = "0.1.0"
 
-from .artifact import Artifact  # noqa: E402
-from .compiler import compile  # noqa: E402,A001
-
 __all__ = ["Artifact", "compile", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "compile":
+        from qsched.compiler import compile
+        return compile
+    if name == "Artifact":
+        from qsched.artifact import Artifact
+        return Artifact
+    raise AttributeError(f"module 'qsched' has no attribute {name!r}")

@@ -23,7 +23,7 @@ class Artifact:
 
     @property
     def bit_plan(self):
-        from calibrate.bitplan import BitPlan
+        from qsched.core.bitplan import BitPlan
 
         return BitPlan.from_dict(self.manifest["bit_plan"])
 

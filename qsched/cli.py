@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from .bits import VALID_FORMS
+from qsched.core.bits import VALID_FORMS
 
 EXAMPLES = """examples:
   qcompile --model flux-tiny --bits w4a8 --out out/flux-tiny-w4a8
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate_device(device: str) -> None:
     import torch
 
-    from .errors import QschedError
+    from qsched.core.errors import QschedError
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -92,9 +92,9 @@ def _validate_device(device: str) -> None:
 
 
 def _validate_model(model: str, init: str) -> None:
-    """The checks :func:`qsched.models.load_pipeline` makes, without loading anything."""
-    from .errors import ModelNotFoundError
-    from .models import _HUB_ID, REGISTRY
+    """The checks :func:`qsched.models.registry.load_pipeline` makes, without loading anything."""
+    from qsched.core.errors import ModelNotFoundError
+    from qsched.models.registry import _HUB_ID, REGISTRY
     if not model.strip():
         raise ModelNotFoundError(f"--model is empty; give a registry name ({', '.join(sorted(REGISTRY))}), "
                                  "a hub id (org/name) or a local diffusers directory")
@@ -119,7 +119,7 @@ _RAY_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:(\d{1,5})$")
 
 def _validate(args, spec) -> None:
     """Every flag, before any model is loaded, so bad input costs nothing and writes nothing."""
-    from .errors import QschedError
+    from qsched.core.errors import QschedError
     _validate_model(args.model, args.init)
     _validate_device(args.device)
     if not 0 <= args.seed < 2**32:  # numpy's RandomState (the Q-Sched search) takes 32-bit seeds
@@ -144,7 +144,7 @@ def _validate(args, spec) -> None:
     if args.recipe is not None:
         if not args.recipe.strip():
             raise QschedError("--recipe is empty; give a recipe YAML file or leave --recipe out for the default")
-        from .recipe import load_recipe
+        from qsched.recipe import load_recipe
         load_recipe(args.recipe)
     if args.ray is not None:
         match = _RAY_ADDRESS.match(args.ray)
@@ -154,7 +154,7 @@ def _validate(args, spec) -> None:
             raise QschedError(f"invalid --ray {args.ray!r}: expected auto, local, HOST:PORT (e.g. 10.0.0.1:6379) "
                               "or ray://HOST:PORT")
     if args.ray is not None or args.ray_workers is not None:
-        from .distributed import _ray
+        from qsched.distributed import _ray
         _ray()  # not installed: say so now, not at the first distributed stage
     if "modelopt" in args.export:
         from calibrate.modelopt_bridge import require_modelopt
@@ -164,26 +164,26 @@ def _validate(args, spec) -> None:
         require_onnx()
     if args.out is not None and not args.out.strip():
         raise QschedError("--out is empty; give an artifact directory or leave --out out for the default")
-    from .compiler import check_out
+    from qsched.compiler import check_out
     check_out(Path(args.out or f"out/{Path(args.model).name}-{spec}"), args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("report", "view"):  # subcommands; every compile command line starts with a flag
-        from .report.cli import main as report_main
+        from qsched.report.cli import main as report_main
         return report_main(argv)
     args = build_parser().parse_args(argv)
-    from .errors import QschedError
+    from qsched.core.errors import QschedError
     try:
-        from .bits import parse_bits
+        from qsched.core.bits import parse_bits
         spec = parse_bits(args.bits)
         _validate(args, spec)
         ray = None
         if args.ray is not None or args.ray_workers is not None:
-            from .distributed import RayConfig
+            from qsched.distributed import RayConfig
             ray = RayConfig(address=args.ray or "auto", workers=args.ray_workers)
-        from .compiler import compile as run_compile
+        from qsched.compiler import compile as run_compile
         artifact = run_compile(model=args.model, bits=spec, out=args.out, recipe=args.recipe, seed=args.seed,
                                device=args.device, init=args.init, uniform=args.uniform, qsched=not args.no_qsched,
                                cache_search=not args.no_cache_search, bundle=args.bundle,

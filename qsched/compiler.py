@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import Artifact
-from .bits import WEIGHT_WIDTHS, BitSpec, parse_bits
-from .errors import QschedError
-from .evaluate import fidelity_metrics
-from .generation import GenerationSettings, generate
-from .models import default_settings, load_pipeline
-from .profiles import ModelProfile, default_scorer, no_scorer_message
-from .recipe import Recipe, find_recipe, load_recipe
+from qsched.artifact import Artifact
+from qsched.core.bits import WEIGHT_WIDTHS, BitSpec, parse_bits
+from qsched.core.errors import QschedError
+from qsched.scoring.fidelity import fidelity_metrics
+from qsched.runtime.generation import GenerationSettings, generate
+from qsched.models.registry import default_settings, load_pipeline, state_digest
+from qsched.models.profiles import ModelProfile, default_scorer, no_scorer_message
+from qsched.recipe import Recipe, find_recipe, load_recipe
 
 STAGES = ("load", "calibrate", "qsched", "cache_search", "export")
 
@@ -35,19 +35,9 @@ def tool_versions() -> dict:
     import diffusers
     import transformers
 
-    from . import __version__
+    from qsched import __version__
     return {"qsched": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def state_digest(module: torch.nn.Module) -> str:
-    """sha256 over a module's tensors (names, shapes, bytes): identifies the source weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def resolve_recipe(model: str, bits: str, recipe: str | Path | Recipe | None) -> tuple[Recipe, str | None]:
@@ -101,7 +91,7 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     if scorer_source is None and (run_qsched or run_cache):
         raise QschedError(no_scorer_message(model))
     if isinstance(ray, str):
-        from .distributed import RayConfig
+        from qsched.distributed import RayConfig
         ray = RayConfig(address=ray)
     torch.manual_seed(seed)
     bar = tqdm(total=len(STAGES), desc="qcompile", unit="stage", disable=not progress)
@@ -133,7 +123,7 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     # the scorer loads before the model: a CLIP that cannot be had stops a compile that needs it before any work
     scorer = open_scorer(scorer_source, device, required=qsched or cache_search)
     pipe, source = load_pipeline(model, init=init, device=device, seed=seed)
-    from .adapters import adapter_for
+    from qsched.models.adapters import adapter_for
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     settings = generation_settings(model, pipe, recipe_obj)
@@ -142,7 +132,7 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
     source_info = {**source.to_dict(), "denoiser_sha256": state_digest(denoiser)}
     eval_set = profile.prompts("evaluation", eval_prompts, seed) if eval_prompts else []
     reference = generate(pipe, eval_set, settings, seed=seed, progress=progress and "FP reference") if eval_set else None
-    from .report.measure import ReportProbe
+    from qsched.report.measure import ReportProbe
     cal = recipe_obj.calibration
     prompts = profile.prompts("calibration", cal.prompts, cal.seed)
     fp_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
@@ -161,7 +151,7 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
              "sensitivity_context": quant.sensitivity_context,
              "work_dir": work_dir(out)}
     if ray is not None:
-        from .distributed import PipelineSource
+        from qsched.distributed import PipelineSource
         mixdq.update(ray=ray, pipeline_source=PipelineSource.from_loader(
             model, init=init, seed=seed, device=device, digest=source_info["denoiser_sha256"]))
     result = calibrate(pipe, spec, prompts, settings, seed=cal.seed, batch_size=cal.batch_size, momentum=cal.momentum,
@@ -193,7 +183,7 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
         stages["cache_search"] = {"status": "skipped",
                                   "reason": "switched off (--no-cache-search or recipe cache_search.enabled: false)"}
     else:
-        from cache_search.caching import enable_cache
+        from qsched.runtime.caching import enable_cache
         from cache_search.stage import search_cache
         guard_prompts = profile.prompts("cache_guard", recipe_obj.cache_search.guard_prompts, seed)
         key = cache_search_key(source_info["denoiser_sha256"], result, stages["qsched"], search_prompts, settings,
@@ -225,13 +215,13 @@ def _run_stages(bar, model, spec, out, recipe_obj, recipe_path, seed, device, in
         "stages": stages, "tools": tool_versions(),
     }
     if ray is not None:
-        from .distributed import cluster_summary
+        from qsched.distributed import cluster_summary
         manifest["ray"] = {**ray.to_dict(), **cluster_summary()}
     from export.save import save_quantized
     manifest["metrics"] = metrics
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items() if k != "export"}
     extra = {"sensitivity.json": json.dumps(result.sensitivity, indent=1).encode()} if result.sensitivity else {}
-    from .report import write_report
+    from qsched.report import write_report
     path = save_quantized(out, pipe, adapter.denoiser_attr, result.plan, manifest, bundle=bundle,
                           overwrite=overwrite, fp_params=fp_params, extra_files={**extra, **report_files},
                           finalize=write_report)
@@ -263,8 +253,8 @@ def open_scorer(source: str | None, device: str, required: bool):
     """The :class:`qsched.scoring.scorer.Scorer` ``source`` names, loaded. One that cannot be had (a CLIP off
     the hub while offline, a bad directory) is an error naming every way out when a search needs it, and
     only costs the report its quality column when none does."""
-    from .errors import ModelNotFoundError
-    from .scoring.scorer import scorer_for
+    from qsched.core.errors import ModelNotFoundError
+    from qsched.scoring.scorer import scorer_for
 
     if source is None:
         return None
@@ -281,9 +271,9 @@ def learn_schedule(pipe, profile: ModelProfile, settings: GenerationSettings, co
     """The Q-Sched stage: learn coefficients on the quantized pipeline (never the FP one) with JAQ from the
     profile's scorer, and apply them when they beat the unmodified scheduler on held-out prompts. Returns
     the stage record."""
-    from .jaq import jaq, scorer_terms
-    from .optimize import learn_coefficients
-    from .schedulers import SUPPORTED_SCHEDULERS, QSchedScheduler
+    from qsched.coefficients.jaq import jaq, scorer_terms
+    from qsched.coefficients.optimize import learn_coefficients
+    from qsched.runtime.schedulers import SUPPORTED_SCHEDULERS, QSchedScheduler
 
     if type(pipe.scheduler).__name__ not in SUPPORTED_SCHEDULERS:
         return {"status": "skipped", "reason": f"scheduler {type(pipe.scheduler).__name__} is not supported by Q-Sched"}

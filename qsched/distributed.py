@@ -22,7 +22,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import QschedError
+from qsched.core.errors import QschedError
 
 INSTALL_HINT = "install it with `pip install 'qsched[ray]'` (or `pip install ray`)"
 
@@ -113,7 +113,7 @@ class PipelineSource:
     @classmethod
     def from_loader(cls, model: str, init: str = "pretrained", seed: int = 0, device: str = "cpu",
                     digest: str | None = None) -> "PipelineSource":
-        """Load ``model`` on each worker with :func:`qsched.models.load_pipeline`. ``digest`` (the driver's
+        """Load ``model`` on each worker with :func:`qsched.models.registry.load_pipeline`. ``digest`` (the driver's
         ``state_digest`` of the denoiser) is checked on the worker, so a node with different weights fails
         loudly instead of silently changing the result."""
         device = "cuda" if str(device).startswith("cuda") else str(device)  # a worker sees only its own GPU
@@ -122,11 +122,11 @@ class PipelineSource:
     def load(self):
         if self._ref is not None:
             return _ray().get(self._ref)
-        from .models import load_pipeline
+        from qsched.models.registry import load_pipeline
         pipe, _ = load_pipeline(**self._loader)
         if self.digest is not None:
-            from .adapters import adapter_for
-            from .compiler import state_digest
+            from qsched.models.adapters import adapter_for
+            from qsched.models.registry import state_digest
             found = state_digest(adapter_for(pipe).denoiser(pipe))
             if found != self.digest:
                 raise QschedError(f"worker on {os.uname().nodename} loaded {self._loader['model']} with different "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import RecipeError
+from qsched.core.errors import RecipeError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -218,7 +218,7 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if recipe.qsched.method not in ("cma", "grid", "nelder-mead"):
         raise RecipeError(f"{source}: qsched.method must be one of cma, grid, nelder-mead; got {recipe.qsched.method!r}")
     if recipe.qsched.budget < 1 or recipe.qsched.prompts < 1 or recipe.qsched.heldout_prompts < 1:
-        raise RecipeError(f"{source}: qsched.budget, qsched.prompts and qsched.heldout_prompts must be positive")
+        raise RecipeError(f"{source}: qsched.budget, qsched.models.prompts and qsched.heldout_prompts must be positive")
     if recipe.qsched.select not in ("guard", "train"):
         raise RecipeError(f"{source}: qsched.select must be guard or train; got {recipe.qsched.select!r}")
     if recipe.qsched.patience is not None and recipe.qsched.patience < 1:
@@ -274,8 +274,8 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     if any(v is not None and v < 1 for v in (g.steps, g.height, g.width)):
         raise RecipeError(f"{source}: generation.steps, height and width must be positive or null")
     if recipe.bits is not None:
-        from .bits import parse_bits
-        from .errors import BitSpecError
+        from qsched.core.bits import parse_bits
+        from qsched.core.errors import BitSpecError
         try:
             parse_bits(recipe.bits)
         except BitSpecError as err:

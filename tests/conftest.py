@@ -56,8 +56,8 @@ def random_quant_layer(kind="linear", shape=(64, 96), weight_bits=8, act_bits=8,
                        act_range=(-2.5, 9.0)):
     """A QuantLayer with random codes and scales (no source weights needed); activations calibrated to
     ``act_range`` (post-GELU-like by default: skewed, so the zero point is far from 0 and 128)."""
-    from calibrate.qlayers import QuantLayer
-    from calibrate.quantizers import activation_qparams, weight_qmax
+    from qsched.runtime.qlayers import QuantLayer
+    from qsched.runtime.quantizers import activation_qparams, weight_qmax
 
     gen = torch.Generator().manual_seed(seed)
     layer = QuantLayer(kind, shape, weight_bits, act_bits, group_size, conv_args, bias, dtype,

@@ -9,7 +9,7 @@ import pytest
 from calibrate.allocation import (FP_BITS, AllocationResult, allocate, allocation_plan, evaluate_assignment,
                                   reference_widths, width_cost)
 from calibrate.sensitivity import LayerSensitivity, SensitivityTable
-from qsched.errors import QschedError
+from qsched.core.errors import QschedError
 
 
 def random_table(seed: int, n: int, weight_widths=(2, 4, 8), act_widths=(4, 8)) -> SensitivityTable:

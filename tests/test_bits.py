@@ -1,7 +1,7 @@
 import pytest
 
-from qsched.bits import parse_bits
-from qsched.errors import BitSpecError
+from qsched.core.bits import parse_bits
+from qsched.core.errors import BitSpecError
 
 
 @pytest.mark.parametrize("text,w,a", [("w4a8", 4, 8), ("w8a8", 8, 8), ("w2a16", 2, 16), ("W6A4", 6, 4),

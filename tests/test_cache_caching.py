@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from cache_search.caching import enable_cache
-from cache_search.schedule import CacheSchedule, block_layout
-from cache_search.testing import build_tiny_pixart_pipeline, pixart_call_kwargs
-from qsched.generation import generate
+from qsched.runtime.caching import enable_cache
+from qsched.runtime.cache_schedule import CacheSchedule, block_layout
+from qsched.models.tiny_pixart import build_tiny_pixart_pipeline, pixart_call_kwargs
+from qsched.runtime.generation import generate
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 from conftest import TEST_WORDS
 
@@ -161,7 +161,7 @@ def test_prefix_sharing_runs_each_shared_prefix_once(flux):
 def test_prefix_sharing_cuts_only_known_batched_arguments():
     """Rows are cut by argument name: batched names are cut, known per-token tensors are left alone even
     when their length equals the batch, and an unknown batch-sized tensor is an error, not a guess."""
-    from cache_search.caching import _cut_kwargs
+    from qsched.runtime.caching import _cut_kwargs
 
     index = torch.tensor([0, 2])
     rope = torch.zeros(4, 8)  # 4 tokens: as long as the batch
@@ -174,7 +174,7 @@ def test_prefix_sharing_cuts_only_known_batched_arguments():
 
 
 def test_quantized_components_are_cached_like_any_module():
-    from calibrate.qlayers import QuantLayer
+    from qsched.runtime.qlayers import QuantLayer
 
     pipe = build_tiny_pipeline(seed=1, words=TEST_WORDS)
     tr = pipe.transformer

@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import pytest
 
-from cache_search.schedule import CacheSchedule, block_layout
+from qsched.runtime.cache_schedule import CacheSchedule, block_layout
 from cache_search.search import schedule_quality
 from cache_search.stage import search_cache
 from qsched.recipe import CacheSearchConfig

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from cache_search.caching import enable_cache
+from qsched.runtime.caching import enable_cache
 from cache_search.cost import CostModel, module_macs, token_counts
-from cache_search.schedule import CacheSchedule, block_layout
-from cache_search.testing import build_tiny_pixart_pipeline, pixart_call_kwargs
+from qsched.runtime.cache_schedule import CacheSchedule, block_layout
+from qsched.models.tiny_pixart import build_tiny_pixart_pipeline, pixart_call_kwargs
 from conftest import TEST_WORDS
 from qsched.tinyworld.model import build_tiny_pipeline
 
@@ -103,7 +103,7 @@ def test_schedule_macs_are_exact_for_cached_pixart_cfg_runs(pixart):
 
 
 def test_quantized_layers_cost_like_linears():
-    from calibrate.qlayers import QuantLayer
+    from qsched.runtime.qlayers import QuantLayer
 
     pipe = build_tiny_pipeline(seed=0, words=TEST_WORDS)
     before = CostModel.from_pipeline(pipe, 32, 32, 16)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from cache_search.schedule import CacheSchedule, block_layout
+from qsched.runtime.cache_schedule import CacheSchedule, block_layout
 
 BLOCKS = (("transformer_blocks.0", ("attn", "ff", "ff_context")),
           ("single_transformer_blocks.0", ("attn", "proj_mlp", "proj_out")))
@@ -87,7 +87,7 @@ def test_heuristics():
 def test_block_layout_of_flux_and_pixart():
     from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
 
-    from cache_search.testing import PIXART_TRANSFORMER_CONFIG
+    from qsched.models.tiny_pixart import PIXART_TRANSFORMER_CONFIG
     from qsched.tinyworld.model import TRANSFORMER_CONFIG
 
     flux = block_layout(FluxTransformer2DModel(**TRANSFORMER_CONFIG))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cache_search.guard import guard_front
-from cache_search.schedule import CacheSchedule, block_layout
+from qsched.runtime.cache_schedule import CacheSchedule, block_layout
 from cache_search.search import (CHECKPOINT, FrontPoint, ParetoFront, SearchConfig, cx_multi_point, non_dominated,
                                  nsga2_search, proxy_summary, schedule_quality)
 from qsched.scoring.scorer import WorldJudgeScorer
@@ -170,7 +170,7 @@ def test_compile_resumes_a_cache_checkpoint_only_for_the_same_search():
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from calibrate.bitplan import BitPlan
+    from qsched.core.bitplan import BitPlan
     from qsched.compiler import cache_search_key
     from qsched.recipe import CacheSearchConfig
     from qsched.tinyworld.model import TINY_SETTINGS
@@ -422,7 +422,7 @@ def test_world_quality_proxy_and_guard_in_the_stage(tmp_path):
 
 
 def test_profile_guard_prompts_are_disjoint_from_the_search_prompts():
-    from qsched.profiles import ModelProfile
+    from qsched.models.profiles import ModelProfile
     from qsched.tinyworld.model import TINY_SETTINGS
     from qsched.tinyworld.world import is_held_out
 

@@ -105,7 +105,7 @@ def test_corrupt_artifact_fails_to_load_with_a_clear_error(tiny_pipeline_dir, tm
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     import export
-    from qsched.errors import ArtifactError
+    from qsched.core.errors import ArtifactError
     with pytest.raises(ArtifactError, match="transformer.safetensors"):
         export.load(tmp_path / "art")
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from qsched.errors import ModelNotFoundError
+from qsched.core.errors import ModelNotFoundError
 from qsched.scoring import clip as clip_mod
 from qsched.scoring import clip_iqa, clip_score, load_clip, preprocess
 

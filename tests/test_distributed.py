@@ -10,13 +10,13 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'qsched[ray]'); CI installs it")
 
 from cache_search.guard import guard_front  # noqa: E402
-from cache_search.schedule import block_layout  # noqa: E402
+from qsched.runtime.cache_schedule import block_layout  # noqa: E402
 from cache_search.search import SearchConfig, distributed_schedule_quality, nsga2_search, schedule_quality  # noqa: E402
 from qsched.scoring.scorer import WorldJudgeScorer  # noqa: E402
 from cache_search.cost import CostModel  # noqa: E402
 from calibrate.sensitivity import analyze_sensitivity  # noqa: E402
 from qsched.distributed import PipelineSource, RayConfig, WorkerPool  # noqa: E402
-from qsched.errors import QschedError  # noqa: E402
+from qsched.core.errors import QschedError  # noqa: E402
 from qsched.metrics import ssim  # noqa: E402
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline  # noqa: E402
 
@@ -131,7 +131,7 @@ def test_sensitivity_on_ray_equals_in_process_even_when_a_worker_dies(pipe, loca
 
 
 def test_sensitivity_workers_can_load_the_model_themselves(tiny_pipeline_dir, pipe, local_table):
-    from qsched.compiler import state_digest
+    from qsched.models.registry import state_digest
 
     digest = state_digest(pipe.transformer)  # the directory holds the same seeded model as ``pipe``
     layer = "single_transformer_blocks.0.proj_mlp"  # a content layer: full sampler runs on the workers

@@ -12,7 +12,7 @@ import torch
 from export import format as fmt
 from export.format import SCHEMA_VERSION, load_shard, read_manifest, shard_names, write_artifact
 from export.packing import pack_int
-from qsched.errors import ArtifactError
+from qsched.core.errors import ArtifactError
 
 
 def _tensors(seed=0):

@@ -8,9 +8,9 @@ from torch import nn
 
 from calibrate.calibration import calibrate
 from calibrate.gptq import collect_hessians, gptq_quantize, hessian_chunks, observe_hessians
-from calibrate.qlayers import QuantLayer
-from calibrate.quantizers import dequantize_weight, quantize_weight, weight_qmax
-from qsched.bits import parse_bits
+from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.quantizers import dequantize_weight, quantize_weight, weight_qmax
+from qsched.core.bits import parse_bits
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 
 from conftest import TEST_WORDS
@@ -93,7 +93,7 @@ def test_calibrate_with_gptq_marks_the_plan_and_uses_its_codes():
 
 
 def test_eight_bit_weights_keep_round_to_nearest():
-    from calibrate.bitplan import BitPlan, LayerPlan
+    from qsched.core.bitplan import BitPlan, LayerPlan
     from calibrate.calibration import gptq_weights
 
     model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from qsched.errors import QschedError
-from qsched.jaq import jaq, scorer_terms
+from qsched.core.errors import QschedError
+from qsched.coefficients.jaq import jaq, scorer_terms
 from qsched.scoring.scorer import ClipScorer
 
 

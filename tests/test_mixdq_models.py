@@ -7,11 +7,11 @@ import torch
 
 from calibrate.calibration import calibrate, collect_statistics
 from calibrate.fp_tokens import FPTokens
-from calibrate.qlayers import QuantLayer
-from qsched.adapters import adapter_for
-from qsched.bits import parse_bits
-from qsched.generation import generate
-from qsched.tiny_pipelines import (TINY_PIXART_SETTINGS, TINY_SDXL_SETTINGS, build_tiny_pixart_pipeline,
+from qsched.runtime.qlayers import QuantLayer
+from qsched.models.adapters import adapter_for
+from qsched.core.bits import parse_bits
+from qsched.runtime.generation import generate
+from qsched.models.tiny_pipelines import (TINY_PIXART_SETTINGS, TINY_SDXL_SETTINGS, build_tiny_pixart_pipeline,
                                    build_tiny_sdxl_pipeline)
 from qsched.metrics import ssim
 
@@ -154,7 +154,7 @@ def test_sdxl_unet_mixdq_end_to_end(tmp_path):
     for n in bos:
         assert torch.equal(loaded.unet.get_submodule(n).fp_token_outputs, pipe.unet.get_submodule(n).fp_token_outputs)
     # the deployment runtime serves the same FP rows around its integer layers
-    from calibrate.qlayers import FPTokenRows
+    from qsched.runtime.qlayers import FPTokenRows
     from export.runtime_torch import to_native_
     to_native_(loaded.unet)
     assert {n for n, m in loaded.unet.named_modules() if isinstance(m, FPTokenRows)} == bos

@@ -21,9 +21,9 @@ import torch
 pytest.importorskip("modelopt")
 
 from calibrate import modelopt_bridge as mb  # noqa: E402
-from calibrate.apply import quantize_  # noqa: E402
-from calibrate.bitplan import BitPlan, LayerPlan  # noqa: E402
-from qsched.errors import ArtifactError  # noqa: E402
+from qsched.runtime.apply import quantize_  # noqa: E402
+from qsched.core.bitplan import BitPlan, LayerPlan  # noqa: E402
+from qsched.core.errors import ArtifactError  # noqa: E402
 
 
 def skewed_ranges(names, seed=0):
@@ -35,7 +35,7 @@ def skewed_ranges(names, seed=0):
 
 def mixed_plan(denoiser, fp_layer, grouped=16):
     """W4 (grouped where the width allows), W8, one layer FP, one with FP weights but int8 inputs."""
-    from qsched.adapters import adapter_for
+    from qsched.models.adapters import adapter_for
 
     plan = BitPlan(method="test")
     for i, (name, module) in enumerate(adapter_for(denoiser).quantizable_layers(denoiser).items()):
@@ -81,7 +81,7 @@ def flux():
 def pixart():
     from diffusers import PixArtTransformer2DModel
 
-    from cache_search.testing import PIXART_TRANSFORMER_CONFIG
+    from qsched.models.tiny_pixart import PIXART_TRANSFORMER_CONFIG
 
     torch.manual_seed(0)
     fp = PixArtTransformer2DModel(**PIXART_TRANSFORMER_CONFIG).eval()
@@ -161,7 +161,7 @@ def test_bf16_affine_activations_are_reported_not_hidden():
     """In bf16 modelopt subtracts the affine bias in bf16: weights still match, activation levels do not."""
     from torch import nn
 
-    from calibrate.qlayers import QuantLayer
+    from qsched.runtime.qlayers import QuantLayer
 
     torch.manual_seed(0)
     fp = nn.Sequential(nn.Linear(64, 32)).to(torch.bfloat16)
@@ -178,7 +178,7 @@ def test_fp_token_rows_are_reported_as_not_expressible():
     from torch import nn
 
     from calibrate.fp_tokens import FPTokens
-    from calibrate.qlayers import QuantLayer
+    from qsched.runtime.qlayers import QuantLayer
 
     torch.manual_seed(0)
     fp = nn.Sequential(nn.Linear(16, 8))

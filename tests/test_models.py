@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from qsched.errors import ModelNotFoundError
-from qsched.models import REGISTRY, load_pipeline
-from qsched.random_init import build_random_pipeline
+from qsched.core.errors import ModelNotFoundError
+from qsched.models.registry import REGISTRY, load_pipeline
+from qsched.models.random_init import build_random_pipeline
 
 EXPECTED = {"flux-schnell": ("FluxPipeline", "transformer", 11.89e9), "flux-dev": ("FluxPipeline", "transformer", 11.90e9),
             "sdxl-turbo": ("StableDiffusionXLPipeline", "unet", 2.567e9),

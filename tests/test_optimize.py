@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from calibrate.calibration import calibrate
-from qsched.bits import parse_bits
-from qsched.errors import QschedError
-from qsched.generation import generate
-from qsched.optimize import QSchedResult, learn_coefficients
-from qsched.schedulers import QSchedScheduler, SchedulerCoefficients
+from qsched.core.bits import parse_bits
+from qsched.core.errors import QschedError
+from qsched.runtime.generation import generate
+from qsched.coefficients.optimize import QSchedResult, learn_coefficients
+from qsched.runtime.schedulers import QSchedScheduler, SchedulerCoefficients
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 
 from conftest import TEST_WORDS
@@ -185,9 +185,9 @@ def test_reference_free_with_world_jaq(qpipe, monkeypatch):
     """Once quantized, the search never touches full-precision weights: every loader is made to fail."""
     import diffusers
 
-    import qsched.models
+    import qsched.models.registry
     import qsched.tinyworld.model
-    from qsched.jaq import jaq, scorer_terms
+    from qsched.coefficients.jaq import jaq, scorer_terms
     from qsched.scoring.scorer import WorldJudgeScorer
 
     def no_fp_weights(*args, **kwargs):
@@ -195,7 +195,7 @@ def test_reference_free_with_world_jaq(qpipe, monkeypatch):
 
     for cls in (diffusers.DiffusionPipeline, diffusers.FluxPipeline):
         monkeypatch.setattr(cls, "from_pretrained", no_fp_weights)
-    monkeypatch.setattr(qsched.models, "load_pipeline", no_fp_weights)
+    monkeypatch.setattr(qsched.models.registry, "load_pipeline", no_fp_weights)
     monkeypatch.setattr(qsched.tinyworld.model, "load_embedded", no_fp_weights)
     terms = scorer_terms(WorldJudgeScorer())
     result = learn_coefficients(qpipe, TRAIN, HELDOUT, S2, lambda im, p: jaq(im, p, *terms, k=2.0),

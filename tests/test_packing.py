@@ -14,7 +14,7 @@ from export.packing import (
     packed_nbytes,
     unpack_int,
 )
-from qsched.errors import ArtifactError
+from qsched.core.errors import ArtifactError
 
 
 def _codes(shape, bits, seed=0):

@@ -4,8 +4,8 @@ import json
 import pytest
 
 import qsched
-from qsched.errors import QschedError
-from qsched.profiles import PROMPT_SETS, ModelProfile
+from qsched.core.errors import QschedError
+from qsched.models.profiles import PROMPT_SETS, ModelProfile
 from qsched.recipe import Recipe, parse_recipe
 from qsched.tinyworld.model import TINY_SETTINGS
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from calibrate.apply import quantize_
-from calibrate.bitplan import BitPlan, LayerPlan
-from calibrate.qlayers import QuantLayer
-from calibrate.quantizers import dequantize_weight, quantize_weight, weight_qmax
+from qsched.runtime.apply import quantize_
+from qsched.core.bitplan import BitPlan, LayerPlan
+from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.quantizers import dequantize_weight, quantize_weight, weight_qmax
 from calibrate.sensitivity import _cache_key
-from qsched.errors import RecipeError
-from qsched.generation import GenerationSettings
+from qsched.core.errors import RecipeError
+from qsched.runtime.generation import GenerationSettings
 from qsched.recipe import parse_recipe
 
 

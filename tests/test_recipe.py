@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from qsched.errors import RecipeError
+from qsched.core.errors import RecipeError
 from qsched.recipe import RECIPES_DIR, find_recipe, load_recipe, parse_recipe
 
 

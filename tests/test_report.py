@@ -14,7 +14,7 @@ import pytest
 
 from export.format import read_manifest
 from qsched.cli import main
-from qsched.errors import ArtifactError, RecipeError
+from qsched.core.errors import ArtifactError, RecipeError
 from qsched.recipe import parse_recipe
 from qsched.report import collect, render_html, write_report
 from qsched.report.serve import make_server
@@ -65,7 +65,7 @@ def test_compile_writes_report_files_and_page(art):
 def test_compiled_pipeline_is_left_as_the_compile_made_it(tiny_report_artifact):
     """The report measures other schedules and models on the same pipeline; the chosen setup comes back."""
     import export
-    from qsched.generation import GenerationSettings, generate
+    from qsched.runtime.generation import GenerationSettings, generate
 
     manifest = tiny_report_artifact.manifest
     settings = GenerationSettings(**manifest["generation"])

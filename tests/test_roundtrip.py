@@ -10,16 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 import qsched
-from calibrate.qlayers import QuantLayer
+from qsched.runtime.qlayers import QuantLayer
 from export.format import SCHEMA_VERSION
 from export.packing import packed_nbytes
-from qsched.generation import GenerationSettings, generate
+from qsched.runtime.generation import GenerationSettings, generate
 
 PROMPTS = ["a red circle on the left", "a blue square above a green triangle", "a green circle", "a red square"]
 LOAD_AND_GENERATE = """
 import sys, export
 from safetensors.torch import save_file
-from qsched.generation import GenerationSettings, generate
+from qsched.runtime.generation import GenerationSettings, generate
 pipe = export.load(sys.argv[1])
 s = GenerationSettings(**pipe.qsched_manifest["generation"])
 save_file({"images": generate(pipe, sys.argv[3:], s, seed=7, batch_size=2).contiguous()}, sys.argv[2])
@@ -52,7 +52,7 @@ def test_a_bare_call_draws_at_the_compiled_settings(compiled):
     """``pipe(prompt)`` on a loaded artifact uses its generation settings (not diffusers' 28 steps and
     512-token text); arguments the caller passes still win."""
     import export
-    from qsched.generation import call_arguments
+    from qsched.runtime.generation import call_arguments
 
     pipe = export.load(compiled.path)
     settings = GenerationSettings(**compiled.manifest["generation"])
@@ -142,9 +142,9 @@ def test_fractional_budget_compiles_mixed_precision_and_round_trips(tiny_pipelin
 def test_qsched_coefficients_are_saved_and_applied_on_load(compiled, tmp_path):
     """A pipeline sampling with Q-Sched coefficients round-trips: the loaded scheduler is wrapped the same."""
     from export.save import save_quantized
-    from qsched.schedulers import QSchedScheduler, SchedulerCoefficients
+    from qsched.runtime.schedulers import QSchedScheduler, SchedulerCoefficients
     import export
-    from calibrate.bitplan import BitPlan
+    from qsched.core.bitplan import BitPlan
 
     pipe = compiled.compiled_pipeline
     base = pipe.scheduler

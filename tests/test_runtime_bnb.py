@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from calibrate.qlayers import QuantLayer
-from calibrate.quantizers import quantize_weight
+from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.quantizers import quantize_weight
 from export.runtime_torch import NativeDequantLayer
-from qsched.errors import QschedError
+from qsched.core.errors import QschedError
 
 bnb_runtime = pytest.importorskip("export.runtime_bnb")
 try:
@@ -123,7 +123,7 @@ def test_tiny_artifact_runs_on_bnb(tiny_pipeline_dir, tmp_path):
     """A whole compiled W8A8 artifact generates with bnb int8 layers, close to the simulated images."""
     import qsched
     import export
-    from qsched.generation import GenerationSettings, generate
+    from qsched.runtime.generation import GenerationSettings, generate
 
     art = qsched.compile(str(tiny_pipeline_dir), "w8a8", out=tmp_path / "art", eval_prompts=0, progress=False,
                          uniform=True, qsched=False, cache_search=False,

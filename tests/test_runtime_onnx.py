@@ -29,12 +29,12 @@ pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 
 import export  # noqa: E402
-from cache_search.schedule import CacheSchedule, block_layout  # noqa: E402
+from qsched.runtime.cache_schedule import CacheSchedule, block_layout  # noqa: E402
 from conftest import TEST_WORDS, random_quant_layer  # noqa: E402
 from export.onnx_graph import export_graph, int4_initializers, layer_form, reuse_variant, swap_layers  # noqa: E402
 from export.runtime_onnx import OnnxDenoiser, capture_call, export_onnx, require_onnx  # noqa: E402
-from qsched.errors import ArtifactError, QschedError  # noqa: E402
-from qsched.generation import GenerationSettings, generate  # noqa: E402
+from qsched.core.errors import ArtifactError, QschedError  # noqa: E402
+from qsched.runtime.generation import GenerationSettings, generate  # noqa: E402
 
 PROMPTS = ["a red circle on the left", "a blue square above a green triangle"]
 FLUX_SETTINGS = GenerationSettings(steps=4, height=32, width=32, guidance_scale=0.0, max_sequence_length=16)
@@ -59,10 +59,10 @@ def _act_ranges(pipe, settings):
 def build_artifact(pipe, out, settings, schedule=None, coefficients=None):
     """Quantize ``pipe``'s transformer with a plan cycling through every form (FP activations right after
     the sinusoidal timestep embedding, see the module docstring) and save a bundled artifact."""
-    from calibrate.apply import quantize_
-    from calibrate.bitplan import BitPlan, LayerPlan
+    from qsched.runtime.apply import quantize_
+    from qsched.core.bitplan import BitPlan, LayerPlan
     from export.save import save_quantized
-    from qsched.schedulers import QSchedScheduler
+    from qsched.runtime.schedulers import QSchedScheduler
 
     denoiser = pipe.transformer
     ranges = _act_ranges(pipe, settings)
@@ -100,7 +100,7 @@ def tiny_flux():
 def tiny_pixart():
     from diffusers import PixArtTransformer2DModel
 
-    from cache_search.testing import PIXART_TRANSFORMER_CONFIG, build_tiny_pixart_pipeline
+    from qsched.models.tiny_pixart import PIXART_TRANSFORMER_CONFIG, build_tiny_pixart_pipeline
 
     pipe = build_tiny_pixart_pipeline(seed=0, words=TEST_WORDS)
     torch.manual_seed(1)
@@ -378,7 +378,7 @@ def test_flux_generation_with_qsched_and_cache_matches_torch(flux_art):
     """The pipeline's own __call__ with the ONNX denoiser, the artifact's Q-Sched scheduler and its cache
     schedule: the images equal the torch cached pipeline's, the same components are reused, and each step
     runs its own graph."""
-    from qsched.schedulers import QSchedScheduler
+    from qsched.runtime.schedulers import QSchedScheduler
 
     path, record = flux_art
     sim = export.load(path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from calibrate.qlayers import QuantLayer
+from qsched.runtime.qlayers import QuantLayer
 from export.runtime_torch import (NativeDequantLayer, NativeInt8Linear, native_layer, to_native_,
                                   unpack_nibbles)
 from export.packing import pack_int
@@ -186,7 +186,7 @@ def artifact(request, tiny_pipeline_dir, tmp_path_factory):
 def test_native_artifact_generates_like_simulated(artifact):
     """W8A8 runs the int8 matmul (PSNR > 40 dB vs simulation); W4A8 dequantizes packed nibbles (bit exact)."""
     import export
-    from qsched.generation import GenerationSettings, generate
+    from qsched.runtime.generation import GenerationSettings, generate
 
     prompts = ["a red circle on the left", "a blue square above a green triangle"]
     settings = GenerationSettings(**artifact.manifest["generation"])
@@ -220,7 +220,7 @@ def test_native_load_of_a_compiled_artifact_streams_the_same_model(artifact):
 
 def test_unknown_runtime_is_refused(tmp_path):
     import export
-    from qsched.errors import QschedError
+    from qsched.core.errors import QschedError
     with pytest.raises(QschedError, match="runtime"):
         export.load(tmp_path, runtime="tensorrt")
 
@@ -237,7 +237,7 @@ def quantize_all(model: nn.Module, seed: int = 0, fp_layers: tuple[str, ...] = (
     """Replace every Linear/Conv2d of ``model`` by a QuantLayer, cycling LAYER_CONFIGS (a config a layer cannot
     take, e.g. a group size its width does not divide, or FP rows on a conv, moves on to the next); the layers
     in ``fp_layers`` get an FP row at position 0 whatever their config."""
-    from calibrate.apply import set_submodule
+    from qsched.runtime.apply import set_submodule
     from calibrate.fp_tokens import FPTokens
 
     gen = torch.Generator().manual_seed(seed)
@@ -398,7 +398,7 @@ def test_streamed_native_load_refuses_corrupt_tensors(tmp_path):
     from export.loader import build_native_denoiser
     from export.runtime_torch import native_from_stored
     from export.save import denoiser_tensors
-    from qsched.errors import ArtifactError
+    from qsched.core.errors import ArtifactError
 
     sim = random_layer(weight_bits=4, shape=(16, 32))
     stored = {k: v for k, v in denoiser_tensors(nn.Sequential(sim)).items()}

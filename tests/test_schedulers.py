@@ -8,8 +8,8 @@ import torch
 from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler,
                        TCDScheduler)
 
-from qsched.errors import QschedError
-from qsched.schedulers import QSchedScheduler, SchedulerCoefficients
+from qsched.core.errors import QschedError
+from qsched.runtime.schedulers import QSchedScheduler, SchedulerCoefficients
 
 # Configs as the target models ship them (SDXL-Turbo: trailing spacing; FLUX: shift; LCM/TCD: SD defaults).
 SCHEDULERS = {
@@ -206,7 +206,7 @@ def tiny_pipe():
 
 
 def test_flux_pipeline(tiny_pipe):
-    from qsched.generation import generate
+    from qsched.runtime.generation import generate
     from qsched.tinyworld.model import TINY_SETTINGS
 
     prompts = ["a red circle on the left", "a blue square above a green triangle"]

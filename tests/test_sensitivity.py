@@ -5,13 +5,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from calibrate.apply import quantize_
+from qsched.runtime.apply import quantize_
 from calibrate.mixdq import mixdq_plan
-from calibrate.qlayers import QuantLayer
+from qsched.runtime.qlayers import QuantLayer
 from calibrate.sensitivity import SensitivityTable, analyze_sensitivity
-from qsched.bits import parse_bits
-from qsched.errors import QschedError
-from qsched.generation import generate
+from qsched.core.bits import parse_bits
+from qsched.core.errors import QschedError
+from qsched.runtime.generation import generate
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 
 from conftest import TEST_WORDS
@@ -127,7 +127,7 @@ def test_mixdq_plan_meets_the_budget(pipe):
         quantize_(pipe.transformer, plan, ranges)
         assert torch.isfinite(generate(pipe, PROMPTS, SETTINGS)).all()
     finally:
-        from calibrate.apply import set_submodule
+        from qsched.runtime.apply import set_submodule
 
         for n, m in original.items():
             set_submodule(pipe.transformer, n, m)

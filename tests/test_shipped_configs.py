@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from qsched import shipped_configs as sc
-from qsched.errors import ModelNotFoundError, QschedError
+from qsched.models import shipped_configs as sc
+from qsched.core.errors import ModelNotFoundError, QschedError
 
 
 def _linears(model):

@@ -31,7 +31,7 @@ HARNESS = r'''
 import io, json, os, pickle, _pickle, signal, sys, traceback
 import torch, torch.serialization, diffusers, transformers
 import export, export.loader
-from qsched.errors import ArtifactError
+from qsched.core.errors import ArtifactError
 
 torch.set_num_threads(1)
 for name in ("FluxPipeline", "AutoencoderKL", "FluxTransformer2DModel", "FlowMatchEulerDiscreteScheduler"):
@@ -348,8 +348,8 @@ def base_artifact(tmp_path_factory):
     """A bundled flux-tiny artifact written the way the compile writes one (``save_quantized`` with listed
     extras and an unlisted ``report.html`` from ``finalize``), minus the compile's search stages: the cases
     need its layout, not its quality. (Compiled artifacts load in test_roundtrip and test_cli.)"""
-    from calibrate.apply import quantize_
-    from calibrate.bitplan import BitPlan, LayerPlan
+    from qsched.runtime.apply import quantize_
+    from qsched.core.bitplan import BitPlan, LayerPlan
     from export.save import save_quantized
     from qsched.tinyworld.model import build_tiny_pipeline
 

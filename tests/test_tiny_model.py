@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import qsched
-from qsched.generation import generate
+from qsched.runtime.generation import generate
 from qsched.tinyworld.judge import judge
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
 from qsched.tinyworld.world import sample_batch

@@ -38,7 +38,7 @@ def test_phases_checkpoint_evaluate_and_export(straight):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     from diffusers import FluxPipeline
 
-    from qsched.generation import generate
+    from qsched.runtime.generation import generate
     pipe = FluxPipeline.from_pretrained(str(straight / "pipeline"), local_files_only=True)
     assert pipe.vae_scale_factor == 2 and pipe.transformer.config.in_channels == 16
     images = generate(pipe, ["a red circle"], train_v2.SETTINGS_V2, batch_size=1)

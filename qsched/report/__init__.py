@@ -8,7 +8,7 @@
 * :mod:`.serve` — ``qcompile view``: a 127.0.0.1-only server for the page;
 * :mod:`.cli` — ``qcompile report DIR`` and ``qcompile view DIR [--port P]``.
 """
-from .collect import collect
-from .render import REPORT_FILE, render_html, write_report
+from qsched.report.collect import collect
+from qsched.report.render import REPORT_FILE, render_html, write_report
 
 __all__ = ["REPORT_FILE", "collect", "render_html", "write_report"]

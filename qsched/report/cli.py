@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qsched.errors import QschedError
+from qsched.core.errors import QschedError
 
 COMMANDS = ("report", "view")
 
@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    from .serve import DEFAULT_PORT
+    from qsched.report.serve import DEFAULT_PORT
 
     if command == "report":
         p = _Parser(prog="qcompile report", description="Regenerate DIR/report.html from the artifact's manifest "
@@ -40,10 +40,10 @@ def main(argv: list[str]) -> int:
     args = build_parser(command).parse_args(rest)
     try:
         if command == "report":
-            from .render import write_report
+            from qsched.report.render import write_report
             print(write_report(args.dir))
         else:
-            from .serve import serve
+            from qsched.report.serve import serve
             serve(args.dir, args.port, announce=lambda line: print(line, flush=True))
     except QschedError as err:
         print(f"qcompile: error: {err}", file=sys.stderr)

@@ -15,10 +15,10 @@ import json
 import re
 from pathlib import Path
 
-from qsched.errors import ArtifactError
+from qsched.core.errors import ArtifactError
 
-from .images import data_uri
-from .measure import DATA_FILE, FORMAT
+from qsched.report.images import data_uri
+from qsched.report.measure import DATA_FILE, FORMAT
 
 OUTSIDE_BLOCKS = "(outside blocks)"
 _BLOCK = re.compile(r"^(.*?\.\d+)\.(.+)$")  # "transformer_blocks.3" + "attn.to_q"

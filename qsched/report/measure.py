@@ -35,7 +35,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .images import png_bytes
+from qsched.report.images import png_bytes
 
 DATA_FILE = "report/data.json"
 IMAGE_DIR = "report/images"
@@ -79,7 +79,7 @@ class _Point:
 @contextmanager
 def configured(pipe, attr: str, variant: _Variant):
     """``pipe`` running ``variant`` for the duration of the block; restored afterwards, whatever happens."""
-    from cache_search.caching import enable_cache
+    from qsched.runtime.caching import enable_cache
 
     saved = getattr(pipe, attr), pipe.scheduler
     setattr(pipe, attr, variant.denoiser)
@@ -97,7 +97,7 @@ def configured(pipe, attr: str, variant: _Variant):
 
 
 def _timed_samples(pipe, prompts, settings, seed: int):
-    from qsched.generation import generate
+    from qsched.runtime.generation import generate
 
     start = time.perf_counter()
     images = generate(pipe, prompts, settings, seed=seed, batch_size=max(1, len(prompts)))
@@ -141,7 +141,7 @@ class ReportProbe:
         enabled again afterwards), ``scorer`` the model profile's scorer (None: quality is not measured) and
         ``quality_prompts`` the cache search's prompts.
         """
-        from cache_search.caching import enable_cache
+        from qsched.runtime.caching import enable_cache
 
         start = time.perf_counter()
         schedule = cache_handle.schedule if cache_handle is not None and cache_handle.active else None
@@ -161,7 +161,7 @@ class ReportProbe:
     # --- the points -------------------------------------------------------------------------------
 
     def _points(self, pipe, spec, act_ranges, front: dict | None, chosen: int | None) -> list[_Point]:
-        from cache_search.schedule import CacheSchedule, block_layout
+        from qsched.runtime.cache_schedule import CacheSchedule, block_layout
 
         compiled = _Variant(getattr(pipe, self.attr), pipe.scheduler)
         points = [_Point("fp", "FP (no quantization, no cache)", "baseline", "fp", self.fp, record=dict(self.fp_record),
@@ -192,9 +192,9 @@ class ReportProbe:
             return None, "not measured: the FP denoiser is too large to keep a second copy (model profile's fp_copy_max_bytes)"
         if spec.is_fractional:
             return None, f"{spec} is a fractional budget: there is no uniform width to round to"
-        from calibrate.apply import quantize_
+        from qsched.runtime.apply import quantize_
         from calibrate.uniform import uniform_plan
-        from qsched.adapters import adapter_for
+        from qsched.models.adapters import adapter_for
 
         denoiser = copy.deepcopy(self.fp.denoiser)
         quantize_(denoiser, uniform_plan(denoiser, adapter_for(denoiser), spec), act_ranges)
@@ -247,7 +247,7 @@ class ReportProbe:
             return {"measured": False, "reason": "no image scorer for this model (--scorer or the recipe's scorer)"}
         if self.fp is None:
             return {"measured": False, "reason": "the FP denoiser is too large to keep a second copy as the reference"}
-        from cache_search.schedule import CacheSchedule, block_layout
+        from qsched.runtime.cache_schedule import CacheSchedule, block_layout
         from cache_search.search import schedule_quality
 
         with configured(pipe, self.attr, self.fp):
@@ -302,7 +302,7 @@ class ReportProbe:
 
 def _layer_order(denoiser) -> list[str]:
     """Quantizable layers in execution (module) order: the manifest's JSON is sorted by name."""
-    from qsched.adapters import adapter_for
+    from qsched.models.adapters import adapter_for
 
     return list(adapter_for(denoiser).quantizable_layers(denoiser))
 

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from export.format import _write_bytes
-from qsched.errors import ArtifactError
+from qsched.core.errors import ArtifactError
 
 REPORT_FILE = "report.html"
 
@@ -81,7 +81,7 @@ def write_report(artifact_dir) -> Path:
     Used by the compile (on the temporary directory, before it is renamed into place) and by
     ``qcompile report``. Raises :class:`ArtifactError` for a missing or corrupt artifact.
     """
-    from .collect import collect
+    from qsched.report.collect import collect
 
     artifact_dir = Path(artifact_dir)
     page = render_html(collect(artifact_dir)).encode("utf-8")

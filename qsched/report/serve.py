@@ -13,9 +13,9 @@ import errno
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from qsched.errors import QschedError
+from qsched.core.errors import QschedError
 
-from .render import REPORT_FILE, render_html
+from qsched.report.render import REPORT_FILE, render_html
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -38,7 +38,7 @@ class ReportServer(ThreadingHTTPServer):
         path = self.artifact_dir / REPORT_FILE
         if path.is_file():
             return path.read_bytes()
-        from .collect import collect
+        from qsched.report.collect import collect
         return render_html(collect(self.artifact_dir)).encode("utf-8")
 
 
@@ -83,7 +83,7 @@ def make_server(artifact_dir, port: int = DEFAULT_PORT) -> ReportServer:
 
     read_manifest(artifact_dir, verify=False)
     if not (Path(artifact_dir) / REPORT_FILE).is_file():
-        from .collect import collect
+        from qsched.report.collect import collect
         collect(artifact_dir)  # a corrupt artifact fails here, with its one-line error, not on the first request
     if not 0 <= int(port) <= 65535:
         raise QschedError(f"--port {port} is not a TCP port; use 1-65535, or 0 for a free one")

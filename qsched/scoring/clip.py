@@ -18,7 +18,7 @@ Conventions:
 
 Nothing is ever downloaded implicitly in an offline session: ``load_clip`` with a hub id honours
 ``HF_HUB_OFFLINE`` and turns every "cannot reach the hub" failure into a one-line
-:class:`~qsched.errors.ModelNotFoundError` naming the alternative (a local directory).
+:class:`~qsched.core.errors.ModelNotFoundError` naming the alternative (a local directory).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qsched.errors import ModelNotFoundError, QschedError
+from qsched.core.errors import ModelNotFoundError, QschedError
 
 # OpenAI CLIP's normalisation; used when a saved CLIP comes without an image-processor config.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -6,7 +6,7 @@ three questions of a batch of images: does it match its prompts (text-image matc
 world's programmatic judge for flux-tiny and from a CLIP for real models; the methods only see this
 interface, so none of them knows which model it runs.
 
-Conventions: images are float ``[n, 3, H, W]`` in ``[0, 1]`` (what :func:`qsched.generation.generate`
+Conventions: images are float ``[n, 3, H, W]`` in ``[0, 1]`` (what :func:`qsched.runtime.generation.generate`
 returns); per-image scores are numpy arrays in ``[0, 1]``. A scorer is described by a plain
 :meth:`Scorer.spec` dict, from which :func:`scorer_from_spec` rebuilds it (on a Ray worker, say).
 """
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qsched.errors import QschedError
+from qsched.core.errors import QschedError
 
 
 class Scorer:
@@ -91,7 +91,7 @@ class ClipScorer(Scorer):
 
     @classmethod
     def load(cls, source: str, device: str = "cpu", k: float = 2.0) -> "ClipScorer":
-        from .clip import load_clip
+        from qsched.scoring.clip import load_clip
         return cls(load_clip(source, device=device), k=k)
 
     @property
@@ -99,11 +99,11 @@ class ClipScorer(Scorer):
         return self.bundle.source
 
     def text_match(self, images, prompts):
-        from .clip import clip_score
+        from qsched.scoring.clip import clip_score
         return np.asarray(clip_score(self.bundle, images, list(prompts)), dtype=np.float64) / 100.0
 
     def image_quality(self, images):
-        from .clip import clip_iqa
+        from qsched.scoring.clip import clip_iqa
         return np.asarray(clip_iqa(self.bundle, images), dtype=np.float64)
 
     def content(self, images, prompts):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelNotFoundError
-from ..generation import GenerationSettings
+from qsched.core.errors import ModelNotFoundError
+from qsched.runtime.generation import GenerationSettings
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]  # eos id 3: CLIP's pooling looks eos up by id
@@ -57,7 +57,7 @@ def build_tiny_pipeline(seed: int = 0, words: list[str] | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if words is None:
-        from .world import VOCAB as words
+        from qsched.tinyworld.world import VOCAB as words
     torch.manual_seed(seed)
     vocab_size = len(SPECIAL_TOKENS) + len(set(words) - set(SPECIAL_TOKENS))
     pipe = FluxPipeline(

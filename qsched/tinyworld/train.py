@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .model import TINY_SETTINGS, build_tiny_pipeline
-from .world import sample_batch
+from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
+from qsched.tinyworld.world import sample_batch
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -195,8 +195,8 @@ def evaluate(pipe, n: int, steps_list=(1, 2, 4, 8, 20), seed: int = 123, batch: 
     """Judged accuracy on held-out prompts and seeds at each step count."""
     import dataclasses
 
-    from ..generation import generate
-    from .judge import confidence_interval, judge
+    from qsched.runtime.generation import generate
+    from qsched.tinyworld.judge import confidence_interval, judge
 
     _, prompts = sample_batch(seed=seed, n=n, split="test")
     results = {}

@@ -45,10 +45,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..generation import generate
-from . import world
-from .judge import confidence_interval, judge
-from .model import (
+from qsched.runtime.generation import generate
+from qsched.tinyworld import world
+from qsched.tinyworld.judge import confidence_interval, judge
+from qsched.tinyworld.model import (
     CLIP_CONFIG,
     SCHEDULER_CONFIG,
     SPECIAL_TOKENS,
@@ -56,7 +56,7 @@ from .model import (
     TINY_SETTINGS,
     build_tokenizer,
 )
-from .train import _load_ckpt, _save_ckpt, to_tensor
+from qsched.tinyworld.train import _load_ckpt, _save_ckpt, to_tensor
 
 VAE_CONFIG_V2 = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
                  "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [32, 32], "latent_channels": 4,

@@ -8,6 +8,7 @@ fall back to, so a pipeline without safetensors is an error naming the fix.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelNotFoundError
-from .generation import GenerationSettings
+from qsched.core.errors import ModelNotFoundError
+from qsched.runtime.generation import GenerationSettings
 
 
 #: the CLIP that judges the registry's real models by default (CLIPScore's usual ViT-L/14); a user without
@@ -29,11 +30,11 @@ class RegistryEntry:
     hub_id: str | None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     embedded: bool = False
-    scorer: str | None = DEFAULT_CLIP  # see qsched.profiles
+    scorer: str | None = DEFAULT_CLIP  # see qsched.models.profiles
 
 
 def _registry() -> dict[str, RegistryEntry]:
-    from .shipped_configs import SHIPPED, default_settings as shipped_defaults
+    from qsched.models.shipped_configs import SHIPPED, default_settings as shipped_defaults
 
     entries = {}
     for name, hub in SHIPPED.items():
@@ -69,7 +70,7 @@ def default_settings(model: str, pipe=None) -> GenerationSettings:
     """The registry's sampler settings for ``model``; for other models, read from the pipeline."""
     if model in REGISTRY:
         if REGISTRY[model].embedded:
-            from .tinyworld.model import TINY_SETTINGS
+            from qsched.tinyworld.model import TINY_SETTINGS
             return TINY_SETTINGS
         return REGISTRY[model].settings
     settings = GenerationSettings()
@@ -116,12 +117,12 @@ def load_pipeline(model: str, init: str = "pretrained", device: str = "cpu", dty
     if init not in ("pretrained", "random"):
         raise ModelNotFoundError(f"invalid --init {init!r}: expected 'pretrained' or 'random'")
     if model in REGISTRY and REGISTRY[model].embedded:
-        from .tinyworld.model import load_embedded
+        from qsched.tinyworld.model import load_embedded
         return _place(load_embedded(), device, dtype), SourceRef(model, "embedded")
     if init == "random":
         if model not in REGISTRY:
             raise ModelNotFoundError(f"--init random needs a registry model, one of {sorted(REGISTRY)}; got {model!r}")
-        from .random_init import build_random_pipeline
+        from qsched.models.random_init import build_random_pipeline
         pipe = build_random_pipeline(model, dtype=dtype or torch.bfloat16, seed=seed, device=device)
         return pipe, SourceRef(model, "registry-random", seed=seed)
     path = Path(model).expanduser()
@@ -169,6 +170,16 @@ def _place(pipe, device: str, dtype):
     return pipe.to(device)
 
 
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's tensors (names, shapes, bytes): identifies the source weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_source_pipeline(source: dict, pipeline_class: str, **components):
     """Rebuild the pipeline an artifact was compiled from, with ``components`` (the quantized denoiser)
     passed in so that the source's own denoiser weights are never loaded."""
@@ -176,10 +187,10 @@ def load_source_pipeline(source: dict, pipeline_class: str, **components):
 
     kind, model = source["kind"], source["model"]
     if kind == "embedded":
-        from .tinyworld.model import load_embedded
+        from qsched.tinyworld.model import load_embedded
         return load_embedded(**components)
     if kind == "registry-random":
-        from .random_init import build_random_pipeline
+        from qsched.models.random_init import build_random_pipeline
         return build_random_pipeline(model, seed=source.get("seed") or 0, **components)
     cls = getattr(diffusers, pipeline_class, diffusers.DiffusionPipeline)
     if kind == "local":

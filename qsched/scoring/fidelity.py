@@ -21,7 +21,7 @@ def fidelity_metrics(reference: torch.Tensor, images: torch.Tensor, prompts: lis
     """PSNR/SSIM of ``images`` against the FP ``reference`` on the same prompts and noise, and what ``scorer``
     (a :class:`qsched.scoring.scorer.Scorer`) says of both: judged accuracy where it judges (the tiny
     world), its content score otherwise."""
-    from .metrics import psnr, ssim
+    from qsched.metrics import psnr, ssim
 
     out = {"psnr_vs_fp": float(psnr(reference, images).mean()), "ssim_vs_fp": float(ssim(reference, images).mean())}
     if scorer is None or not prompts:

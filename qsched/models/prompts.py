@@ -1,6 +1,6 @@
 """Prompt pools for real models: a training pool (calibration, the searches) and a held-out pool (guards,
 evaluation), disjoint so a guard never scores what a search fitted. The tiny world draws its own captions
-(:mod:`qsched.tinyworld.world`); :mod:`qsched.profiles` picks from either by purpose and seed."""
+(:mod:`qsched.tinyworld.world`); :mod:`qsched.models.profiles` picks from either by purpose and seed."""
 from __future__ import annotations
 
 REAL_MODEL_PROMPTS = [

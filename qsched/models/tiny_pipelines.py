@@ -5,13 +5,13 @@ start with a BOS token) and on a PixArt-style DiT (T5 text, no BOS), not only on
 architectures keep the real models' structure (SDXL-Turbo's block types, ``text_time`` conditioning,
 linear ``proj_in``/``proj_out``) at a size that generates a 32×32 image in milliseconds. They reuse
 flux-tiny's word-level tokenizers, so all tiny worlds share one vocabulary. The PixArt one lives in
-:mod:`cache_search.testing`.
+:mod:`qsched.models.tiny_pixart`.
 """
 from __future__ import annotations
 
 import torch
 
-from .generation import GenerationSettings
+from qsched.runtime.generation import GenerationSettings
 
 SDXL_TEXT_LENGTH = 16
 SDXL_CLIP_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -39,10 +39,10 @@ def build_tiny_sdxl_pipeline(seed: int = 0, words: list[str] | None = None):
         UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .tinyworld.model import SPECIAL_TOKENS, build_tokenizer
+    from qsched.tinyworld.model import SPECIAL_TOKENS, build_tokenizer
 
     if words is None:
-        from .tinyworld.world import VOCAB as words
+        from qsched.tinyworld.world import VOCAB as words
     torch.manual_seed(seed)
     vocab_size = len(SPECIAL_TOKENS) + len(set(words) - set(SPECIAL_TOKENS))
     clip = CLIPTextConfig(vocab_size=vocab_size, **SDXL_CLIP_CONFIG)
@@ -63,7 +63,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, words: list[str] | None = None):
 
 
 def build_tiny_pixart_pipeline(seed: int = 0, words: list[str] | None = None):
-    """The tiny random PixArt-α pipeline of :mod:`cache_search.testing` (T5 text: no BOS)."""
-    from cache_search.testing import build_tiny_pixart_pipeline as build
+    """The tiny random PixArt-α pipeline of :mod:`qsched.models.tiny_pixart` (T5 text: no BOS)."""
+    from qsched.models.tiny_pixart import build_tiny_pixart_pipeline as build
 
     return build(seed, words)

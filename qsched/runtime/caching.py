@@ -59,7 +59,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .schedule import CacheSchedule, _denoiser, block_layout
+from qsched.runtime.cache_schedule import CacheSchedule, _denoiser, block_layout
 
 _ATTR = "_qsched_cache_handle"
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from qsched.errors import ModelNotFoundError, QschedError
+from qsched.core.errors import ModelNotFoundError, QschedError
 
-CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 #: Registry name -> hub id of the model whose public configs are shipped.
 SHIPPED: dict[str, str] = {

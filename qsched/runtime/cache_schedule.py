@@ -1,7 +1,7 @@
 """Cache schedules: which block components recompute and which reuse their last output, per denoising step.
 
 A schedule is a boolean per (step, block, component): ``True`` = reuse the component's output stored at
-its last computed step (re-gated with the current step's AdaLN gate by :mod:`cache_search.caching`),
+its last computed step (re-gated with the current step's AdaLN gate by :mod:`qsched.runtime.caching`),
 ``False`` = recompute. Step 0 always computes (nothing is stored yet), so it is not part of the genome
 the search evolves.
 

@@ -8,7 +8,7 @@ shape world (the world's judge) and on real models (CLIP):
 * ``tc_fn(images, prompts)`` → one score per image (a scalar is accepted too: only means are used);
 * ``iq_fn(images)`` → one score per image (or a scalar).
 
-Images are float ``[n, 3, H, W]`` in ``[0, 1]``, as :func:`qsched.generation.generate` returns them.
+Images are float ``[n, 3, H, W]`` in ``[0, 1]``, as :func:`qsched.runtime.generation.generate` returns them.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import QschedError
+from qsched.core.errors import QschedError
 
 TcFn = Callable[[torch.Tensor, Sequence[str]], "np.ndarray | torch.Tensor | float"]
 IqFn = Callable[[torch.Tensor], "np.ndarray | torch.Tensor | float"]

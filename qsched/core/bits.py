@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from .errors import BitSpecError
+from qsched.core.errors import BitSpecError
 
 WEIGHT_WIDTHS = (2, 3, 4, 5, 6, 8)
 ACT_WIDTHS = (4, 8, 16)

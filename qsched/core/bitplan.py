@@ -21,7 +21,7 @@ class LayerPlan:
     params: int = 0
     #: token positions whose output rows are precomputed in FP (MixDQ's BOS-aware text layers)
     fp_tokens: list[int] = field(default_factory=list)
-    #: how the weight scales were chosen: "max" (plain RTN) or "mse" (clipped, calibrate.quantizers)
+    #: how the weight scales were chosen: "max" (plain RTN) or "mse" (clipped, qsched.runtime.quantizers)
     weight_scale: str = "max"
     #: how the weights were rounded: "rtn" (round-to-nearest) or "gptq" (calibrate.gptq)
     rounding: str = "rtn"

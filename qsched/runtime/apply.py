@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .bitplan import BitPlan
-from .qlayers import QuantLayer
+from qsched.core.bitplan import BitPlan
+from qsched.runtime.qlayers import QuantLayer
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import QschedError
-from .generation import GenerationSettings, generate
-from .schedulers import QSchedScheduler, SchedulerCoefficients
+from qsched.core.errors import QschedError
+from qsched.runtime.generation import GenerationSettings, generate
+from qsched.runtime.schedulers import QSchedScheduler, SchedulerCoefficients
 
 Objective = Callable[[torch.Tensor, Sequence[str]], float]
 

@@ -30,7 +30,7 @@ signatures, because pipelines inspect them (``retrieve_timesteps`` looks for ``s
 SD/SDXL ``prepare_extra_step_kwargs`` only passes ``generator``/``eta`` if ``step`` names them).
 
 Step counts: coefficients belong to the step index of the compiled schedule (``len(timesteps)`` after
-``set_timesteps``). Another count raises :class:`~qsched.errors.QschedError`, unless the wrapper was
+``set_timesteps``). Another count raises :class:`~qsched.core.errors.QschedError`, unless the wrapper was
 built with ``interpolate=True``: then the compiled values, placed at normalised positions ``i/(S−1)``,
 are linearly interpolated at ``j/(N−1)`` for the requested ``N`` steps (a 1-step schedule uses the
 first-step values; all-ones stays exactly all-ones).
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import QschedError
+from qsched.core.errors import QschedError
 
 __all__ = ["SchedulerCoefficients", "QSchedScheduler", "SUPPORTED_SCHEDULERS"]
 
@@ -346,7 +346,7 @@ class QSchedScheduler:
 
 
 def __getattr__(name: str):
-    """``qsched.schedulers.QSched<Base>`` resolves to the generated class, so pickling works."""
+    """``qsched.runtime.schedulers.QSched<Base>`` resolves to the generated class, so pickling works."""
     if name.startswith("QSched") and name[len("QSched"):] in _TRANSFORMS:
         return QSchedScheduler.class_for(_base_class_by_name(name[len("QSched"):]))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizers import dequantize_weight, fake_quantize_activation, quantize_weight
+from qsched.runtime.quantizers import dequantize_weight, fake_quantize_activation, quantize_weight
 
 
 class QuantLayer(nn.Module):
@@ -60,9 +60,9 @@ class QuantLayer(nn.Module):
         """Quantize an existing ``nn.Linear`` / ``nn.Conv2d`` (its weights are read, not modified).
         ``fp_tokens``: a :class:`calibrate.fp_tokens.FPTokens` whose rows this layer serves in FP.
         ``weight_scale``: how the weight scales are chosen, ``"max"`` or ``"mse"`` (see
-        :func:`calibrate.quantizers.weight_scale`). ``quantized``: ``(codes, scales)`` already rounded
+        :func:`qsched.runtime.quantizers.weight_scale`). ``quantized``: ``(codes, scales)`` already rounded
         (e.g. by :func:`calibrate.gptq.gptq_quantize`) to use instead of round-to-nearest."""
-        from .quantizers import activation_qparams
+        from qsched.runtime.quantizers import activation_qparams
 
         kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
         conv_args = {} if kind == "linear" else {"stride": module.stride, "padding": module.padding,

@@ -8,7 +8,7 @@ because a scorer can only judge prompts it understands:
 * ``world-judge``: the tiny shape world's captions, judged by its programmatic judge (flux-tiny, or any
   model trained on that world: ``--scorer world-judge``);
 * a CLIP (a local directory or a hub id): the shipped open-vocabulary prompt pools
-  (:mod:`qsched.prompts`), scored by CLIPScore and CLIP-IQA.
+  (:mod:`qsched.models.prompts`), scored by CLIPScore and CLIP-IQA.
 
 Every purpose draws from a training or a held-out pool with its own seed offset, so train and guard sets
 never overlap and two purposes on one pool draw different prompts. The offsets are part of each
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import QschedError
-from .generation import GenerationSettings
+from qsched.core.errors import QschedError
+from qsched.runtime.generation import GenerationSettings
 
 WORLD_JUDGE = "world-judge"
 
@@ -48,7 +48,7 @@ PROMPT_SETS: dict[str, PromptSet] = {
 
 def world_prompts(pool: str, seed: int, n: int) -> list[str]:
     """``n`` captions of the tiny world's ``train`` or held-out (``test``) split, drawn from ``seed``."""
-    from .tinyworld.world import sample_batch
+    from qsched.tinyworld.world import sample_batch
 
     return list(sample_batch(seed=seed, n=n, split="train" if pool == "train" else "test")[1])
 
@@ -56,7 +56,7 @@ def world_prompts(pool: str, seed: int, n: int) -> list[str]:
 def listed_prompts(pool: str, seed: int, n: int) -> list[str]:
     """``n`` prompts of the shipped training or held-out pool, in an order drawn from ``seed`` (cycling
     through the pool when ``n`` exceeds it)."""
-    from .prompts import HELD_OUT_PROMPTS, REAL_MODEL_PROMPTS
+    from qsched.models.prompts import HELD_OUT_PROMPTS, REAL_MODEL_PROMPTS
 
     items = REAL_MODEL_PROMPTS if pool == "train" else HELD_OUT_PROMPTS
     order = np.random.default_rng(seed).permutation(len(items))
@@ -106,7 +106,7 @@ def no_scorer_message(model: str) -> str:
 def default_scorer(model: str) -> str | None:
     """The registry's scorer for ``model`` (the world's judge for flux-tiny, a hub CLIP for the registry's
     real models); None for other models, which must name one."""
-    from .models import REGISTRY
+    from qsched.models.registry import REGISTRY
 
     entry = REGISTRY.get(model)
     return entry.scorer if entry is not None else None
@@ -114,6 +114,6 @@ def default_scorer(model: str) -> str | None:
 
 def world_profile(name: str = "flux-tiny") -> ModelProfile:
     """The embedded world model's profile (its settings, the world's judge): what the benchmarks draw from."""
-    from .tinyworld.model import TINY_SETTINGS
+    from qsched.tinyworld.model import TINY_SETTINGS
 
     return ModelProfile(name, TINY_SETTINGS, WORLD_JUDGE)

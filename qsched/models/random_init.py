@@ -9,12 +9,12 @@ import re
 
 import torch
 
-from .shipped_configs import build_component, build_scheduler, components, load_component_config
+from qsched.models.shipped_configs import build_component, build_scheduler, components, load_component_config
 
 
 def _tokenizer(max_length: int, with_bos: bool):
-    from .prompts import HELD_OUT_PROMPTS, REAL_MODEL_PROMPTS
-    from .tinyworld.model import build_tokenizer
+    from qsched.models.prompts import HELD_OUT_PROMPTS, REAL_MODEL_PROMPTS
+    from qsched.tinyworld.model import build_tokenizer
 
     words = sorted({w for p in REAL_MODEL_PROMPTS + HELD_OUT_PROMPTS for w in re.findall(r"\w+|[^\w\s]", p.lower())})
     tok = build_tokenizer(words, with_bos=with_bos)

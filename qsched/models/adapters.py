@@ -31,7 +31,7 @@ class ModelAdapter:
 
     def quantizable_layers(self, denoiser: nn.Module) -> dict[str, nn.Module]:
         """Every linear and 2-D conv by module path; nothing is skipped silently (recipes exclude explicitly)."""
-        from calibrate.qlayers import QuantLayer
+        from qsched.runtime.qlayers import QuantLayer
 
         return {name: m for name, m in denoiser.named_modules()
                 if isinstance(m, QUANTIZABLE + (QuantLayer,)) and name}
