@@ -63,8 +63,11 @@ def load(args):
         from qsched.core.bits import parse_bits
         from qsched.models.profiles import world_profile
 
-        calibrate(pipe, parse_bits(args.bits), world_profile().prompts("calibration", 64, 0),
-                  TINY_SETTINGS, seed=0, batch_size=16, progress=False)
+        from qsched.recipe import CalibrationConfig, QuantizationConfig
+
+        calibrate(pipe, parse_bits(args.bits), world_profile().prompts("calibration", 64, 0), TINY_SETTINGS,
+                  QuantizationConfig(method="uniform", rounding="rtn"), calibration=CalibrationConfig(batch_size=16),
+                  progress=False)
     return pipe
 
 

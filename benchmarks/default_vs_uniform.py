@@ -54,14 +54,14 @@ def main(argv=None) -> None:
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
         art = qsched.compile("flux-tiny", args.bits, out=out, uniform=uniform, progress=False, overwrite=True,
-                             qsched=not args.quantization_only, cache_search=not args.quantization_only)
+                             coefficients=not args.quantization_only, cache_search=not args.quantization_only)
         seconds = time.perf_counter() - start
         pipe = export.load(out)
         images = generate(pipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64)
         cache = art.manifest["stages"]["cache_search"]
         rows[name] = {**_row(images, reference, prompts), "method": art.manifest["stages"]["calibrate"]["method"],
                       "average_weight_bits": art.manifest["stages"]["calibrate"]["average_weight_bits"],
-                      "qsched": art.manifest["stages"]["qsched"]["status"],
+                      "qsched": art.manifest["stages"]["coefficients"]["status"],
                       "cache_mac_fraction": cache.get("mac_fraction"), "compile_seconds": round(seconds, 1),
                       "stage_seconds": art.manifest["timings_s"]}
         print(name, json.dumps(rows[name]), flush=True)

@@ -29,16 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from calibrate.calibration import calibrate
-from calibrate.mixdq import width_floor
+from calibrate.mixdq_run import MixDQRun
 from qsched.core.bits import parse_bits
 from qsched.runtime.generation import generate
 from qsched.models.profiles import world_profile
-from qsched.recipe import QuantizationConfig
+from qsched.recipe import CalibrationConfig, QuantizationConfig
 from qsched.tinyworld.judge import confidence_interval, judge, psnr, ssim
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
 from qsched.tinyworld.world import sample_batch
@@ -66,6 +67,10 @@ def main(argv=None) -> None:
     p.add_argument("--only", nargs="+", default=None, help="run only these row names (e.g. uniform mixdq)")
     p.add_argument("--content-weight", type=float, default=None, help="override the recipe's content_weight")
     p.add_argument("--normalise", choices=["spread", "budget"], default=None, help="override the recipe's normalise")
+    p.add_argument("--sensitivity-prompts", type=int, default=None, help="override the recipe's sensitivity_prompts")
+    p.add_argument("--objective-study", action="store_true",
+                   help="MixDQ's objective: decoupled (SSIM content + SQNR quality), the same with 4x the "
+                        "sensitivity prompts, and SQNR for every layer")
     p.add_argument("--weights", default=str(WEIGHTS_DIR))
     p.add_argument("--work", default="bench-out/mixdq-work", help="sensitivity cache (reruns are cheap)")
     p.add_argument("--out", default="bench-out/mixdq-tiny.json")
@@ -80,57 +85,51 @@ def main(argv=None) -> None:
               "fp": _row(reference, None, prompts), "rows": []}
     print("FP", report["fp"], flush=True)
     q = QuantizationConfig()
-    content_weight = q.content_weight if args.content_weight is None else args.content_weight
-    mixdq_options = {"content_weight": content_weight, "fp_act_fraction": q.fp_act_fraction,
-                     "min_weight_bits": width_floor(q.min_weight_bits, q.rounding), "normalise": args.normalise or q.normalise,
-                     "sensitivity_context": q.sensitivity_context}
-    scale, rounding = q.weight_scale, q.rounding
-    # (row, method, options, BOS-aware, calibrate() extras): each ablation row adds one thing to the one before it
-    rtn = {"weight_scale": scale, "rounding": "rtn"}
-    default = {"weight_scale": scale, "rounding": rounding}
-    mse = {"weight_scale": "mse", "rounding": rounding}
+    if args.content_weight is not None:
+        q = replace(q, content_weight=args.content_weight)
+    if args.normalise:
+        q = replace(q, normalise=args.normalise)
+    if args.sensitivity_prompts:
+        q = replace(q, sensitivity_prompts=args.sensitivity_prompts)
+    # (row, config): each ablation row adds one thing to the one before it
+    uniform = replace(q, method="uniform", rounding="rtn")
     if args.ablation:
-        variants = [("naive", "uniform", {}, False, rtn), ("+bos", "uniform", {}, True, rtn),
-                    ("+gptq", "uniform", {}, True, {**rtn, "rounding": "gptq"}),
-                    ("+sqnr-only", "mixdq", {**mixdq_options, "groups": {"*": "quality"}}, True, default),
-                    ("+decoupled", "mixdq", mixdq_options, True, default),
-                    ("mixdq-rtn", "mixdq", {**mixdq_options, "min_weight_bits": width_floor(q.min_weight_bits, "rtn")},
-                     True, rtn),
-                    ("mixdq-no-fp-acts", "mixdq", {**mixdq_options, "fp_act_fraction": 0.0}, True, default),
-                    ("mixdq-floor-3", "mixdq", {**mixdq_options, "min_weight_bits": 3}, True, default),
-                    ("uniform-mse", "uniform", {}, True, mse), ("mixdq-mse", "mixdq", mixdq_options, True, mse),
-                    ("mixdq-in-context", "mixdq", {**mixdq_options, "sensitivity_context": "uniform"}, True, default),
-                    ("mixdq-in-context-no-floor", "mixdq",
-                     {**mixdq_options, "sensitivity_context": "uniform", "min_weight_bits": None}, True, default)]
+        variants = [("naive", replace(uniform, bos_aware=False)), ("+bos", uniform),
+                    ("+gptq", replace(uniform, rounding="gptq")),
+                    ("+sqnr-only", replace(q, groups={"*": "quality"})), ("+decoupled", q),
+                    ("mixdq-rtn", replace(q, rounding="rtn")),
+                    ("mixdq-no-fp-acts", replace(q, fp_act_fraction=0.0)),
+                    ("mixdq-floor-3", replace(q, min_weight_bits=3)),
+                    ("uniform-mse", replace(q, method="uniform", weight_scale="mse")),
+                    ("mixdq-mse", replace(q, weight_scale="mse")),
+                    ("mixdq-in-context", replace(q, sensitivity_context="uniform", min_weight_bits=3)),
+                    ("mixdq-in-context-no-floor", replace(q, sensitivity_context="uniform"))]
+    elif args.objective_study:  # does the SSIM content metric earn its place? (issue #15)
+        variants = [("decoupled", q), (f"decoupled-{4 * q.sensitivity_prompts}-prompts",
+                                       replace(q, sensitivity_prompts=4 * q.sensitivity_prompts)),
+                    ("sqnr-only", replace(q, groups={"*": "quality"}))]
     elif args.allocation_study:  # the width floor and the groups' normalisation, on one sensitivity table
-        variants = [("uniform", "uniform", {}, q.bos_aware, rtn)] + [
-            (f"mixdq-{norm}-{'floor3' if floor else 'nofloor'}", "mixdq",
-             {**mixdq_options, "normalise": norm, "min_weight_bits": floor}, q.bos_aware, default)
+        variants = [("uniform", uniform)] + [
+            (f"mixdq-{norm}-{'floor3' if floor else 'nofloor'}", replace(q, normalise=norm, min_weight_bits=floor))
             for norm in ("spread", "budget") for floor in (None, 3)]
     else:  # the baseline is uniform round-to-nearest; uniform-gptq separates GPTQ's gain from the allocation's
-        variants = [("uniform", "uniform", {}, q.bos_aware, rtn),
-                    ("uniform-gptq", "uniform", {}, q.bos_aware, {**rtn, "rounding": "gptq"}),
-                    ("mixdq", "mixdq", mixdq_options, q.bos_aware, default)]
+        variants = [("uniform", uniform), ("uniform-gptq", replace(uniform, rounding="gptq")), ("mixdq", q)]
     if args.only:
         variants = [v for v in variants if v[0] in args.only]
     for bits in args.bits:
         spec = parse_bits(bits)
-        for name, method, options, bos_aware, extras in variants:
-            if method == "uniform" and spec.is_fractional:
+        for name, config in variants:
+            if config.method == "uniform" and spec.is_fractional:
                 continue
             pipe = load_embedded(Path(args.weights))
-            options = dict(options)
-            groups = options.pop("groups", None)
-            mixdq = None
-            if method == "mixdq":
-                mixdq = {"sensitivity_prompts": q.sensitivity_prompts, "weight_widths": q.weight_widths,
-                         "act_widths": q.act_widths, "work_dir": args.work, **options}
             t = time.perf_counter()
-            result = calibrate(pipe, spec, cal, TINY_SETTINGS, seed=0, batch_size=16, groups=groups, progress=False,
-                               method=method, mixdq=mixdq, bos_aware=bos_aware, **extras)
+            result = calibrate(pipe, spec, cal, TINY_SETTINGS, config, calibration=CalibrationConfig(batch_size=16),
+                               run=MixDQRun(work_dir=args.work), progress=False)
             seconds = time.perf_counter() - t
             images = generate(pipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64, progress=f"{bits} {name}")
-            row = {"bits": bits, "method": name, **extras, **_row(images, reference, prompts),
+            row = {"bits": bits, "method": name, "sensitivity_prompts": config.sensitivity_prompts,
+                   "groups": config.groups or None, "rounding": config.rounding, "weight_scale": config.weight_scale,
+                   **_row(images, reference, prompts),
                    "average_weight_bits": round(result.plan.average_weight_bits(), 3),
                    "fp_act_layers": sum(1 for lp in result.plan.layers.values() if lp.act_bits is None),
                    "fp_tokens": result.fp_tokens.to_dict(), "calibrate_seconds": round(seconds, 1)}

@@ -34,7 +34,8 @@ from qsched.coefficients.jaq import jaq, scorer_terms
 from qsched.scoring.scorer import WorldJudgeScorer
 from qsched.coefficients.optimize import learn_coefficients
 from qsched.models.profiles import world_profile
-from qsched.recipe import QuantizationConfig
+from qsched.recipe import CalibrationConfig, QuantizationConfig
+from calibrate.mixdq_run import MixDQRun
 from qsched.runtime.schedulers import QSchedScheduler
 from qsched.tinyworld.judge import confidence_interval, judge, quality_score
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline, load_embedded
@@ -91,14 +92,9 @@ def quantize(pipe, name: str, cal, settings, work: str):
     method = method or "uniform"
     if method not in ("uniform", "mixdq"):
         raise SystemExit(f"unknown quantization method {method!r} in {name!r}: use uniform or mixdq")
-    mixdq = None
-    if method == "mixdq":
-        q = QuantizationConfig()
-        mixdq = {"sensitivity_prompts": q.sensitivity_prompts, "weight_widths": q.weight_widths,
-                 "act_widths": q.act_widths, "work_dir": work, "content_weight": q.content_weight,
-                 "fp_act_fraction": q.fp_act_fraction}
-    return calibrate(pipe, parse_bits(bits), cal, settings, seed=0, batch_size=16, progress=False, method=method,
-                     mixdq=mixdq)
+    config = QuantizationConfig(method=method, rounding="rtn" if method == "uniform" else "gptq")
+    return calibrate(pipe, parse_bits(bits), cal, settings, config, calibration=CalibrationConfig(batch_size=16),
+                     run=MixDQRun(work_dir=work), progress=False)
 
 
 def main(argv=None) -> int:

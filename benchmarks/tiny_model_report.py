@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from calibrate.calibration import calibrate
+from qsched.recipe import CalibrationConfig, QuantizationConfig
 from qsched.core.bits import parse_bits
 from qsched.runtime.generation import generate
 from qsched.models.profiles import world_profile
@@ -69,7 +70,8 @@ def main(argv=None) -> None:
     cal_prompts = world_profile().prompts("calibration", 64, 0)
     for bits in args.bits:
         qpipe = load_embedded(weights)
-        calibrate(qpipe, parse_bits(bits), cal_prompts, TINY_SETTINGS, seed=0, batch_size=16, progress=False)
+        calibrate(qpipe, parse_bits(bits), cal_prompts, TINY_SETTINGS, QuantizationConfig(method="uniform", rounding="rtn"),
+                  calibration=CalibrationConfig(batch_size=16), progress=False)
         images = generate(qpipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64, progress=f"{bits}")
         row = judged(images, prompts)
         row.update({"psnr_vs_fp": round(float(psnr(reference, images).mean()), 3),

@@ -14,6 +14,10 @@ per sample for timestep/AdaLN modulation) by the family rules below; a layer no 
 new architecture cannot be priced silently wrong. Elementwise work (norms, activations, gates, rotary
 embeddings, softmax) is not counted, matching ``torch.utils.flop_counter`` (flops = 2 · MACs).
 
+Families without rules here (UNets: the resolution changes from block to block, so one token count per
+kind does not exist) are priced by :func:`measured_module_macs` instead: the same per-module formulas,
+with each module's rows, positions and attention lengths read from the shapes of one real denoiser call.
+
 All counts are per sample and per denoiser evaluation; :meth:`CostModel.schedule_macs` multiplies by the
 batch and by ``passes`` (2 for classifier-free guidance, whose two branches PixArt batches together).
 """
@@ -161,6 +165,81 @@ def module_macs(model, tokens: TokenCounts) -> dict[str, int]:
     return out
 
 
+class _Measured(Exception):
+    """Stops the measuring run after the denoiser's first call."""
+
+
+def measured_module_macs(pipe, settings) -> tuple[dict[str, int], TokenCounts]:
+    """MACs per sample of every linear, conv and attention module of ``pipe``'s denoiser, from the shapes of
+    its first call in a run at ``settings`` (the same formulas as :func:`module_macs`: rows · in ·
+    out, positions · per-position MACs, 2 · Tq · Tk · inner). Also the image and text lengths seen by the
+    first attention layer that reads text (0 when none does)."""
+    import dataclasses
+
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    from qsched.runtime.generation import call_arguments
+
+    den = _denoiser(pipe)
+    macs: dict[str, int] = {}
+    seen = {"batch": None, "done": False, "image": 0, "text": 0}
+
+    def leaf_hook(path):
+        def hook(module, args, out):
+            if seen["done"] or not isinstance(out, torch.Tensor):
+                return
+            shape = _linear_shape(module)
+            if shape is not None:
+                rows = out.numel() // out.shape[-1]
+                macs[path] = macs.get(path, 0) + rows * shape[0] * shape[1]
+            else:
+                positions = out.shape[0] * out.shape[-2] * out.shape[-1]
+                macs[path] = macs.get(path, 0) + positions * _conv_macs_per_position(module)
+        return hook
+
+    def attention_hook(path):
+        def hook(module, args, kwargs):
+            if seen["done"]:
+                return
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            tq = hidden.shape[-2] * hidden.shape[-1] if hidden.ndim == 4 else hidden.shape[1]
+            tk = context.shape[1] if context is not None else tq
+            if context is not None and not seen["text"]:
+                seen["image"], seen["text"] = int(tq), int(tk)
+            if context is not None and getattr(module, "add_q_proj", None) is not None:
+                tq = tk = tq + tk  # joint attention (FLUX, SD3): text and image attend together
+            macs[path] = macs.get(path, 0) + 2 * hidden.shape[0] * tq * tk * _linear_shape(module.to_q)[1]
+        return hook
+
+    def denoiser_pre(module, args, kwargs):
+        if seen["batch"] is None:
+            first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            seen["batch"] = int(first.shape[0])
+
+    def denoiser_post(module, args, out):
+        seen["done"] = True
+        raise _Measured  # one denoiser call is all it takes: skip the rest of the run
+
+    handles = [den.register_forward_pre_hook(denoiser_pre, with_kwargs=True), den.register_forward_hook(denoiser_post)]
+    for path, module in den.named_modules():
+        if isinstance(module, Attention) or (hasattr(module, "to_q") and hasattr(module, "to_k")):
+            handles.append(module.register_forward_pre_hook(attention_hook(path), with_kwargs=True))
+        elif path and _is_leaf_compute(module):
+            handles.append(module.register_forward_hook(leaf_hook(path)))
+    try:
+        with torch.inference_mode():
+            pipe(["a"], **call_arguments(pipe, dataclasses.replace(settings, steps=2)), output_type="latent")
+    except _Measured:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    batch = seen["batch"] or 1
+    return {k: v // batch for k, v in macs.items()}, TokenCounts(seen["image"], seen["text"])
+
+
 @dataclass
 class CostModel:
     """MAC table of one denoiser at one resolution: per cacheable component, plus the always-run rest."""
@@ -172,7 +251,23 @@ class CostModel:
 
     @classmethod
     def from_model(cls, model, tokens: TokenCounts) -> "CostModel":
-        per_module = module_macs(model, tokens)
+        return cls.from_table(model, module_macs(model, tokens), tokens)
+
+    @classmethod
+    def from_pipeline(cls, pipe, height: int, width: int, max_sequence_length: int | None = None) -> "CostModel":
+        return cls.from_model(pipe, token_counts(pipe, height, width, max_sequence_length))
+
+    @classmethod
+    def for_pipeline(cls, pipe, settings) -> "CostModel":
+        """Analytic when the denoiser's family has rules here, else measured from one real call."""
+        if type(_denoiser(pipe)).__name__ in _FAMILIES:
+            return cls.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
+        per_module, tokens = measured_module_macs(pipe, settings)
+        return cls.from_table(pipe, per_module, tokens)
+
+    @classmethod
+    def from_table(cls, model, per_module: dict[str, int], tokens: TokenCounts) -> "CostModel":
+        """Per-module MACs assigned to the cacheable components that contain them; the rest is overhead."""
         components = {(b, c): 0 for b, comps in block_layout(model) for c in comps}
         prefixes = {f"{b}.{c}": (b, c) for b, c in components}
         overhead = 0
@@ -184,10 +279,6 @@ class CostModel:
             else:
                 components[owner] += macs
         return cls(components, overhead, tokens, per_module)
-
-    @classmethod
-    def from_pipeline(cls, pipe, height: int, width: int, max_sequence_length: int | None = None) -> "CostModel":
-        return cls.from_model(pipe, token_counts(pipe, height, width, max_sequence_length))
 
     @property
     def step_macs(self) -> int:

@@ -554,11 +554,11 @@ class ScheduleQuality(_Evaluator):
 
         from qsched.runtime.caching import enable_cache
 
-        p, s = len(self.prompts), self.settings
-        kwargs = dict(num_inference_steps=s.steps, height=s.height, width=s.width, guidance_scale=s.guidance_scale,
-                      output_type="pt", **self.call_kwargs)
-        if s.max_sequence_length:
-            kwargs["max_sequence_length"] = s.max_sequence_length
+        from qsched.runtime.generation import call_arguments
+
+        p = len(self.prompts)
+        # the same call every other stage makes (PixArt's resolution binning and caption cleaning included)
+        kwargs = {**call_arguments(self.pipe, self.settings), "output_type": "pt", **self.call_kwargs}
         gens = [torch.Generator("cpu").manual_seed(self.seed + i) for _ in range(groups) for i in range(p)]
         self.pipe.set_progress_bar_config(disable=True)
         handle = (enable_cache(self.pipe, schedules, rows_per_group=p, share_prefixes=self.share_prefixes)
@@ -624,11 +624,11 @@ def quality_terms(score: float, db, psnr_cap: float = 40.0, fidelity_weight: flo
 
 
 def _cost_model(pipe, settings):
-    """The pipeline's MAC table, to weight the row counters; None for a denoiser without MAC rules."""
+    """The pipeline's MAC table, to weight the row counters; None for a denoiser that cannot be priced."""
     from cache_search.cost import CostModel
 
     try:
-        return CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
+        return CostModel.for_pipeline(pipe, settings)
     except (ValueError, TypeError):
         return None
 

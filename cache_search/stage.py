@@ -44,7 +44,7 @@ def search_cache(pipe, prompts: list[str], settings, config, seed: int, work: Pa
     each rebuilding the scorer from its spec; the front is the same as in process.
     ``guard_prompts`` (disjoint from ``prompts``; none or empty: no guard) re-score the front with the same
     quality, noise seed ``seed`` + :data:`GUARD_SEED_OFFSET`, and keep what they do not dominate."""
-    cost = CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
+    cost = CostModel.for_pipeline(pipe, settings)
     search = SearchConfig(population=config.population, generations=config.generations, seed=seed,
                           proxy_generations=config.proxy_generations)
     if ray is not None:

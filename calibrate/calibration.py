@@ -2,6 +2,7 @@
 BitPlan, and quantize the denoiser (simulated quantization)."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -17,7 +18,9 @@ from calibrate.fp_tokens import FPTokenReport, FPTokens, fp_tokens_from_rows, re
 from calibrate.gptq import (HESSIAN_CHUNK_BYTES, collect_hessians, gptq_quantize, hessian_chunks, observe_hessians,
                    uses_gptq)
 from calibrate.statistics import observe_inputs
+from calibrate.mixdq_run import MixDQRun
 from calibrate.uniform import uniform_plan
+from qsched.recipe import CalibrationConfig, QuantizationConfig
 
 
 @dataclass
@@ -85,43 +88,46 @@ def mark_fp_tokens(plan: BitPlan, fp_tokens: dict[str, FPTokens]) -> dict[str, F
     return used
 
 
-def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSettings, seed: int = 0,
-              batch_size: int = 8, momentum: float = 0.95, group_size: int | None = None,
-              keep_fp: list[str] | None = None, groups: dict[str, str] | None = None,
-              progress: bool = True, method: str = "uniform", mixdq: dict | None = None,
-              bos_aware: bool = True, weight_scale: str = "max", rounding: str = "rtn") -> CalibrationResult:
+def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSettings,
+              config: QuantizationConfig = QuantizationConfig(), *,
+              calibration: CalibrationConfig = CalibrationConfig(), run: MixDQRun | None = None,
+              progress: bool = True) -> CalibrationResult:
     """Quantize ``pipe``'s denoiser in place at ``spec`` and return what was done.
 
-    ``method="uniform"``: round-to-nearest at the target widths. ``method="mixdq"``: per-layer widths from
-    decoupled sensitivity and one integer program (``mixdq`` holds :func:`calibrate.mixdq.mixdq_plan`'s
-    options, e.g. ``sensitivity_prompts``, ``content_weight``, ``work_dir``, ``model_digest``).
+    ``config`` (the recipe's ``quantization`` section, with the recipe's defaults) says how:
+    ``method="uniform"``: round-to-nearest widths at the target; ``"mixdq"``: per-layer widths from
+    decoupled sensitivity (on the first ``sensitivity_prompts`` prompts) and one integer program.
     ``bos_aware``: when activations are quantized, the adapter's text layers serve a constant BOS row in
     FP and their ranges leave it out (:mod:`calibrate.fp_tokens`); sensitivity is measured that way too.
-    ``weight_scale``: ``"max"`` (plain round-to-nearest) or ``"mse"`` (per-row clipped scales with the least
-    rounding error, :func:`qsched.runtime.quantizers.weight_scale`), for both methods. ``rounding``: ``"rtn"``
-    (round-to-nearest) or ``"gptq"``: linear layers' weights rounded against their calibration inputs
-    (:mod:`calibrate.gptq`; the Hessians are observed during the statistics pass, or one more FP pass when
-    activations stay FP or the Hessians need more than one pass; MixDQ's
-    sensitivity probes use GPTQ weights too). Convolutions and 8-bit weights keep round-to-nearest.
+    ``weight_scale``: ``"max"`` or ``"mse"`` (:func:`qsched.runtime.quantizers.weight_scale`). ``rounding``:
+    ``"gptq"`` rounds linear layers' weights against their calibration inputs (:mod:`calibrate.gptq`; the
+    Hessians are observed during the statistics pass, or one more FP pass when activations stay FP or the
+    Hessians need more than one pass; MixDQ's sensitivity probes use GPTQ weights too); ``"rtn"``
+    round-to-nearest. Convolutions and 8-bit weights keep round-to-nearest. ``calibration`` holds the
+    statistics pass's seed, batch size and momentum; ``run`` MixDQ's run context (cache folder, model
+    digest, Ray).
     """
+    method, rounding = config.method, config.rounding
+    seed, batch_size = calibration.seed, calibration.batch_size
+    keep_fp, groups = list(config.keep_fp), dict(config.groups)
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown weight rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     rounded = {}
     if rounding == "gptq" and (method == "mixdq" or uses_gptq(spec.uniform_weight_bits)):
-        scope = (mixdq or {}).get("layers") if method == "mixdq" else None
+        scope = list(config.layers) if method == "mixdq" and config.layers else None
         rounded = _rounded_layers(adapter.quantizable_layers(denoiser), keep_fp, scope)
     # GPTQ's first group of Hessians rides on the statistics pass (same prompts, seed and batches)
     first = hessian_chunks(rounded, HESSIAN_CHUNK_BYTES)[:1] if rounded and spec.quantize_activations else []
     ranges, fp_tokens, report = {}, {}, FPTokenReport()
     with observe_hessians(first[0] if first else {}) as observed:
         if spec.quantize_activations:
-            candidates = adapter.bos_layers(pipe) if bos_aware else {}
-            ranges, fp_tokens, report = collect_statistics(pipe, prompts, settings, seed, batch_size, momentum,
-                                                           progress, candidates)
+            candidates = adapter.bos_layers(pipe) if config.bos_aware else {}
+            ranges, fp_tokens, report = collect_statistics(pipe, prompts, settings, seed, batch_size,
+                                                           calibration.momentum, progress, candidates)
             if not candidates:
-                report.note = "switched off (quantization.bos_aware: false)" if not bos_aware else \
+                report.note = "switched off (quantization.bos_aware: false)" if not config.bos_aware else \
                     "no text layer reads a BOS-led sequence (the text tokenizers add no BOS)"
     hessians = {n: obs.hessian for n, obs in observed.items() if obs.rows}
     rest = {n: m for n, m in rounded.items() if n not in observed}
@@ -131,23 +137,22 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     sensitivity = allocation = None
     if method == "mixdq":
         from calibrate.mixdq import mixdq_plan
-        options = dict(mixdq or {})
-        n = options.pop("sensitivity_prompts", 8)
-        plan, table, result = mixdq_plan(pipe, spec, prompts[:n], settings, ranges or None, seed=seed,
-                                         group_size=group_size, keep_fp=keep_fp, groups=groups,
-                                         progress=progress, fp_tokens=fp_tokens or None,
-                                         weight_scale=weight_scale, hessians=hessians or None,
-                                         hessian_key=_prompts_key(prompts, seed, batch_size) if hessians else None,
-                                         **options)
+        context = dataclasses.replace(run or MixDQRun(), seed=seed, progress=progress, fp_tokens=fp_tokens or None,
+                                      hessians=hessians or None,
+                                      hessian_key=_prompts_key(prompts, seed, batch_size) if hessians else None)
+        plan, table, result = mixdq_plan(pipe, spec, prompts[:config.sensitivity_prompts], settings, ranges or None,
+                                         config, context)
         sensitivity, allocation = table.to_dict(), result.to_dict()
     elif method == "uniform":
-        plan = uniform_plan(denoiser, adapter, spec, group_size, keep_fp, groups, weight_scale)
+        plan = uniform_plan(denoiser, adapter, spec, config.group_size, keep_fp, groups, config.weight_scale)
     else:
         raise ValueError(f"unknown calibration method {method!r}: expected 'uniform' or 'mixdq'")
     missing = [n for n, p in plan.layers.items() if p.act_bits is not None and n not in ranges]
     if missing:
         raise RuntimeError(f"calibration never reached {len(missing)} layer(s), e.g. {missing[:3]}")
     weights = gptq_weights(denoiser, plan, hessians) if hessians else {}
+    if plan.method == "uniform-rtn" and any(lp.rounding == "gptq" for lp in plan.layers.values()):
+        plan.method = "uniform-gptq"  # the label says how the weights were rounded
     quantize_(denoiser, plan, ranges, mark_fp_tokens(plan, fp_tokens), weights)
     return CalibrationResult(plan, ranges, list(prompts), sensitivity, allocation, report)
 

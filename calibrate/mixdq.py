@@ -18,7 +18,9 @@ from qsched.runtime.generation import GenerationSettings
 from calibrate.allocation import AllocationResult, allocate, allocation_plan, reference_widths
 from qsched.core.bitplan import BitPlan, LayerPlan
 from calibrate.sensitivity import SensitivityTable, analyze_sensitivity
+from calibrate.mixdq_run import MixDQRun
 from calibrate.uniform import group_size_for
+from qsched.recipe import QuantizationConfig
 
 
 SENSITIVITY_CONTEXTS = ("fp", "uniform")
@@ -34,38 +36,30 @@ def width_floor(min_weight_bits: int | None, rounding: str) -> int | None:
 
 
 def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSettings,
-               act_ranges: dict[str, tuple[float, float]] | None, *,
-               weight_widths: Iterable[int] = WEIGHT_WIDTHS, act_widths: Iterable[int] = (4, 8),
-               content_weight: float = 0.15, fp_act_fraction: float = 0.01, groups: dict[str, str] | None = None,
-               group_size: int | None = None, keep_fp: list[str] | None = None, layers: Iterable[str] | None = None,
-               seed: int = 0, batch_size: int | None = None, max_bops: float | None = None,
-               work_dir: str | Path | None = None, model_digest: str | None = None,
-               image_metric: Callable | None = None, time_limit: float = 60.0,
-               progress: bool = True, ray=None, pipeline_source=None,
-               fp_tokens: dict | None = None, normalise: str = "spread",
-               min_weight_bits: int | None = None, weight_scale: str = "max",
-               sensitivity_context: str = "fp", hessians: dict | None = None,
-               hessian_key: str | None = None) -> tuple[BitPlan, SensitivityTable, AllocationResult]:
+               act_ranges: dict[str, tuple[float, float]] | None,
+               config: QuantizationConfig = QuantizationConfig(), run: MixDQRun = MixDQRun()
+               ) -> tuple[BitPlan, SensitivityTable, AllocationResult]:
     """Choose per-layer widths for ``pipe``'s denoiser that meet ``spec`` on average.
 
     ``spec.weight_bits`` is the size-weighted weight budget (fractional budgets such as 3.5 are what this
     is for); ``spec.act_bits`` the MAC-weighted activation budget (16: activations stay FP). The most
-    sensitive ``fp_act_fraction`` of layers (rounded up; 0 disables) may keep FP activations outside the
-    activation budget, as MixDQ keeps its top ~1%: the program picks which. ``keep_fp`` globs stay FP and
-    count at 16 bits in the weight budget. ``layers`` (globs) limits the plan to part of the model; the
-    budget then applies to that part. ``min_weight_bits`` excludes narrower weight widths (lowered to the
-    widest candidate within the budget when it is above it, so the budget stays feasible); ``normalise`` is :func:`allocate`'s. ``act_ranges`` must be the ranges the plan will be applied with
-    (``None``: collected here first); sensitivity is measured with them. ``ray``/``pipeline_source`` spread
-    the sensitivity analysis over Ray workers (see :func:`calibrate.sensitivity.analyze_sensitivity`).
-    ``fp_tokens`` (layer -> :class:`calibrate.fp_tokens.FPTokens`): BOS rows the final model serves in FP,
-    so sensitivity is measured with them; the plan itself is marked by the caller. ``weight_scale``
-    (``"max"`` or ``"mse"``) is the weight quantizer's scale, used for sensitivity and recorded in the plan.
-    ``sensitivity_context``: ``"fp"`` probes each layer with the rest of the model in FP (MixDQ);
-    ``"uniform"`` with the rest at the uniform widths the budget stands for
-    (:func:`calibrate.allocation.reference_widths`), i.e. around the operating point. ``hessians`` /
-    ``hessian_key``: GPTQ-rounded weights in the sensitivity probes (see :func:`analyze_sensitivity`).
+    sensitive ``config.fp_act_fraction`` of layers (rounded up; 0 disables) may keep FP activations outside
+    the activation budget, as MixDQ keeps its top ~1%: the program picks which. ``config`` is the recipe's
+    ``quantization`` section (:class:`qsched.recipe.QuantizationConfig`: candidate widths, ``keep_fp`` globs
+    that stay FP and count at 16 bits, ``layers`` globs that limit the plan to part of the model,
+    ``min_weight_bits`` resolved by :func:`width_floor`, ``normalise``, ``weight_scale``,
+    ``sensitivity_context``: ``"fp"`` probes each layer with the rest in FP as MixDQ does, ``"uniform"`` with
+    the rest at the uniform widths the budget stands for). ``act_ranges`` must be the ranges the plan will
+    be applied with (``None``: collected here first); sensitivity is measured with them. ``run`` is the run
+    context (:class:`calibrate.mixdq_run.MixDQRun`); its ``fp_tokens`` mark BOS rows for sensitivity only,
+    the plan itself is marked by the caller.
     """
     from calibrate.calibration import collect_statistics
+
+    layers, keep_fp, groups, group_size = config.layers, list(config.keep_fp), dict(config.groups), config.group_size
+    weight_widths, act_widths, weight_scale = list(config.weight_widths), list(config.act_widths), config.weight_scale
+    min_weight_bits = width_floor(config.min_weight_bits, config.rounding)
+    sensitivity_context, seed, progress, fp_tokens = config.sensitivity_context, run.seed, run.progress, run.fp_tokens
 
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
@@ -94,12 +88,13 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
         context = {n: (w_ref, a_ref) for n in decided}
     table = analyze_sensitivity(pipe, prompts, settings, weight_widths=weight_widths,
                                 act_widths=act_widths if quantize_acts else (),
-                                act_ranges=act_ranges if quantize_acts else None, layers=decided, groups=groups, group_size=group_size, seed=seed, batch_size=batch_size,
-                                work_dir=work_dir, model_digest=model_digest, image_metric=image_metric,
-                                progress=progress, ray=ray, pipeline_source=pipeline_source, fp_tokens=fp_tokens,
-                                weight_scale=weight_scale, context=context, hessians=hessians,
-                                hessian_key=hessian_key)
-    max_fp = math.ceil(fp_act_fraction * len(decided)) if quantize_acts and fp_act_fraction > 0 else 0
+                                act_ranges=act_ranges if quantize_acts else None, layers=decided, groups=groups,
+                                group_size=group_size, seed=seed, batch_size=run.batch_size, work_dir=run.work_dir,
+                                model_digest=run.model_digest, image_metric=run.image_metric, progress=progress,
+                                ray=run.ray, pipeline_source=run.pipeline_source, fp_tokens=fp_tokens,
+                                weight_scale=weight_scale, context=context, hessians=run.hessians,
+                                hessian_key=run.hessian_key)
+    max_fp = math.ceil(config.fp_act_fraction * len(decided)) if quantize_acts and config.fp_act_fraction > 0 else 0
     candidates = sorted(set(act_widths)) + ([None] if max_fp else [])
     within = [w for w in weight_widths if w <= spec.weight_bits + 1e-9]  # the floor must leave one of these
     floor = None if min_weight_bits is None else min(min_weight_bits, max(within, default=min_weight_bits))
@@ -108,9 +103,9 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
         raise QschedError(f"min_weight_bits {min_weight_bits} excludes every weight width {sorted(set(weight_widths))}")
     result = allocate(table, spec.weight_bits, spec.act_bits if quantize_acts else None,
                       weight_widths=allowed, act_widths=candidates if quantize_acts else None,
-                      content_weight=content_weight, max_fp_act=max_fp if quantize_acts else None,
-                      max_bops=max_bops, fixed_fp_params=sum(scope[n].weight.numel() for n in kept),
-                      time_limit=time_limit, normalise=normalise)
+                      content_weight=config.content_weight, max_fp_act=max_fp if quantize_acts else None,
+                      max_bops=run.max_bops, fixed_fp_params=sum(scope[n].weight.numel() for n in kept),
+                      time_limit=run.time_limit, normalise=config.normalise)
     plan = allocation_plan(result, table, target=str(spec), method="mixdq",
                            group_sizes={n: group_size_for(scope[n], group_size) for n in decided},
                            weight_scale=weight_scale)

@@ -9,7 +9,7 @@ The package's layers (imports point downward only; ``.importlinter`` holds the c
 → ``recipe`` → ``runtime`` → ``core``. ``compile`` and ``Artifact`` are imported on first use, so importing
 any lower layer (as ``export.load`` does) never pulls in the compiler and its solvers.
 """
-__version__ = "0.1.0"
+from qsched.core.version import __version__  # noqa: E402
 
 __all__ = ["Artifact", "compile", "__version__"]
 

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             ray = RayConfig(address=args.ray or "auto", workers=args.ray_workers)
         from qsched.compiler import compile as run_compile
         artifact = run_compile(model=args.model, bits=spec, out=args.out, recipe=args.recipe, seed=args.seed,
-                               device=args.device, init=args.init, uniform=args.uniform, qsched=not args.no_qsched,
+                               device=args.device, init=args.init, uniform=args.uniform, coefficients=not args.no_qsched,
                                cache_search=not args.no_cache_search, bundle=args.bundle,
                                eval_prompts=args.eval_prompts, overwrite=args.overwrite, progress=not args.quiet,
                                cache_budget=args.cache_budget, ray=ray, scorer=args.scorer)

@@ -6,9 +6,11 @@ A recipe is validated against the dataclasses below: an unknown key or a value o
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -17,29 +19,80 @@ from qsched.core.errors import RecipeError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-@dataclass
-class CalibrationConfig:
+class _Config:
+    """A frozen config that validates itself on construction: built from YAML or in Python, a bad value is
+    a :class:`RecipeError` naming its recipe key. Lists become tuples, so nothing can change it afterwards;
+    :meth:`Recipe.override` makes changed copies."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"{self.SECTION}.{f.name}" if self.SECTION else f.name
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                if not isinstance(value, hints[f.name]):
+                    raise RecipeError(f"recipe section {key!r} must be a {hints[f.name].__name__}, got {value!r}")
+                continue
+            object.__setattr__(self, f.name, _check_type(key, value, hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across fields; each section adds its own."""
+
+    def _require(self, ok: bool, message: str) -> None:
+        if not ok:
+            raise RecipeError(f"{self.SECTION}.{message}" if self.SECTION else message)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    """asdict's tuples as lists, so records and cache keys read as they did from YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(_Config):
     """How calibration statistics are gathered."""
 
+    SECTION: ClassVar[str] = "calibration"
     prompts: int = 32
     batch_size: int = 8
     seed: int = 0
     momentum: float = 0.95
 
+    def validate(self) -> None:
+        self._require(self.prompts >= 1 and self.batch_size >= 1, "prompts and calibration.batch_size must be positive")
+        self._require(0.0 <= self.momentum < 1.0, "momentum must lie in [0, 1)")
+        self._require(0 <= self.seed < 2**32,  # numpy's RandomState takes 32-bit seeds
+                      f"seed must lie in [0, {2**32 - 1}]; got {self.seed!r}")
 
-@dataclass
-class QuantizationConfig:
-    """How the BitPlan is chosen. ``method``: ``mixdq`` (mixed widths under the target as a size-weighted
-    average budget, the default) or ``uniform`` (every layer at the target widths; ``--uniform``)."""
 
+METHODS = ("uniform", "mixdq")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig(_Config):
+    """How the BitPlan is chosen and the weights are rounded; ``calibrate.calibration.calibrate`` takes it.
+    ``method``: ``mixdq`` (mixed widths under the target as a size-weighted average budget, the default) or
+    ``uniform`` (every layer at the target widths; ``--uniform``)."""
+
+    SECTION: ClassVar[str] = "quantization"
     method: str = "mixdq"
     group_size: int | None = None
-    keep_fp: list[str] = field(default_factory=list)
+    keep_fp: tuple[str, ...] = ()
     groups: dict[str, str] = field(default_factory=dict)
     #: mixdq: candidate widths, the weight of the content group against the quality group in the
     #: objective, and the fraction of layers allowed to keep FP activations (MixDQ keeps ~1%).
-    weight_widths: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
-    act_widths: list[int] = field(default_factory=lambda: [4, 8])
+    weight_widths: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    act_widths: tuple[int, ...] = (4, 8)
     #: 0.15: chosen on flux-tiny validation prompts (seed 7, docs/results.md); at 0.5 the SSIM-scored content
     #: layers took the bits and W4A8 lost 1.2 dB of PSNR to uniform RTN
     content_weight: float = 0.15
@@ -67,21 +120,48 @@ class QuantizationConfig:
     #: mixdq: probe each layer with the rest of the model in FP (``fp``, MixDQ) or at the uniform widths the
     #: budget stands for (``uniform``: around the operating point, see calibrate.sensitivity)
     sensitivity_context: str = "fp"
+    #: mixdq: only these layer globs are decided by the program (null: every quantizable layer); the budget
+    #: applies to that part, the rest stays FP
+    layers: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        self._require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        self._require(bool(self.weight_widths) and set(self.weight_widths) <= {2, 3, 4, 5, 6, 8},
+                      "weight_widths must be a non-empty subset of [2, 3, 4, 5, 6, 8]")
+        self._require(bool(self.act_widths) and set(self.act_widths) <= {4, 8},
+                      "act_widths must be a non-empty subset of [4, 8]")
+        self._require(self.min_weight_bits is None or 2 <= self.min_weight_bits <= 8,
+                      f"min_weight_bits must lie in [2, 8] or be null; got {self.min_weight_bits!r}")
+        for key, allowed in (("normalise", ("spread", "budget")), ("sensitivity_context", ("fp", "uniform")),
+                             ("rounding", ("rtn", "gptq")), ("weight_scale", ("max", "mse"))):
+            self._require(getattr(self, key) in allowed,
+                          f"{key} must be {' or '.join(allowed)}; got {getattr(self, key)!r}")
+        self._require(0.0 <= self.content_weight <= 1.0, "content_weight must lie in [0, 1]")
+        self._require(0.0 <= self.fp_act_fraction < 1.0, "fp_act_fraction must lie in [0, 1)")
+        self._require(self.sensitivity_prompts >= 1, "sensitivity_prompts must be >= 1")
+        self._require(self.group_size is None or self.group_size >= 1,
+                      f"group_size must be a positive number of channels or null; got {self.group_size!r}")
+        self._require(self.layers is None or len(self.layers) > 0, "layers must name at least one glob, or be null")
 
 
-@dataclass
-class GenerationConfig:
+@dataclass(frozen=True)
+class GenerationConfig(_Config):
     """Sampler overrides; unset fields take the model's defaults."""
 
+    SECTION: ClassVar[str] = "generation"
     steps: int | None = None
     height: int | None = None
     width: int | None = None
     guidance_scale: float | None = None
 
+    def validate(self) -> None:
+        self._require(all(v is None or v >= 1 for v in (self.steps, self.height, self.width)),
+                      "steps, height and width must be positive or null")
 
-@dataclass
-class QSchedConfig:
-    """Q-Sched: learn per-step scheduler coefficients with the reference-free JAQ objective.
+
+@dataclass(frozen=True)
+class CoefficientsConfig(_Config):
+    """Q-Sched, the method: learn per-step scheduler coefficients with the reference-free JAQ objective.
 
     JAQ's terms come from the recipe's ``scorer``. ``method``: ``cma`` (ours, per-step) or ``grid``
     (Q-Sched's first-step grid).
@@ -90,6 +170,7 @@ class QSchedConfig:
     without a held-out improvement (null: spend the whole budget).
     """
 
+    SECTION: ClassVar[str] = "coefficients"
     enabled: bool = True
     k: float = 2.0
     method: str = "cma"
@@ -100,9 +181,19 @@ class QSchedConfig:
     select: str = "guard"
     patience: int | None = None
 
+    def validate(self) -> None:
+        self._require(self.method in ("cma", "grid", "nelder-mead"),
+                      f"method must be one of cma, grid, nelder-mead; got {self.method!r}")
+        self._require(self.budget >= 1 and self.prompts >= 1 and self.heldout_prompts >= 1,
+                      "budget, coefficients.prompts and coefficients.heldout_prompts must be positive")
+        self._require(self.select in ("guard", "train"), f"select must be guard or train; got {self.select!r}")
+        self._require(self.patience is None or self.patience >= 1,
+                      f"patience must be a positive number of runs or null; got {self.patience!r}")
+        self._require(0.0 < self.sigma0 < float("inf"), f"sigma0 must be a positive step size; got {self.sigma0!r}")
 
-@dataclass
-class CacheSearchConfig:
+
+@dataclass(frozen=True)
+class CacheSearchConfig(_Config):
     """ECAD-style search over caching schedules. The operating point: the best quality within ``budget``
     (a fraction of no-cache MACs) when set, else the cheapest point keeping ``quality_floor`` × the
     no-cache quality; quality on the guard prompts when ``guard_prompts`` > 0.
@@ -115,6 +206,7 @@ class CacheSearchConfig:
     held-out front is not measured yet (``benchmarks/cache_search_tiny.py --proxy-generations``).
     """
 
+    SECTION: ClassVar[str] = "cache_search"
     enabled: bool = True
     budget: float | None = None
     quality_floor: float = 0.98
@@ -124,9 +216,21 @@ class CacheSearchConfig:
     guard_prompts: int = 16
     proxy_generations: int = 0
 
+    def validate(self) -> None:
+        self._require((self.budget is None or 0.0 < self.budget <= 1.0) and 0.0 < self.quality_floor <= 1.0,
+                      "budget must lie in (0, 1] and quality_floor in (0, 1]")
+        self._require(self.population >= 4 and self.population % 4 == 0 and self.generations >= 0
+                      and self.prompts >= 1, "population must be a positive multiple of 4, "
+                      "generations >= 0 and prompts >= 1")
+        self._require(self.guard_prompts >= 0,
+                      f"guard_prompts must be >= 0 (0: no guard); got {self.guard_prompts!r}")
+        self._require(0 <= self.proxy_generations <= self.generations,
+                      f"proxy_generations must lie in [0, generations = {self.generations}]; "
+                      f"got {self.proxy_generations!r}")
 
-@dataclass
-class ReportConfig:
+
+@dataclass(frozen=True)
+class ReportConfig(_Config):
     """What the compile measures for the artifact's ``report.html`` (see :mod:`qsched.report`).
 
     ``samples``: how many of the first calibration prompts get sample images for every report point
@@ -134,16 +238,23 @@ class ReportConfig:
     ``repeats``: timed runs of that sample generation per point (the median is reported).
     """
 
+    SECTION: ClassVar[str] = "report"
     samples: int = 4
     repeats: int = 3
     #: a second, side-by-side FP copy of the denoiser (for the RTN baseline and quality with FP as the
     #: reference) is kept only when the FP denoiser is at most this many GB; 0 never keeps one
     fp_copy_max_gb: float = 2.0
 
+    def validate(self) -> None:
+        self._require(0 <= self.samples <= 64 and 1 <= self.repeats <= 20,
+                      "samples must lie in [0, 64] and report.repeats in [1, 20]")
+        self._require(0.0 <= self.fp_copy_max_gb < float("inf"),
+                      f"fp_copy_max_gb must be 0 or more; got {self.fp_copy_max_gb!r}")
 
-@dataclass
-class Recipe:
-    """Everything a compile needs beyond the model and ``--bits``."""
+
+@dataclass(frozen=True)
+class Recipe(_Config):
+    """Everything a compile needs beyond the model and ``--bits``: one validated config per method."""
 
     model: str | None = None
     bits: str | None = None
@@ -154,28 +265,54 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    qsched: QSchedConfig = field(default_factory=QSchedConfig)
+    coefficients: CoefficientsConfig = field(default_factory=CoefficientsConfig)
     cache_search: CacheSearchConfig = field(default_factory=CacheSearchConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def validate(self) -> None:
+        self._require(self.scorer is None or bool(self.scorer.strip()),
+                      "scorer must be world-judge, a local CLIP directory or a hub id, or null")
+        if self.bits is not None:
+            from qsched.core.bits import parse_bits
+            from qsched.core.errors import BitSpecError
+            try:
+                parse_bits(self.bits)
+            except BitSpecError as err:
+                raise RecipeError(str(err)) from None
 
-
-_METHODS = ("uniform", "mixdq")
+    def override(self, changes: dict) -> "Recipe":
+        """A copy with ``changes`` applied (dotted keys: ``{"cache_search.budget": 0.5}``), validated like
+        the original; the recipe itself never changes."""
+        sections: dict[str, dict] = {}
+        top = {}
+        for key, value in changes.items():
+            section, _, name = key.partition(".")
+            if name:
+                sections.setdefault(section, {})[name] = value
+            else:
+                top[key] = value
+        for section, values in sections.items():
+            if not isinstance(getattr(self, section, None), _Config):
+                raise RecipeError(f"unknown recipe section {section!r} in override {values!r}")
+            unknown = set(values) - {f.name for f in dataclasses.fields(getattr(self, section))}
+            if unknown:
+                raise RecipeError(f"unknown recipe key(s) {sorted(unknown)} in section {section!r}")
+            top[section] = dataclasses.replace(getattr(self, section), **values)
+        return dataclasses.replace(self, **top)
 
 
 def _check_type(path: str, value, annotation):
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return value
         return _check_type(path, value, next(a for a in args if a is not type(None)))
-    if origin is list:
-        if not isinstance(value, list):
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
             raise RecipeError(f"recipe key {path!r} must be a list, got {value!r}")
-        return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        items = [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"recipe key {path!r} must be a mapping, got {value!r}")
@@ -201,86 +338,16 @@ def _build(cls, data, path: str):
     for name, value in data.items():
         key = f"{path}.{name}" if path else name
         hint = hints[name]
-        values[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else _check_type(key, value, hint)
+        values[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else value
     return cls(**values)
 
 
 def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
-    """Validate a recipe mapping and return a :class:`Recipe`."""
+    """Validate a recipe mapping and return a :class:`Recipe` (the configs check themselves)."""
     try:
-        recipe = _build(Recipe, data or {}, "")
+        return _build(Recipe, data or {}, "")
     except RecipeError as err:
         raise RecipeError(f"{source}: {err}") from None
-    if recipe.quantization.method not in _METHODS:
-        raise RecipeError(f"{source}: quantization.method must be one of {_METHODS}, got {recipe.quantization.method!r}")
-    if recipe.calibration.prompts < 1 or recipe.calibration.batch_size < 1:
-        raise RecipeError(f"{source}: calibration.prompts and calibration.batch_size must be positive")
-    if recipe.qsched.method not in ("cma", "grid", "nelder-mead"):
-        raise RecipeError(f"{source}: qsched.method must be one of cma, grid, nelder-mead; got {recipe.qsched.method!r}")
-    if recipe.qsched.budget < 1 or recipe.qsched.prompts < 1 or recipe.qsched.heldout_prompts < 1:
-        raise RecipeError(f"{source}: qsched.budget, qsched.models.prompts and qsched.heldout_prompts must be positive")
-    if recipe.qsched.select not in ("guard", "train"):
-        raise RecipeError(f"{source}: qsched.select must be guard or train; got {recipe.qsched.select!r}")
-    if recipe.qsched.patience is not None and recipe.qsched.patience < 1:
-        raise RecipeError(f"{source}: qsched.patience must be a positive number of runs or null; "
-                          f"got {recipe.qsched.patience!r}")
-    c = recipe.cache_search
-    if c.budget is not None and not 0.0 < c.budget <= 1.0 or not 0.0 < c.quality_floor <= 1.0:
-        raise RecipeError(f"{source}: cache_search.budget must lie in (0, 1] and quality_floor in (0, 1]")
-    if c.population < 4 or c.population % 4 or c.generations < 0 or c.prompts < 1:
-        raise RecipeError(f"{source}: cache_search.population must be a positive multiple of 4, "
-                          "generations >= 0 and prompts >= 1")
-    if c.guard_prompts < 0:
-        raise RecipeError(f"{source}: cache_search.guard_prompts must be >= 0 (0: no guard); got {c.guard_prompts!r}")
-    if not 0 <= c.proxy_generations <= c.generations:
-        raise RecipeError(f"{source}: cache_search.proxy_generations must lie in [0, generations = {c.generations}]; "
-                          f"got {c.proxy_generations!r}")
-    q = recipe.quantization
-    if not set(q.weight_widths) <= {2, 3, 4, 5, 6, 8} or not q.weight_widths:
-        raise RecipeError(f"{source}: quantization.weight_widths must be a non-empty subset of [2, 3, 4, 5, 6, 8]")
-    if not set(q.act_widths) <= {4, 8} or not q.act_widths:
-        raise RecipeError(f"{source}: quantization.act_widths must be a non-empty subset of [4, 8]")
-    if q.min_weight_bits is not None and not 2 <= q.min_weight_bits <= 8:
-        raise RecipeError(f"{source}: quantization.min_weight_bits must lie in [2, 8] or be null; "
-                          f"got {q.min_weight_bits!r}")
-    if q.normalise not in ("spread", "budget"):
-        raise RecipeError(f"{source}: quantization.normalise must be spread or budget; got {q.normalise!r}")
-    if q.sensitivity_context not in ("fp", "uniform"):
-        raise RecipeError(f"{source}: quantization.sensitivity_context must be fp or uniform; "
-                          f"got {q.sensitivity_context!r}")
-    if q.rounding not in ("rtn", "gptq"):
-        raise RecipeError(f"{source}: quantization.rounding must be rtn or gptq; got {q.rounding!r}")
-    if q.weight_scale not in ("max", "mse"):
-        raise RecipeError(f"{source}: quantization.weight_scale must be max or mse; got {q.weight_scale!r}")
-    if not 0.0 <= q.content_weight <= 1.0 or not 0.0 <= q.fp_act_fraction < 1.0 or q.sensitivity_prompts < 1:
-        raise RecipeError(f"{source}: quantization.content_weight must lie in [0, 1], fp_act_fraction in [0, 1), "
-                          "sensitivity_prompts >= 1")
-    if not 0 <= recipe.report.samples <= 64 or not 1 <= recipe.report.repeats <= 20:
-        raise RecipeError(f"{source}: report.samples must lie in [0, 64] and report.repeats in [1, 20]")
-    if not 0.0 <= recipe.report.fp_copy_max_gb < float("inf"):
-        raise RecipeError(f"{source}: report.fp_copy_max_gb must be 0 or more; got {recipe.report.fp_copy_max_gb!r}")
-    if recipe.scorer is not None and not recipe.scorer.strip():
-        raise RecipeError(f"{source}: scorer must be world-judge, a local CLIP directory or a hub id, or null")
-    if not 0.0 <= recipe.calibration.momentum < 1.0:
-        raise RecipeError(f"{source}: calibration.momentum must lie in [0, 1)")
-    if not 0 <= recipe.calibration.seed < 2**32:  # numpy's RandomState takes 32-bit seeds
-        raise RecipeError(f"{source}: calibration.seed must lie in [0, {2**32 - 1}]; got {recipe.calibration.seed!r}")
-    if q.group_size is not None and q.group_size < 1:
-        raise RecipeError(f"{source}: quantization.group_size must be a positive number of channels or null; "
-                          f"got {q.group_size!r}")
-    if not 0.0 < recipe.qsched.sigma0 < float("inf"):
-        raise RecipeError(f"{source}: qsched.sigma0 must be a positive step size; got {recipe.qsched.sigma0!r}")
-    g = recipe.generation
-    if any(v is not None and v < 1 for v in (g.steps, g.height, g.width)):
-        raise RecipeError(f"{source}: generation.steps, height and width must be positive or null")
-    if recipe.bits is not None:
-        from qsched.core.bits import parse_bits
-        from qsched.core.errors import BitSpecError
-        try:
-            parse_bits(recipe.bits)
-        except BitSpecError as err:
-            raise RecipeError(f"{source}: {err}") from None
-    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -44,7 +44,7 @@ def tiny_report_artifact(tmp_path_factory):
     from qsched.recipe import parse_recipe
 
     recipe = parse_recipe({"calibration": {"prompts": 8, "batch_size": 8}, "quantization": {"method": "uniform"},
-                           "qsched": {"budget": 4, "prompts": 2, "heldout_prompts": 2},
+                           "coefficients": {"budget": 4, "prompts": 2, "heldout_prompts": 2},
                            "cache_search": {"population": 8, "generations": 1, "prompts": 4},
                            "report": {"samples": 3, "repeats": 2}})
     out = tmp_path_factory.mktemp("report-art") / "flux-tiny-w4a8"

@@ -142,3 +142,34 @@ def test_prefix_shared_batches_run_the_macs_they_count(flux):
     naive = int(handle.rows_naive @ comp) + handle.denoiser_rows_naive * cost.overhead
     assert counted["FluxTransformer2DModel"] == 2 * run
     assert naive == sum(cost.schedule_macs(s, batch=p) for s in scheds) > run
+
+
+def test_measured_macs_equal_the_analytic_rules(flux, pixart):
+    """The measured table (shapes of one real call), used for families without rules, agrees with the
+    analytic one module by module where both exist."""
+    from qsched.models.tiny_pipelines import TINY_PIXART_SETTINGS
+    from qsched.tinyworld.model import TINY_SETTINGS
+
+    from cache_search.cost import measured_module_macs
+
+    for pipe, settings in ((flux, TINY_SETTINGS), (pixart, TINY_PIXART_SETTINGS)):
+        measured, tokens = measured_module_macs(pipe, settings)
+        analytic = CostModel.from_pipeline(pipe, settings.height, settings.width, settings.max_sequence_length)
+        assert measured == analytic.per_module
+        assert (tokens.image, tokens.text) == (analytic.tokens.image, analytic.tokens.text)
+
+
+def test_unet_macs_are_measured_and_match_flop_counter():
+    """SDXL's UNet has no analytic rules (its resolution changes per block): its table is measured, and the
+    whole step matches torch's flop counter; the cacheable transformer blocks are priced."""
+    from qsched.models.tiny_pipelines import TINY_SDXL_SETTINGS, build_tiny_sdxl_pipeline
+    from qsched.runtime.generation import call_arguments
+
+    pipe = build_tiny_sdxl_pipeline(0, TEST_WORDS)
+    cost = CostModel.for_pipeline(pipe, TINY_SDXL_SETTINGS)
+    assert cost.components and all(m > 0 for m in cost.components.values())
+    one = __import__("dataclasses").replace(TINY_SDXL_SETTINGS, steps=1)
+    counted = _flops(lambda: pipe(["a red circle"], **call_arguments(pipe, one), output_type="latent"))
+    assert counted["UNet2DConditionModel"] == 2 * cost.step_macs
+    for (block, comp), macs in cost.components.items():
+        assert counted[f"UNet2DConditionModel.{block}.{comp}"] == 2 * macs

@@ -171,7 +171,7 @@ def test_compile_resumes_a_cache_checkpoint_only_for_the_same_search():
     from types import SimpleNamespace
 
     from qsched.core.bitplan import BitPlan
-    from qsched.compiler import cache_search_key
+    from qsched.stages import cache_search_key
     from qsched.recipe import CacheSearchConfig
     from qsched.tinyworld.model import TINY_SETTINGS
 
@@ -180,7 +180,7 @@ def test_compile_resumes_a_cache_checkpoint_only_for_the_same_search():
     config = CacheSearchConfig()
 
     def key(**over):
-        args = dict(fp_digest="f", calibration=cal, qsched_record=done, prompts=["p"], settings=TINY_SETTINGS,
+        args = dict(fp_digest="f", calibration=cal, coefficients_record=done, prompts=["p"], settings=TINY_SETTINGS,
                     config=config, seed=0)
         args.update(over)
         return cache_search_key(**args)
@@ -188,10 +188,10 @@ def test_compile_resumes_a_cache_checkpoint_only_for_the_same_search():
     base = key()
     assert key(config=replace(config, generations=config.generations + 5)) == base
     assert key(config=replace(config, budget=0.5, quality_floor=0.9)) == base
-    assert key(qsched_record={"status": "skipped"}) != base
-    assert key(qsched_record={"status": "done", "coefficients": {"x": [1.2, 1.0]}}) != base
+    assert key(coefficients_record={"status": "skipped"}) != base
+    assert key(coefficients_record={"status": "done", "coefficients": {"x": [1.2, 1.0]}}) != base
     assert key(prompts=["q"]) != base
-    assert key(config=replace(config, population=config.population + 2)) != base
+    assert key(config=replace(config, population=config.population + 4)) != base
     assert key(guard_prompts=["g"]) != base and key(guard_prompts=[]) == base
     assert key(config=replace(config, proxy_generations=1)) != base
     assert key(calibration=SimpleNamespace(plan=BitPlan(), act_ranges={"a": (0.0, 2.0)})) != base

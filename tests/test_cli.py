@@ -93,7 +93,7 @@ def test_main_compiles_a_local_pipeline(tiny_pipeline_dir, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["bits"] == "w8a8" and (tmp_path / "art" / "manifest.json").is_file()
     assert summary["stages"]["calibrate"] == "done (uniform-rtn)" or summary["stages"]["calibrate"].startswith("done (")
-    assert summary["stages"]["qsched"].startswith("skipped: switched off (--no-qsched")
+    assert summary["stages"]["coefficients"].startswith("skipped: switched off (--no-qsched")
 
 
 def test_corrupt_artifact_fails_to_load_with_a_clear_error(tiny_pipeline_dir, tmp_path):

@@ -14,6 +14,8 @@ from qsched.core.bits import parse_bits
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 
 from conftest import TEST_WORDS
+from qsched.recipe import QuantizationConfig
+from qsched.core.errors import RecipeError
 
 
 def _inputs(rows=512, features=48, seed=0):
@@ -74,8 +76,10 @@ def test_calibrate_with_gptq_marks_the_plan_and_uses_its_codes():
     hooks = [p.transformer.register_forward_pre_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
              for p, k in ((rtn_pipe, "rtn"), (pipe, "gptq"))]
     try:
-        calibrate(rtn_pipe, parse_bits("w3a8"), prompts, settings, progress=False)
-        result = calibrate(pipe, parse_bits("w3a8"), prompts, settings, progress=False, rounding="gptq")
+        calibrate(rtn_pipe, parse_bits("w3a8"), prompts, settings, QuantizationConfig(method="uniform", rounding="rtn"),
+                  progress=False)
+        result = calibrate(pipe, parse_bits("w3a8"), prompts, settings,
+                           QuantizationConfig(method="uniform", rounding="gptq"), progress=False)
     finally:
         for hook in hooks:
             hook.remove()
@@ -88,8 +92,8 @@ def test_calibrate_with_gptq_marks_the_plan_and_uses_its_codes():
     expected, _ = gptq_quantize(weight, hessian, 3)
     assert torch.equal(layer.qweight, expected)
     assert not torch.equal(layer.qweight, quantize_weight(weight, 3)[0])
-    with pytest.raises(ValueError, match="unknown weight rounding"):
-        calibrate(build_tiny_pipeline(0, TEST_WORDS), parse_bits("w4a8"), prompts, settings, rounding="awq")
+    with pytest.raises(RecipeError, match="quantization.rounding must be rtn or gptq"):
+        QuantizationConfig(rounding="awq")
 
 
 def test_eight_bit_weights_keep_round_to_nearest():

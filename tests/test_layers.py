@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("pulp", "highspy", "deap", "ray", "modelopt", "calibrate", "cache_search", "qsched.compiler",
-         "qsched.coefficients")
+         "qsched.coefficients", "qsched.stages")
 
 
 def test_import_contracts_hold():

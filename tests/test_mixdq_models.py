@@ -2,6 +2,8 @@
 whose sequences start with BOS) and a tiny random PixArt transformer (T5: no BOS), plus the BOS-aware
 cross-attention mechanism on its own. Sensitivity (SSIM and SQNR), allocation, BitPlan, ``quantize_``,
 generation and the artifact round trip all run; 2 sampler steps, one thread."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,10 +18,15 @@ from qsched.models.tiny_pipelines import (TINY_PIXART_SETTINGS, TINY_SDXL_SETTIN
 from qsched.metrics import ssim
 
 from conftest import TEST_WORDS
+from qsched.recipe import CalibrationConfig, QuantizationConfig
+from calibrate.mixdq_run import MixDQRun
 
 PROMPTS = ["a red circle on the left", "a blue square above the green triangle", "a green triangle below",
            "a red square on the right"]
-MIXDQ = {"sensitivity_prompts": 2, "weight_widths": [2, 4, 8], "act_widths": [8], "image_metric": ssim}
+MIXDQ = QuantizationConfig(sensitivity_prompts=2, weight_widths=(2, 4, 8), act_widths=(8,), rounding="gptq")
+MIXDQ_RUN = MixDQRun(image_metric=ssim)
+UNIFORM = QuantizationConfig(method="uniform", rounding="rtn")
+BATCH_4 = CalibrationConfig(batch_size=4)
 # The UNet's sensitivity is measured on part of the model (the budget then applies to that part): the
 # stem and head convolutions and a whole cross-attention down block (resnet convs, attn1, attn2, ff).
 UNET_SCOPE = ["conv_in", "conv_out", "down_blocks.1.*"]
@@ -101,8 +108,8 @@ def test_bos_outlier_is_left_out_of_the_range_and_served_in_fp():
     width, key_sqnr, errors = {}, {}, {}
     for aware in (False, True):
         pipe.unet = copy.deepcopy(fp_unet)
-        result = calibrate(pipe, parse_bits("w8a8"), PROMPTS, TINY_SDXL_SETTINGS, batch_size=4, progress=False,
-                           bos_aware=aware)
+        result = calibrate(pipe, parse_bits("w8a8"), PROMPTS, TINY_SDXL_SETTINGS, replace(UNIFORM, bos_aware=aware),
+                           calibration=BATCH_4, progress=False)
         layers = _bos_layers(pipe.unet)
         assert len(layers) == (8 if aware else 0)  # attn2.to_k/to_v of the 4 cross-attention blocks
         if aware:
@@ -123,8 +130,8 @@ def test_bos_outlier_is_left_out_of_the_range_and_served_in_fp():
 def test_sdxl_unet_mixdq_end_to_end(tmp_path):
     pipe = build_tiny_sdxl_pipeline(0, TEST_WORDS)
     spec = parse_bits("w4.5a8")
-    result = calibrate(pipe, spec, PROMPTS, TINY_SDXL_SETTINGS, batch_size=4, progress=False, method="mixdq",
-                       mixdq={**MIXDQ, "layers": UNET_SCOPE}, rounding="gptq")
+    result = calibrate(pipe, spec, PROMPTS, TINY_SDXL_SETTINGS, replace(MIXDQ, layers=tuple(UNET_SCOPE)),
+                       calibration=BATCH_4, run=MIXDQ_RUN, progress=False)
     plan, table = result.plan, result.sensitivity
     assert {entry["metric"] for entry in table["layers"].values()} == {"ssim", "sqnr"}
     assert result.allocation["status"] == "Optimal"
@@ -165,8 +172,8 @@ def test_sdxl_unet_mixdq_end_to_end(tmp_path):
 def test_pixart_mixdq_end_to_end(tmp_path):
     pipe = build_tiny_pixart_pipeline(0, TEST_WORDS)
     settings = TINY_PIXART_SETTINGS
-    result = calibrate(pipe, parse_bits("w4.5a8"), PROMPTS, settings, batch_size=4, progress=False,
-                       method="mixdq", mixdq=MIXDQ, rounding="gptq")
+    result = calibrate(pipe, parse_bits("w4.5a8"), PROMPTS, settings, MIXDQ, calibration=BATCH_4, run=MIXDQ_RUN,
+                       progress=False)
     plan = result.plan
     metrics = {entry["metric"] for entry in result.sensitivity["layers"].values()}
     assert metrics == {"ssim", "sqnr"} and result.allocation["status"] == "Optimal"

@@ -15,6 +15,7 @@ from qsched.runtime.schedulers import QSchedScheduler, SchedulerCoefficients
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 
 from conftest import TEST_WORDS
+from qsched.recipe import CalibrationConfig, QuantizationConfig
 
 TRAIN = ["a red circle on the left", "a blue square above a green triangle", "a green circle",
          "a red triangle below a blue circle"]
@@ -30,7 +31,8 @@ def qpipe():
     torch.manual_seed(0)
     pipe = build_tiny_pipeline(seed=0, words=TEST_WORDS)
     pipe.set_progress_bar_config(disable=True)
-    calibrate(pipe, parse_bits("w4a8"), TRAIN, S2, seed=0, batch_size=4, progress=False)
+    calibrate(pipe, parse_bits("w4a8"), TRAIN, S2, QuantizationConfig(method="uniform", rounding="rtn"),
+              calibration=CalibrationConfig(batch_size=4), progress=False)
     return pipe
 
 

@@ -10,7 +10,7 @@ from qsched.recipe import Recipe, parse_recipe
 from qsched.tinyworld.model import TINY_SETTINGS
 
 SMALL = {"calibration": {"prompts": 2, "batch_size": 2}, "quantization": {"method": "uniform"},
-         "qsched": {"budget": 2, "prompts": 2, "heldout_prompts": 2},
+         "coefficients": {"budget": 2, "prompts": 2, "heldout_prompts": 2},
          "cache_search": {"population": 4, "generations": 0, "prompts": 2, "guard_prompts": 2},
          "report": {"samples": 2, "repeats": 1}}
 
@@ -24,8 +24,8 @@ def test_integer_bits_run_mixdq_by_default_and_uniform_opts_out(monkeypatch, tmp
 
     seen = []
 
-    def record(*args, method, **kwargs):
-        seen.append(method)
+    def record(pipe, spec, prompts, settings, config, **kwargs):
+        seen.append(config.method)
         raise _Stop
 
     monkeypatch.setattr(calibrate.calibration, "calibrate", record)
@@ -33,14 +33,14 @@ def test_integer_bits_run_mixdq_by_default_and_uniform_opts_out(monkeypatch, tmp
     for uniform in (False, True):
         with pytest.raises(_Stop):
             qsched.compile("flux-tiny", "w4a8", out=tmp_path / f"a{uniform}", recipe=Recipe(), uniform=uniform,
-                           eval_prompts=0, progress=False, qsched=False, cache_search=False)
+                           eval_prompts=0, progress=False, coefficients=False, cache_search=False)
     assert seen == ["mixdq", "uniform"]
 
 
 def test_a_model_without_scorer_stops_before_any_work(tiny_pipeline_dir, tmp_path, monkeypatch):
-    import qsched.compiler
+    import qsched.stages
 
-    monkeypatch.setattr(qsched.compiler, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(qsched.stages, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(QschedError) as err:
         qsched.compile(str(tiny_pipeline_dir), "w8a8", out=tmp_path / "a", progress=False)
     message = str(err.value)
@@ -49,10 +49,10 @@ def test_a_model_without_scorer_stops_before_any_work(tiny_pipeline_dir, tmp_pat
 
 
 def test_a_hub_clip_offline_stops_before_the_model_loads(tmp_path, monkeypatch):
-    import qsched.compiler
+    import qsched.stages
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(qsched.compiler, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(qsched.stages, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(QschedError) as err:  # the registry's default scorer for flux-schnell is a hub CLIP
         qsched.compile("flux-schnell", "w4a8", out=tmp_path / "a", init="random", progress=False)
     message = str(err.value)
@@ -82,7 +82,7 @@ def test_a_local_model_with_a_local_clip_runs_every_stage(tiny_pipeline_dir, tin
                          progress=False, scorer=str(tiny_clip_dir))
     stages = art.manifest["stages"]
     assert stages["load"]["scorer"] == {"kind": "clip", "source": str(tiny_clip_dir), "k": 2.0}
-    assert stages["qsched"]["status"] in ("done", "kept identity") and stages["qsched"]["runs"] == 2
+    assert stages["coefficients"]["status"] in ("done", "kept identity") and stages["coefficients"]["runs"] == 2
     assert stages["cache_search"]["status"] == "done" and stages["cache_search"]["guard"]["prompts"] == 2
     assert art.manifest["profile"]["scorer"] == str(tiny_clip_dir)
     assert {"fp_score", "score", "psnr_vs_fp"} <= set(art.metrics["fidelity"])

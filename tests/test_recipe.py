@@ -35,8 +35,8 @@ def test_unknown_key_names_the_key_and_valid_keys():
     ({"bits": "w7a8"}, "invalid --bits"),
     ({"quantization": {"keep_fp": "proj_out"}}, "must be a list"),
     ({"calibration": []}, "must be a mapping"),
-    ({"qsched": {"select": "best"}}, "qsched.select"),
-    ({"qsched": {"patience": 0}}, "qsched.patience"),
+    ({"coefficients": {"select": "best"}}, "coefficients.select"),
+    ({"coefficients": {"patience": 0}}, "coefficients.patience"),
     ({"quantization": {"min_weight_bits": 9}}, "min_weight_bits"),
     ({"quantization": {"normalise": "max"}}, "normalise"),
     ({"cache_search": {"guard_prompts": -1}}, "guard_prompts"),
@@ -57,10 +57,60 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
 
 
 def test_ints_are_accepted_for_floats():
-    assert parse_recipe({"qsched": {"k": 2}}).qsched.k == 2.0
+    assert parse_recipe({"coefficients": {"k": 2}}).coefficients.k == 2.0
 
 
 def test_qsched_selection_defaults_and_patience():
-    default = parse_recipe({}).qsched
+    default = parse_recipe({}).coefficients
     assert default.select == "guard" and default.patience is None
-    assert parse_recipe({"qsched": {"patience": 30, "select": "train"}}).qsched.patience == 30
+    assert parse_recipe({"coefficients": {"patience": 30, "select": "train"}}).coefficients.patience == 30
+
+
+def test_configs_validate_themselves_when_built_in_python():
+    """A config built in Python is checked exactly like one read from YAML, with the recipe key named."""
+    from qsched.recipe import CacheSearchConfig, CoefficientsConfig, QuantizationConfig
+
+    with pytest.raises(RecipeError, match="quantization.method must be one of uniform, mixdq"):
+        QuantizationConfig(method="magic")
+    with pytest.raises(RecipeError, match="coefficients.select"):
+        CoefficientsConfig(select="best")
+    with pytest.raises(RecipeError, match="'cache_search.population' must be int"):
+        CacheSearchConfig(population="16")
+    with pytest.raises(RecipeError, match="multiple of 4"):
+        CacheSearchConfig(population=6)
+    with pytest.raises(RecipeError, match="'quantization' must be a QuantizationConfig"):
+        from qsched.recipe import Recipe
+        Recipe(quantization={"method": "uniform"})
+    assert QuantizationConfig(weight_widths=[4, 8]).weight_widths == (4, 8)  # lists become tuples
+
+
+def test_overrides_copy_and_never_change_the_recipe():
+    import dataclasses
+
+    from qsched.recipe import Recipe
+
+    recipe = parse_recipe({"cache_search": {"budget": 0.5}, "quantization": {"keep_fp": ["proj_out"]}})
+    changed = recipe.override({"cache_search.budget": 0.25, "coefficients.enabled": False, "scorer": "world-judge"})
+    assert recipe.cache_search.budget == 0.5 and recipe.coefficients.enabled and recipe.scorer is None
+    assert changed.cache_search.budget == 0.25 and not changed.coefficients.enabled and changed.scorer == "world-judge"
+    assert changed.quantization is recipe.quantization  # untouched sections are shared, safely: they are frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.cache_search.budget = 0.1
+    with pytest.raises(RecipeError, match="cache_search.budget"):
+        recipe.override({"cache_search.budget": 2.0})
+    with pytest.raises(RecipeError, match="unknown recipe key"):
+        recipe.override({"cache_search.bugdet": 0.2})
+    assert Recipe().to_dict()["quantization"]["weight_widths"] == [2, 3, 4, 5, 6, 8]
+
+
+def test_stage_defaults_are_the_recipe_defaults():
+    """``calibrate()`` and ``mixdq_plan()`` take the recipe's config, so a bare call uses what a compile uses."""
+    import inspect
+
+    from calibrate.calibration import calibrate
+    from calibrate.mixdq import mixdq_plan
+    from qsched.recipe import QuantizationConfig
+
+    for fn in (calibrate, mixdq_plan):
+        assert inspect.signature(fn).parameters["config"].default == QuantizationConfig()
+    assert QuantizationConfig().rounding == "gptq" and QuantizationConfig().method == "mixdq"

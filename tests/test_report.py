@@ -114,7 +114,7 @@ def test_collect_bit_plan_schedule_and_coefficients(data, art):
     assert (cell["w"], cell["a"]) == (4, 8)
     layout = data["cache_layout"]
     assert layout["steps"] == manifest["generation"]["steps"] and "transformer_blocks.0" in layout["blocks"]
-    stage = manifest["stages"]["qsched"]
+    stage = manifest["stages"]["coefficients"]
     coeffs = data["coefficients"]
     assert coeffs["status"] == stage["status"] and coeffs["cx"] == stage["coefficients"]["cx"]
     assert coeffs["applied"] == (stage["status"] == "done")
@@ -130,7 +130,7 @@ def test_a_model_without_scorer_or_fp_copy_records_what_was_not_measured(tiny_pi
     recipe = parse_recipe({"calibration": {"prompts": 2, "batch_size": 2},
                            "report": {"samples": 2, "repeats": 1, "fp_copy_max_gb": 0}})
     artifact = qsched.compile(str(tiny_pipeline_dir), "w8a8", out=tmp_path / "art", recipe=recipe, eval_prompts=0,
-                              progress=False, uniform=True, qsched=False, cache_search=False)
+                              progress=False, uniform=True, coefficients=False, cache_search=False)
     data = collect(artifact.path)
     by_id = {p["id"]: p for p in data["points"]}
     assert list(by_id) == ["fp", "rtn", "fora-2", "fora-3", "compiled"] and data["chosen"] == "compiled"
@@ -142,8 +142,8 @@ def test_a_model_without_scorer_or_fp_copy_records_what_was_not_measured(tiny_pi
     assert json.loads((artifact.path / "report" / "data.json").read_text())["latency"]["fp"].startswith("at load")
     assert data["quality"]["measured"] is False and data["cache_layout"]["steps"] == 4  # the FORA points' layout
     stages = artifact.manifest["stages"]
-    assert stages["qsched"]["status"] == stages["cache_search"]["status"] == "skipped"
-    assert "--no-qsched" in stages["qsched"]["reason"] and "--no-cache-search" in stages["cache_search"]["reason"]
+    assert stages["coefficients"]["status"] == stages["cache_search"]["status"] == "skipped"
+    assert "--no-qsched" in stages["coefficients"]["reason"] and "--no-cache-search" in stages["cache_search"]["reason"]
     assert (artifact.path / "report.html").is_file()
 
 

@@ -30,7 +30,7 @@ save_file({"images": generate(pipe, sys.argv[3:], s, seed=7, batch_size=2).conti
 def compiled(request, tiny_pipeline_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / f"tiny-{request.param}"
     return qsched.compile(str(tiny_pipeline_dir), request.param, out=out, eval_prompts=0, progress=False,
-                          uniform=True, qsched=False, cache_search=False,
+                          uniform=True, coefficients=False, cache_search=False,
                           recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=8),
                                               report=qsched.recipe.ReportConfig(samples=0)))
 
@@ -88,9 +88,11 @@ def test_manifest_records_plan_sources_versions_and_checksums(compiled):
     assert set(m["files"]) >= {"transformer.safetensors"}
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
     assert m["source"]["kind"] == "local" and len(m["source"]["denoiser_sha256"]) == 64
-    assert m["bit_plan"]["method"] == "uniform-rtn" and m["bit_plan"]["layers"]
+    gptq = any(lp.get("rounding") == "gptq" for lp in m["bit_plan"]["layers"].values())
+    assert m["bit_plan"]["method"] == ("uniform-gptq" if gptq else "uniform-rtn") and m["bit_plan"]["layers"]
+    assert gptq == (m["bits"] != "w8a8")  # the recipe's GPTQ rounding; 8-bit weights keep round-to-nearest
     assert set(m["tools"]) >= {"qsched", "torch", "diffusers", "transformers"}
-    assert m["stages"]["qsched"]["status"] == "skipped" and m["stages"]["cache_search"]["status"] == "skipped"
+    assert m["stages"]["coefficients"]["status"] == "skipped" and m["stages"]["cache_search"]["status"] == "skipped"
     # every planned layer with quantized activations has a calibrated range
     for name, plan in m["bit_plan"]["layers"].items():
         assert plan["act_bits"] is None or name in m["activation_ranges"]
@@ -108,7 +110,7 @@ def test_bundled_artifact_loads_without_the_source(tiny_pipeline_dir, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_pipeline_dir, src)
     art = qsched.compile(str(src), "w8a8", out=tmp_path / "bundled", bundle=True, eval_prompts=0, progress=False,
-                         uniform=True, qsched=False, cache_search=False,
+                         uniform=True, coefficients=False, cache_search=False,
                          recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=2),
                                               report=qsched.recipe.ReportConfig(samples=0)))
     settings = GenerationSettings(**art.manifest["generation"])
@@ -124,7 +126,7 @@ def test_fractional_budget_compiles_mixed_precision_and_round_trips(tiny_pipelin
         "calibration": {"prompts": 4, "batch_size": 4}, "generation": {"steps": 2},
         "quantization": {"weight_widths": [2, 4, 8], "act_widths": [8], "sensitivity_prompts": 2}})
     art = qsched.compile(str(tiny_pipeline_dir), "w3.5a8", out=tmp_path / "mixed", recipe=recipe,
-                         eval_prompts=0, progress=False, qsched=False, cache_search=False)
+                         eval_prompts=0, progress=False, coefficients=False, cache_search=False)
     plan = art.bit_plan
     widths = {p.weight_bits for p in plan.layers.values()}
     assert plan.method == "mixdq" and len(widths) > 1 and widths <= {2, 4, 8}

@@ -126,7 +126,7 @@ def test_tiny_artifact_runs_on_bnb(tiny_pipeline_dir, tmp_path):
     from qsched.runtime.generation import GenerationSettings, generate
 
     art = qsched.compile(str(tiny_pipeline_dir), "w8a8", out=tmp_path / "art", eval_prompts=0, progress=False,
-                         uniform=True, qsched=False, cache_search=False,
+                         uniform=True, coefficients=False, cache_search=False,
                          recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=2, batch_size=2),
                                               report=qsched.recipe.ReportConfig(samples=0)))
     settings = GenerationSettings(**art.manifest["generation"])

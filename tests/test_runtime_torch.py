@@ -173,7 +173,7 @@ def compile_tiny(tiny_pipeline_dir, tmp_path_factory, bits):
     import qsched
     out = tmp_path_factory.mktemp("native-art") / f"tiny-{bits}"
     return qsched.compile(str(tiny_pipeline_dir), bits, out=out, eval_prompts=0, progress=False,
-                          uniform=True, qsched=False, cache_search=False,
+                          uniform=True, coefficients=False, cache_search=False,
                           recipe=qsched.recipe.Recipe(calibration=qsched.recipe.CalibrationConfig(prompts=2, batch_size=2),
                                               report=qsched.recipe.ReportConfig(samples=0)))
 

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler,
-                       TCDScheduler)
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, LCMScheduler, TCDScheduler)
 
 from qsched.core.errors import QschedError
 from qsched.runtime.schedulers import QSchedScheduler, SchedulerCoefficients
@@ -18,6 +18,9 @@ SCHEDULERS = {
     "euler-a": (EulerAncestralDiscreteScheduler, dict(beta_schedule="scaled_linear", timestep_spacing="trailing")),
     "lcm": (LCMScheduler, dict(beta_schedule="scaled_linear")),
     "tcd": (TCDScheduler, dict(beta_schedule="scaled_linear")),
+    # PixArt-Σ's shipped config (qsched/configs/pixart-sigma/scheduler.json): DPM-Solver++ 2M
+    "dpm++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2, beta_schedule="linear",
+                                                lower_order_final=True)),
 }
 SHAPE = (2, 4, 8, 8)
 
@@ -112,6 +115,19 @@ def test_tcd_formula():
     a_t, a_s = a[int(t)].item(), a[int(sched.timesteps[1])].item()  # eta=0: s = the next timestep
     x0 = (cx * x - math.sqrt(1 - a_t) * ce * eps) / math.sqrt(a_t)
     expected = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * ce * eps
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dpm_solver_pp_first_step_formula():
+    """First-order DPM-Solver++ on the scaled inputs: x̂0 = (c^x·x − σ_s·c^ε·ε̂)/α_s and
+    x' = (σ_t/σ_s)·c^x·x − α_t·(e^{−h} − 1)·x̂0 with λ = log α − log σ, h = λ_t − λ_s."""
+    cx, ce = 0.92, 1.08
+    sched, x, eps, _, out, _ = _first_step(*SCHEDULERS["dpm++"], cx, ce)
+    a_s, s_s = (v.item() for v in sched._sigma_to_alpha_sigma_t(sched.sigmas[0]))
+    a_t, s_t = (v.item() for v in sched._sigma_to_alpha_sigma_t(sched.sigmas[1]))
+    h = (math.log(a_t) - math.log(s_t)) - (math.log(a_s) - math.log(s_s))
+    x0 = (cx * x - s_s * ce * eps) / a_s
+    expected = (s_t / s_s) * cx * x - a_t * (math.exp(-h) - 1.0) * x0
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
 
 

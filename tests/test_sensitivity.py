@@ -22,6 +22,8 @@ BLOCK = ["single_transformer_blocks.0.*"]  # quality layers (attention, norm, pr
 
 
 from qsched.metrics import ssim as SSIM  # noqa: E402
+from qsched.recipe import QuantizationConfig
+from calibrate.mixdq_run import MixDQRun
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,9 +108,10 @@ def test_quantized_model_and_unknown_layers_are_refused(pipe):
 def test_mixdq_plan_meets_the_budget(pipe):
     spec = parse_bits("w3.5a8")
     scope = ["single_transformer_blocks.1.*", "transformer_blocks.1.ff.*"]
-    plan, table, result = mixdq_plan(pipe, spec, PROMPTS, SETTINGS, None, weight_widths=(2, 4, 8), layers=scope,
-                                     keep_fp=["single_transformer_blocks.1.attn.to_k"], image_metric=SSIM,
-                                     progress=False)
+    config = QuantizationConfig(weight_widths=(2, 4, 8), layers=tuple(scope),
+                                keep_fp=("single_transformer_blocks.1.attn.to_k",))
+    plan, table, result = mixdq_plan(pipe, spec, PROMPTS, SETTINGS, None, config,
+                                     MixDQRun(image_metric=SSIM, progress=False))
     assert result.status == "Optimal"
     # nine layers at {2, 4, 8} bits cannot always land within 0.02 of the budget; never above it
     assert 3.4 <= plan.average_weight_bits() <= 3.5 + 1e-9
@@ -137,14 +140,15 @@ def test_mixdq_width_floor_is_capped_at_the_budget(pipe, tmp_path):
     """``min_weight_bits`` keeps narrower widths out, except where the budget itself needs them (w2.5 with
     candidates 2/3/4/8: the floor drops to 2, the widest candidate within 2.5)."""
     scope = ["single_transformer_blocks.1.*"]
-    kwargs = dict(weight_widths=(2, 3, 4, 8), layers=scope, image_metric=SSIM, progress=False, work_dir=tmp_path)
-    plan, _, _ = mixdq_plan(pipe, parse_bits("w3.5a16"), PROMPTS, SETTINGS, None, min_weight_bits=3, **kwargs)
+    config = QuantizationConfig(weight_widths=(2, 3, 4, 8), layers=tuple(scope), min_weight_bits=3)
+    run = MixDQRun(image_metric=SSIM, progress=False, work_dir=tmp_path)
+    plan, _, _ = mixdq_plan(pipe, parse_bits("w3.5a16"), PROMPTS, SETTINGS, None, config, run)
     assert {p.weight_bits for p in plan.layers.values()} <= {3, 4, 8}
-    low, _, result = mixdq_plan(pipe, parse_bits("w2.5a16"), PROMPTS, SETTINGS, None, min_weight_bits=3, **kwargs)
+    low, _, result = mixdq_plan(pipe, parse_bits("w2.5a16"), PROMPTS, SETTINGS, None, config, run)
     assert result.average_weight_bits <= 2.5 + 1e-9 and 2 in {p.weight_bits for p in low.layers.values()}
     # a floor above every candidate within the budget drops to the widest of them
-    top, _, _ = mixdq_plan(pipe, parse_bits("w8a16"), PROMPTS, SETTINGS, None, min_weight_bits=8,
-                           **{**kwargs, "weight_widths": (2, 3, 4)})
+    top, _, _ = mixdq_plan(pipe, parse_bits("w8a16"), PROMPTS, SETTINGS, None,
+                           replace(config, weight_widths=(2, 3, 4), min_weight_bits=8), run)
     assert {p.weight_bits for p in top.layers.values()} == {4}
 
 

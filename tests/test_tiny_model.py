@@ -36,13 +36,13 @@ def test_follows_held_out_prompts_at_four_steps(pipe):
 def test_compile_records_judged_fidelity(tmp_path):
     recipe = qsched.recipe.parse_recipe({"calibration": {"prompts": 16, "batch_size": 16},
                                          "quantization": {"method": "uniform"},
-                                         "qsched": {"budget": 6, "prompts": 4, "heldout_prompts": 4},
+                                         "coefficients": {"budget": 6, "prompts": 4, "heldout_prompts": 4},
                                          "cache_search": {"population": 8, "generations": 1, "prompts": 4}})
     art = qsched.compile("flux-tiny", "w4a8", out=tmp_path / "a", recipe=recipe, eval_prompts=16, progress=False)
     fid = art.metrics["fidelity"]
     assert fid["psnr_vs_fp"] > 15 and 0 <= fid["accuracy"] <= 1 and fid["fp_score"] > 0.2  # prompt-following, see docs/results.md
     assert art.manifest["source"]["kind"] == "embedded"
-    stage = art.manifest["stages"]["qsched"]
+    stage = art.manifest["stages"]["coefficients"]
     assert stage["status"] in ("done", "kept identity") and stage["runs"] == 6
     import export
     loaded = export.load(art.path)

@@ -4,8 +4,8 @@ Why: every algorithm must run on an SDXL-style UNet (convolutions, two CLIP text
 start with a BOS token) and on a PixArt-style DiT (T5 text, no BOS), not only on flux-tiny. The
 architectures keep the real models' structure (SDXL-Turbo's block types, ``text_time`` conditioning,
 linear ``proj_in``/``proj_out``) at a size that generates a 32×32 image in milliseconds. They reuse
-flux-tiny's word-level tokenizers, so all tiny worlds share one vocabulary. The PixArt one lives in
-:mod:`qsched.models.tiny_pixart`.
+flux-tiny's word-level tokenizers, so all tiny worlds share one vocabulary. The PixArt-α one lives in
+:mod:`qsched.models.tiny_pixart`; the PixArt-Σ one here reuses its parts.
 """
 from __future__ import annotations
 
@@ -67,3 +67,22 @@ def build_tiny_pixart_pipeline(seed: int = 0, words: list[str] | None = None):
     from qsched.models.tiny_pixart import build_tiny_pixart_pipeline as build
 
     return build(seed, words)
+
+
+def build_tiny_pixart_sigma_pipeline(seed: int = 0, words: list[str] | None = None, scheduler=None):
+    """A randomly initialised ``PixArtSigmaPipeline``: the tiny PixArt-α parts (T5 text, no BOS; 32×32
+    images) with PixArt-Σ's transformer options (no resolution/aspect conditioning, ``interpolation_scale``
+    2) and, unless ``scheduler`` is given, PixArt-Σ's shipped scheduler (DPM-Solver++)."""
+    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    from qsched.models.shipped_configs import build_scheduler
+    from qsched.models.tiny_pixart import PIXART_TRANSFORMER_CONFIG
+
+    alpha = build_tiny_pixart_pipeline(seed, words)
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(**{**PIXART_TRANSFORMER_CONFIG, "use_additional_conditions": False,
+                                              "interpolation_scale": 2}).eval()
+    pipe = PixArtSigmaPipeline(tokenizer=alpha.tokenizer, text_encoder=alpha.text_encoder, vae=alpha.vae,
+                               transformer=transformer, scheduler=scheduler or build_scheduler("pixart-sigma"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

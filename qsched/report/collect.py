@@ -191,7 +191,7 @@ def bit_plan_grid(plan: dict, order: list[str] | None = None) -> dict:
 
 def coefficients(manifest: dict) -> dict | None:
     """Q-Sched's per-step c^x and c^ε: applied ones from the scheduler, else the learned-but-kept-identity ones."""
-    stage = manifest.get("stages", {}).get("qsched") or {}
+    stage = manifest.get("stages", {}).get("coefficients") or {}
     applied = (manifest.get("scheduler") or {}).get("coefficients")
     coeffs = applied or stage.get("coefficients")
     base = {"status": stage.get("status", "unknown"), "reason": stage.get("reason", ""), "applied": bool(applied),

@@ -231,7 +231,7 @@ class ReportProbe:
 
         s = self.settings
         try:
-            cost = CostModel.from_pipeline(pipe, s.height, s.width, s.max_sequence_length)
+            cost = CostModel.for_pipeline(pipe, s)
         except (ValueError, KeyError, TypeError) as err:
             for p in points:
                 p.record.setdefault("macs_reason", f"no analytic MAC count for this denoiser ({err})")

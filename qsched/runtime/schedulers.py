@@ -20,6 +20,11 @@ Supported bases and the update each one computes (σ, ᾱ, σ_up/σ_down as in d
   raw sample. Done by feeding the base step ``ε' = c^ε·ε̂ + (1 − c^x)·x/√(1−ᾱ_t)`` with ``x``
   unchanged, which makes the base's own x0 line compute exactly that.
 
+* ``DPMSolverMultistepScheduler`` (PixArt-Σ, DPM-Solver++, ε̂): the x0 estimate becomes
+  ``x̂0 = (c^x·x − σ_t·c^ε·ε̂)/α_t`` and the update uses ``c^x·x``; the first (first-order) step is
+  ``x' = (σ_s/σ_t)·c^x·x − α_s·(e^{−h} − 1)·x̂0``; later steps combine this step's x̂0 with the previous
+  ones as the base does (base step on ``(c^ε·ε̂, c^x·x)``; it upcasts the sample to fp32 first).
+
 For the other prediction types the same "scale sample, scale model output" transform is applied
 (LCM: adjusted so it stays inside x0); the paper only defines the ε / velocity cases.
 
@@ -132,7 +137,7 @@ class SchedulerCoefficients:
 
 
 def _scale_inputs_fp32(sched, model_output, timestep, sample, cx, ce):
-    """Flow Euler / Euler ancestral: the base upcasts the sample to fp32 first, so scale it there
+    """Flow Euler / Euler ancestral / DPM-Solver multistep: the base upcasts the sample to fp32 first, so scale it there
     (scaling a bf16 sample before the upcast would round c^x·x to bf16)."""
     if cx != 1.0:
         sample = sample.float() * cx
@@ -177,6 +182,7 @@ _TRANSFORMS = {
     "EulerAncestralDiscreteScheduler": _scale_inputs_fp32,
     "TCDScheduler": _scale_inputs,
     "LCMScheduler": _lcm_inputs,
+    "DPMSolverMultistepScheduler": _scale_inputs_fp32,
 }
 SUPPORTED_SCHEDULERS = tuple(_TRANSFORMS)
 _CLASS_CACHE: dict[type, type] = {}
