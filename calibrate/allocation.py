@@ -33,6 +33,10 @@ from typing import TYPE_CHECKING
 from qsched.core.errors import QschedError
 
 from qsched.core.bitplan import BitPlan, LayerPlan
+from qsched.recipe import QuantizationConfig
+
+#: the recipe's default (qsched.recipe.QuantizationConfig), so a bare call allocates as a compile does
+CONTENT_WEIGHT = QuantizationConfig().content_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from calibrate.sensitivity import SensitivityTable
@@ -73,7 +77,7 @@ class AllocationResult:
     budget_floor: bool = True  # whether the choice uses the budget ("average >= budget - tolerance")
     bops: float = 0.0          # sum of macs * weight bits * act bits (FP = 16)
     group_loss: dict[str, float] = field(default_factory=dict)
-    content_weight: float = 0.5
+    content_weight: float = CONTENT_WEIGHT
     gap: float = 0.0           # relative optimality gap HiGHS left (0 when proven optimal)
 
     def to_dict(self) -> dict:
@@ -299,7 +303,7 @@ def _solve(prob, time_limit: float) -> tuple[str, float]:
 
 def allocate(table: "SensitivityTable", weight_budget: float, act_budget: float | None = None, *,
              weight_widths: list[int | None] | None = None, act_widths: list[int | None] | None = None,
-             content_weight: float = 0.5, max_fp_act: int | None = None, fp_act_exempt: bool = True,
+             content_weight: float = CONTENT_WEIGHT, max_fp_act: int | None = None, fp_act_exempt: bool = True,
              max_bops: float | None = None, budget_tolerance: float = 0.02, fixed_fp_params: int = 0,
              monotone: bool = True, time_limit: float = 60.0, normalise: str = "spread") -> AllocationResult:
     """Solve the joint weight/activation width program for ``table``.
@@ -477,7 +481,7 @@ def _summarise(layers, weight_bits, act_bits, fixed_frac, status, solve_seconds,
 
 
 def evaluate_assignment(table: "SensitivityTable", weight_bits: dict, act_bits: dict, *, act_widths: list,
-                        weight_widths: list | None = None, content_weight: float = 0.5, monotone: bool = True,
+                        weight_widths: list | None = None, content_weight: float = CONTENT_WEIGHT, monotone: bool = True,
                         reference: tuple | None = None) -> float:
     """The normalised loss :func:`allocate` minimises, for any assignment (tests, what-if reports).
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from calibrate.allocation import (FP_BITS, AllocationResult, allocate, allocation_plan, evaluate_assignment,
+from calibrate.allocation import (CONTENT_WEIGHT, FP_BITS, AllocationResult, allocate, allocation_plan, evaluate_assignment,
                                   reference_widths, width_cost)
 from calibrate.sensitivity import LayerSensitivity, SensitivityTable
 from qsched.core.errors import QschedError
@@ -34,7 +34,7 @@ def random_table(seed: int, n: int, weight_widths=(2, 4, 8), act_widths=(4, 8)) 
 
 
 def brute_force(table, weight_budget, act_budget=None, *, weight_widths, act_widths, max_fp_act=None,
-                max_bops=None, content_weight=0.5, normalise="spread"):
+                max_bops=None, content_weight=CONTENT_WEIGHT, normalise="spread"):
     """The exhaustive optimum of an ``allocate`` call with the other options at their defaults."""
     objective, feasible, floor, bops, _ = enumerate_instance(
         table, weight_budget, act_budget, weight_widths=weight_widths, act_widths=act_widths, max_fp_act=max_fp_act,
