@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     if args.ablation:
         variants = [("naive", replace(uniform, bos_aware=False)), ("+bos", uniform),
                     ("+gptq", replace(uniform, rounding="gptq")),
-                    ("+sqnr-only", replace(q, groups={"*": "quality"})), ("+decoupled", q),
+                    ("+sqnr-only", replace(q, objective="sqnr")), ("+decoupled", q),
                     ("mixdq-rtn", replace(q, rounding="rtn")),
                     ("mixdq-no-fp-acts", replace(q, fp_act_fraction=0.0)),
                     ("mixdq-floor-3", replace(q, min_weight_bits=3)),
@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     elif args.objective_study:  # does the SSIM content metric earn its place? (issue #15)
         variants = [("decoupled", q), (f"decoupled-{4 * q.sensitivity_prompts}-prompts",
                                        replace(q, sensitivity_prompts=4 * q.sensitivity_prompts)),
-                    ("sqnr-only", replace(q, groups={"*": "quality"}))]
+                    ("sqnr-only", replace(q, objective="sqnr"))]
     elif args.allocation_study:  # the width floor and the groups' normalisation, on one sensitivity table
         variants = [("uniform", uniform)] + [
             (f"mixdq-{norm}-{'floor3' if floor else 'nofloor'}", replace(q, normalise=norm, min_weight_bits=floor))
@@ -128,7 +128,7 @@ def main(argv=None) -> None:
             seconds = time.perf_counter() - t
             images = generate(pipe, prompts, TINY_SETTINGS, seed=args.seed, batch_size=64, progress=f"{bits} {name}")
             row = {"bits": bits, "method": name, "sensitivity_prompts": config.sensitivity_prompts,
-                   "groups": config.groups or None, "rounding": config.rounding, "weight_scale": config.weight_scale,
+                   "objective": config.objective, "rounding": config.rounding, "weight_scale": config.weight_scale,
                    **_row(images, reference, prompts),
                    "average_weight_bits": round(result.plan.average_weight_bits(), 3),
                    "fp_act_layers": sum(1 for lp in result.plan.layers.values() if lp.act_bits is None),

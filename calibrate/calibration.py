@@ -33,6 +33,9 @@ class CalibrationResult:
     sensitivity: dict | None = None  # SensitivityTable.to_dict() for mixed precision
     allocation: dict | None = None  # AllocationResult.to_dict() for mixed precision
     fp_tokens: FPTokenReport = field(default_factory=FPTokenReport)  # BOS rows: where applied, where refused
+    #: FP sampler passes over the calibration prompts: ``statistics`` (0 or 1; it also observes GPTQ's first
+    #: Hessian group) and ``gptq_hessians`` (the further ones, one per Hessian group; see :func:`calibrate`)
+    passes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"plan": self.plan.to_dict(), "act_ranges": {k: list(v) for k, v in sorted(self.act_ranges.items())},
@@ -109,7 +112,7 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     """
     method, rounding = config.method, config.rounding
     seed, batch_size = calibration.seed, calibration.batch_size
-    keep_fp, groups = list(config.keep_fp), dict(config.groups)
+    keep_fp, groups = list(config.keep_fp), config.layer_groups
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown weight rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
     adapter = adapter_for(pipe)
@@ -133,7 +136,9 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     rest = {n: m for n, m in rounded.items() if n not in observed}
     if rest:
         hessians.update(collect_hessians(pipe, rest, prompts, settings, seed=seed, batch_size=batch_size,
-                                         progress=progress and "GPTQ inputs"))
+                                         max_bytes=HESSIAN_CHUNK_BYTES, progress=progress and "GPTQ inputs"))
+    passes = {"statistics": int(spec.quantize_activations),
+              "gptq_hessians": len(hessian_chunks(rest, HESSIAN_CHUNK_BYTES)) if rest else 0}
     sensitivity = allocation = None
     if method == "mixdq":
         from calibrate.mixdq import mixdq_plan
@@ -154,7 +159,7 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     if plan.method == "uniform-rtn" and any(lp.rounding == "gptq" for lp in plan.layers.values()):
         plan.method = "uniform-gptq"  # the label says how the weights were rounded
     quantize_(denoiser, plan, ranges, mark_fp_tokens(plan, fp_tokens), weights)
-    return CalibrationResult(plan, ranges, list(prompts), sensitivity, allocation, report)
+    return CalibrationResult(plan, ranges, list(prompts), sensitivity, allocation, report, passes)
 
 
 ROUNDINGS = ("rtn", "gptq")

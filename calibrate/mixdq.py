@@ -56,7 +56,7 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
     """
     from calibrate.calibration import collect_statistics
 
-    layers, keep_fp, groups, group_size = config.layers, list(config.keep_fp), dict(config.groups), config.group_size
+    layers, keep_fp, groups, group_size = config.layers, list(config.keep_fp), config.layer_groups, config.group_size
     weight_widths, act_widths, weight_scale = list(config.weight_widths), list(config.act_widths), config.weight_scale
     min_weight_bits = width_floor(config.min_weight_bits, config.rounding)
     sensitivity_context, seed, progress, fp_tokens = config.sensitivity_context, run.seed, run.progress, run.fp_tokens

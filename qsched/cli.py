@@ -93,25 +93,8 @@ def _validate_device(device: str) -> None:
 
 def _validate_model(model: str, init: str) -> None:
     """The checks :func:`qsched.models.registry.load_pipeline` makes, without loading anything."""
-    from qsched.core.errors import ModelNotFoundError
-    from qsched.models.registry import _HUB_ID, REGISTRY
-    if not model.strip():
-        raise ModelNotFoundError(f"--model is empty; give a registry name ({', '.join(sorted(REGISTRY))}), "
-                                 "a hub id (org/name) or a local diffusers directory")
-    if model in REGISTRY:
-        return
-    if init == "random":
-        raise ModelNotFoundError(f"--init random needs a registry model, one of {sorted(REGISTRY)}; got {model!r}")
-    path = Path(model).expanduser()
-    if path.is_dir() and not (path / "model_index.json").is_file():
-        raise ModelNotFoundError(f"{model} is a directory but not a diffusers pipeline (no model_index.json); "
-                                 "save one with pipe.save_pretrained()")
-    if path.exists() and not path.is_dir():
-        raise ModelNotFoundError(f"--model {model} is a file; expected a diffusers pipeline directory, "
-                                 "a registry name or a hub id")
-    if not path.is_dir() and not _HUB_ID.match(model):
-        raise ModelNotFoundError(f"unknown model {model!r}: not a registry name ({', '.join(sorted(REGISTRY))}), "
-                                 "an existing local directory, or a hub id like 'org/name'")
+    from qsched.models.registry import check_model
+    check_model(model, init)
 
 
 _RAY_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:(\d{1,5})$")

@@ -73,11 +73,13 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
 
 def plan_job(model: str, bits: str | BitSpec, out, recipe, *, uniform: bool = False, coefficients: bool = True,
              cache_search: bool = True, cache_budget: float | None = None, ray=None, scorer: str | None = None,
-             **job) -> CompileJob:
-    """Check everything and apply the caller's overrides to a copy of the recipe, before any work."""
+             check_output: bool = True, **job) -> CompileJob:
+    """Check everything and apply the caller's overrides to a copy of the recipe, before any work.
+    ``check_output=False`` leaves ``out`` unchecked: :func:`qsched.planning.plan_compile` writes nothing."""
     spec = parse_bits(bits) if isinstance(bits, str) else bits
     out = Path(out or f"out/{Path(model).name}-{spec}")
-    check_out(out, job.get("overwrite", False))
+    if check_output:
+        check_out(out, job.get("overwrite", False))
     base, recipe_path = resolve_recipe(model, str(spec), recipe)
     if cache_budget is not None and not 0.0 < cache_budget <= 1.0:
         raise QschedError(f"--cache-budget {cache_budget} must be a fraction of no-cache MACs in (0, 1]")

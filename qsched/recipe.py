@@ -120,6 +120,10 @@ class QuantizationConfig(_Config):
     #: mixdq: probe each layer with the rest of the model in FP (``fp``, MixDQ) or at the uniform widths the
     #: budget stands for (``uniform``: around the operating point, see calibrate.sensitivity)
     sensitivity_context: str = "fp"
+    #: mixdq: how layers are scored. ``decoupled`` (MixDQ): content layers (text paths) by SSIM of the images,
+    #: quality layers by SQNR of the output, weighed by ``content_weight``; ``sqnr``: every layer by SQNR (the
+    #: groups and ``content_weight`` then play no part). Chosen per model on a validation draw (docs/results.md)
+    objective: str = "decoupled"
     #: mixdq: only these layer globs are decided by the program (null: every quantizable layer); the budget
     #: applies to that part, the rest stays FP
     layers: tuple[str, ...] | None = None
@@ -142,6 +146,14 @@ class QuantizationConfig(_Config):
         self._require(self.group_size is None or self.group_size >= 1,
                       f"group_size must be a positive number of channels or null; got {self.group_size!r}")
         self._require(self.layers is None or len(self.layers) > 0, "layers must name at least one glob, or be null")
+        self._require(self.objective in ("decoupled", "sqnr"), f"objective must be decoupled or sqnr; got {self.objective!r}")
+        self._require(self.objective == "decoupled" or not self.groups,
+                      "groups has no effect with objective: sqnr (every layer is scored by SQNR); remove one")
+
+    @property
+    def layer_groups(self) -> dict[str, str]:
+        """The metric-group overrides the sensitivity analysis uses (glob → group)."""
+        return {"*": "quality"} if self.objective == "sqnr" else dict(self.groups)
 
 
 @dataclass(frozen=True)

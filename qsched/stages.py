@@ -161,6 +161,12 @@ def calibrate(c: Compilation) -> StageRecord:
     if result.allocation:
         details["allocation"] = {k: result.allocation[k] for k in ("status", "objective", "solve_seconds")
                                  if k in result.allocation}
+    # the denoiser work, in the units `qcompile --plan` predicts (qsched.planning)
+    details["passes"] = dict(result.passes)
+    if result.sensitivity:
+        stats = result.sensitivity.get("stats", {})
+        details["sensitivity"] = {k: stats.get(k) for k in ("layers", "layers_computed", "evaluations",
+                                                            "content_evaluations", "quality_evaluations")}
     return StageRecord(details=details)
 
 

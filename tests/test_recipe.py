@@ -114,3 +114,15 @@ def test_stage_defaults_are_the_recipe_defaults():
     for fn in (calibrate, mixdq_plan):
         assert inspect.signature(fn).parameters["config"].default == QuantizationConfig()
     assert QuantizationConfig().rounding == "gptq" and QuantizationConfig().method == "mixdq"
+
+
+def test_mixdq_objective():
+    from qsched.recipe import QuantizationConfig
+
+    assert QuantizationConfig().objective == "decoupled" and QuantizationConfig().layer_groups == {}
+    assert QuantizationConfig(groups={"ff.*": "content"}).layer_groups == {"ff.*": "content"}
+    assert QuantizationConfig(objective="sqnr").layer_groups == {"*": "quality"}
+    with pytest.raises(RecipeError, match="groups has no effect"):
+        QuantizationConfig(objective="sqnr", groups={"ff.*": "content"})
+    with pytest.raises(RecipeError, match="objective must be decoupled or sqnr"):
+        parse_recipe({"quantization": {"objective": "psnr"}})

@@ -66,6 +66,29 @@ class SourceRef:
         return asdict(self)
 
 
+def check_model(model: str, init: str = "pretrained") -> None:
+    """The checks :func:`load_pipeline` makes of ``model`` and ``init``, without loading anything: a
+    :class:`ModelNotFoundError` line for an empty name, ``--init random`` on a non-registry model, a directory
+    that is not a pipeline, a file, or a name that is none of registry name, local directory and hub id."""
+    if not model.strip():
+        raise ModelNotFoundError(f"--model is empty; give a registry name ({', '.join(sorted(REGISTRY))}), "
+                                 "a hub id (org/name) or a local diffusers directory")
+    if model in REGISTRY:
+        return
+    if init == "random":
+        raise ModelNotFoundError(f"--init random needs a registry model, one of {sorted(REGISTRY)}; got {model!r}")
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{model} is a directory but not a diffusers pipeline (no model_index.json); "
+                                 "save one with pipe.save_pretrained()")
+    if path.exists() and not path.is_dir():
+        raise ModelNotFoundError(f"--model {model} is a file; expected a diffusers pipeline directory, "
+                                 "a registry name or a hub id")
+    if not path.is_dir() and not _HUB_ID.match(model):
+        raise ModelNotFoundError(f"unknown model {model!r}: not a registry name ({', '.join(sorted(REGISTRY))}), "
+                                 "an existing local directory, or a hub id like 'org/name'")
+
+
 def default_settings(model: str, pipe=None) -> GenerationSettings:
     """The registry's sampler settings for ``model``; for other models, read from the pipeline."""
     if model in REGISTRY:
