@@ -177,11 +177,24 @@ def measured_module_macs(pipe, settings) -> tuple[dict[str, int], TokenCounts]:
     import dataclasses
 
     import torch
-    from diffusers.models.attention_processor import Attention
 
     from qsched.runtime.generation import call_arguments
 
-    den = _denoiser(pipe)
+    def call():
+        with torch.inference_mode():
+            pipe(["a"], **call_arguments(pipe, dataclasses.replace(settings, steps=2)), output_type="latent")
+
+    return measure_denoiser_macs(_denoiser(pipe), call)
+
+
+def measure_denoiser_macs(den: nn.Module, call) -> tuple[dict[str, int], TokenCounts]:
+    """:func:`measured_module_macs` of whatever ``call()`` runs ``den`` on: MACs per sample of every linear, conv
+    and attention module in ``den``'s first call (a real pipeline call, or ``den`` called directly on meta-device
+    inputs, which prices a model without weights), and the image and text lengths its first text-reading
+    attention saw."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+
     macs: dict[str, int] = {}
     seen = {"batch": None, "done": False, "image": 0, "text": 0}
 
@@ -229,8 +242,7 @@ def measured_module_macs(pipe, settings) -> tuple[dict[str, int], TokenCounts]:
         elif path and _is_leaf_compute(module):
             handles.append(module.register_forward_hook(leaf_hook(path)))
     try:
-        with torch.inference_mode():
-            pipe(["a"], **call_arguments(pipe, dataclasses.replace(settings, steps=2)), output_type="latent")
+        call()
     except _Measured:
         pass
     finally:

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   qcompile --model ./my-local-pipeline --bits w8a8 --uniform --bundle
   qcompile --model flux-schnell --init random --bits w4a8 --device cuda
   qcompile --model flux-schnell --bits w3.5a8 --device cuda --ray auto   # sensitivity and cache search on Ray
+  qcompile --model flux-schnell --init random --bits w4a8 --plan --plan-device h100   # cost it, compile nothing
 
 the artifact's report (report.html, written by every compile):
   qcompile report out/flux-tiny-w4a8           regenerate it
@@ -67,12 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint for the TensorRT path, checked per layer (pip install qsched[modelopt]); onnx: the "
                         "denoiser as an ONNX graph (int8 QDQ, 4-bit MatMulNBits) for onnxruntime (pip install "
                         "qsched[onnx])")
+    p.add_argument("--plan", action="store_true",
+                   help="compile nothing: print what this compile would cost (denoiser evaluations per stage, peak "
+                        "memory, wall time on --plan-device), worked out from the recipe and the architecture on the "
+                        "meta device; --out is not checked and nothing is written")
+    p.add_argument("--plan-device", metavar="DEVICE",
+                   help="with --plan: the device to price the compile on: h100, h200, a100, l40s, 4090 or cpu "
+                        "(default: cpu for --device cpu, else h100)")
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON object")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def _validate_device(device: str) -> None:
+def _validate_device(device: str, available: bool = True) -> None:
+    """A valid device name and, unless ``available`` is False (a plan for another machine), one this machine has."""
     import torch
 
     from qsched.core.errors import QschedError
@@ -82,6 +92,8 @@ def _validate_device(device: str) -> None:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index not in (None, 0)):
         raise QschedError(f"invalid --device {device!r}: expected cpu, cuda, cuda:N or mps")
+    if not available:
+        return
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QschedError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -101,10 +113,17 @@ _RAY_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:(\d{1,5})$")
 
 
 def _validate(args, spec) -> None:
-    """Every flag, before any model is loaded, so bad input costs nothing and writes nothing."""
+    """Every flag, before any model is loaded, so bad input costs nothing and writes nothing. With ``--plan``,
+    what only the compiling machine can answer is left out: whether it has the ``--device``, the optional extras
+    (Ray, modelopt, onnx) installed, and a writable ``--out``."""
     from qsched.core.errors import QschedError
+    if not args.plan:
+        for flag, given in (("--plan-device", args.plan_device is not None), ("--json", args.json)):
+            if given:
+                raise QschedError(f"{flag} goes with --plan (a compile always prints its JSON summary); add --plan "
+                                  f"or drop {flag}")
     _validate_model(args.model, args.init)
-    _validate_device(args.device)
+    _validate_device(args.device, available=not args.plan)
     if not 0 <= args.seed < 2**32:  # numpy's RandomState (the Q-Sched search) takes 32-bit seeds
         raise QschedError(f"--seed {args.seed} is out of range: use an integer from 0 to {2**32 - 1}")
     if args.eval_prompts < 0:
@@ -136,6 +155,8 @@ def _validate(args, spec) -> None:
         if args.ray not in ("auto", "local") and not (match and 0 < int(match.group(2)) < 65536):
             raise QschedError(f"invalid --ray {args.ray!r}: expected auto, local, HOST:PORT (e.g. 10.0.0.1:6379) "
                               "or ray://HOST:PORT")
+    if args.plan:
+        return
     if args.ray is not None or args.ray_workers is not None:
         from qsched.distributed import _ray
         _ray()  # not installed: say so now, not at the first distributed stage
@@ -166,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ray is not None or args.ray_workers is not None:
             from qsched.distributed import RayConfig
             ray = RayConfig(address=args.ray or "auto", workers=args.ray_workers)
+        if args.plan:
+            return _plan(args, spec, ray)
         from qsched.compiler import compile as run_compile
         artifact = run_compile(model=args.model, bits=spec, out=args.out, recipe=args.recipe, seed=args.seed,
                                device=args.device, init=args.init, uniform=args.uniform, coefficients=not args.no_qsched,
@@ -193,6 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     if exports:
         summary["exports"] = exports
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _plan(args, spec, ray) -> int:
+    """``--plan``: the :class:`qsched.planning.CompilePlan` of this command line, as a table or (``--json``) one
+    JSON object, like a compile's summary."""
+    from qsched.planning import plan_compile, render_text
+
+    plan = plan_compile(model=args.model, bits=spec, recipe=args.recipe, init=args.init, uniform=args.uniform,
+                        coefficients=not args.no_qsched, cache_search=not args.no_cache_search,
+                        cache_budget=args.cache_budget, scorer=args.scorer, seed=args.seed, device=args.device,
+                        eval_prompts=args.eval_prompts, bundle=args.bundle, ray=ray, plan_device=args.plan_device)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else render_text(plan))
     return 0
 
 

@@ -187,8 +187,17 @@ def cache_search(c: Compilation) -> StageRecord:
     c.search_prompts = c.profile.prompts("cache_train", config.prompts, job.seed)
     if not config.enabled:
         return StageRecord("skipped", "switched off (--no-cache-search or recipe cache_search.enabled: false)")
+    if c.settings.steps < 2:
+        return StageRecord("skipped", f"a {c.settings.steps}-step sampler has no earlier step to reuse a component "
+                                      "from (the cache search needs 2 or more steps)")
     from cache_search.stage import search_cache
+    from qsched.runtime.cache_schedule import block_layout
     from qsched.runtime.caching import enable_cache
+
+    try:
+        block_layout(c.pipe)
+    except ValueError as err:
+        return StageRecord("skipped", str(err))
 
     guard_prompts = c.profile.prompts("cache_guard", config.guard_prompts, job.seed)
     key = cache_search_key(c.source["denoiser_sha256"], c.calibration, c.records["coefficients"].to_dict(),

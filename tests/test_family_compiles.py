@@ -94,3 +94,17 @@ def test_a_local_pipeline_without_a_scorer_is_one_line_naming_the_ways_out(tiny_
     assert "--scorer" in lines[0] and "CLIP directory" in lines[0]
     assert "--no-qsched --no-cache-search" in lines[0] and "flux-tiny" in lines[0]
     assert not (tmp_path / "art").exists()
+
+
+def test_a_one_step_compile_records_the_cache_search_as_skipped(local_pipeline, tiny_clip_dir, tmp_path):
+    """SDXL-Turbo samples in one step: nothing to reuse, so the stage is skipped with the reason (it used to
+    end the compile with a traceback after calibrate and Q-Sched)."""
+    recipe = tmp_path / "one-step.yaml"
+    recipe.write_text(SMALL_RECIPE.replace("steps: 2", "steps: 1"))
+    out = tmp_path / "art"
+    code = main(["--model", str(local_pipeline("sdxl")), "--bits", "w8a8", "--uniform", "--no-qsched",
+                 "--recipe", str(recipe), "--scorer", str(tiny_clip_dir), "--out", str(out), "--eval-prompts", "0",
+                 "--quiet"])
+    assert code == 0
+    stage = json.loads((out / "manifest.json").read_text())["stages"]["cache_search"]
+    assert stage["status"] == "skipped" and "1-step sampler" in stage["reason"]

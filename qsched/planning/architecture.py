@@ -51,6 +51,8 @@ def resolve(model: str, init: str = "pretrained") -> Architecture:
     """The :class:`Architecture` of ``model`` (what ``qcompile --model model --init init`` would load)."""
     from qsched.models.registry import REGISTRY, check_model
 
+    if init not in ("pretrained", "random"):  # load_pipeline's check
+        raise ModelNotFoundError(f"invalid --init {init!r}: expected 'pretrained' or 'random'")
     check_model(model, init)
     if model in REGISTRY and REGISTRY[model].embedded:
         from qsched.tinyworld.model import WEIGHTS_DIR
@@ -67,8 +69,7 @@ def resolve(model: str, init: str = "pretrained") -> Architecture:
 
 
 def _shipped(name: str, init: str) -> Architecture:
-    from qsched.models.shipped_configs import (build_component, components, denoiser_component,
-                                               load_component_config)
+    from qsched.models.shipped_configs import build_component, components, denoiser_component, load_component_config
 
     dtype = torch.bfloat16
     index = load_component_config(name, "model_index")

@@ -9,7 +9,7 @@ The points:
 
 * ``fp``: the source model: no quantization, no cache, its own scheduler;
 * ``rtn``: plain per-channel round-to-nearest at the same bits, its own scheduler, no cache; only where
-  a second copy of the denoiser is cheap (the model profile's ``fp_copy_max_bytes``), otherwise recorded
+  a second copy of the denoiser is cheap (the recipe's ``report.fp_copy_max_gb``), otherwise recorded
   as not measured, with the reason;
 * ``fora-2``, ``fora-3``: FORA every N steps on the compiled model (quantized + Q-Sched);
 * ``front-<i>``: every Pareto-front point of the cache search (the compiled model with that schedule),
@@ -189,7 +189,7 @@ class ReportProbe:
 
     def _rtn_variant(self, spec, act_ranges) -> tuple[_Variant | None, str]:
         if self.fp is None:
-            return None, "not measured: the FP denoiser is too large to keep a second copy (model profile's fp_copy_max_bytes)"
+            return None, "not measured: the FP denoiser is too large to keep a second copy (the recipe's report.fp_copy_max_gb)"
         if spec.is_fractional:
             return None, f"{spec} is a fractional budget: there is no uniform width to round to"
         from qsched.runtime.apply import quantize_
