@@ -35,6 +35,17 @@ def width_floor(min_weight_bits: int | None, rounding: str) -> int | None:
     return 3 if rounding == "rtn" else None
 
 
+def allowed_weight_widths(weight_widths, min_weight_bits: int | None, budget: float) -> list[int]:
+    """The weight widths the program may choose (and the sensitivity pass probes): the candidates at or above
+    the floor, where the floor drops to the widest candidate within ``budget`` when it is above it."""
+    within = [w for w in weight_widths if w <= budget + 1e-9]  # the floor must leave one of these
+    floor = None if min_weight_bits is None else min(min_weight_bits, max(within, default=min_weight_bits))
+    allowed = sorted(w for w in set(weight_widths) if floor is None or w >= floor)
+    if not allowed:
+        raise QschedError(f"min_weight_bits {min_weight_bits} excludes every weight width {sorted(set(weight_widths))}")
+    return allowed
+
+
 def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSettings,
                act_ranges: dict[str, tuple[float, float]] | None,
                config: QuantizationConfig = QuantizationConfig(), run: MixDQRun = MixDQRun()
@@ -86,7 +97,9 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
         w_ref, a_ref = reference_widths(spec.weight_bits, spec.act_bits if quantize_acts else None,
                                         list(weight_widths), list(act_widths) if quantize_acts else [None])
         context = {n: (w_ref, a_ref) for n in decided}
-    table = analyze_sensitivity(pipe, prompts, settings, weight_widths=weight_widths,
+    allowed = allowed_weight_widths(weight_widths, min_weight_bits, spec.weight_bits)
+    # only the widths the program may choose are probed (the floor's exclusions would cost probes for nothing)
+    table = analyze_sensitivity(pipe, prompts, settings, weight_widths=allowed,
                                 act_widths=act_widths if quantize_acts else (),
                                 act_ranges=act_ranges if quantize_acts else None, layers=decided, groups=groups,
                                 group_size=group_size, seed=seed, batch_size=run.batch_size, work_dir=run.work_dir,
@@ -96,11 +109,6 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
                                 hessian_key=run.hessian_key)
     max_fp = math.ceil(config.fp_act_fraction * len(decided)) if quantize_acts and config.fp_act_fraction > 0 else 0
     candidates = sorted(set(act_widths)) + ([None] if max_fp else [])
-    within = [w for w in weight_widths if w <= spec.weight_bits + 1e-9]  # the floor must leave one of these
-    floor = None if min_weight_bits is None else min(min_weight_bits, max(within, default=min_weight_bits))
-    allowed = sorted(w for w in set(weight_widths) if floor is None or w >= floor)
-    if not allowed:
-        raise QschedError(f"min_weight_bits {min_weight_bits} excludes every weight width {sorted(set(weight_widths))}")
     result = allocate(table, spec.weight_bits, spec.act_bits if quantize_acts else None,
                       weight_widths=allowed, act_widths=candidates if quantize_acts else None,
                       content_weight=config.content_weight, max_fp_act=max_fp if quantize_acts else None,

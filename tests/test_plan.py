@@ -275,3 +275,17 @@ def test_one_step_models_are_warned_that_the_cache_search_cannot_run():
     plan = plan_compile("sdxl-turbo", "w8a8", init="random", uniform=True, plan_device="4090")
     assert plan.cache_search["status"].startswith("skipped")
     assert any("nothing to reuse" in w for w in plan.warnings)
+
+
+def test_sensitivity_probes_only_the_widths_the_program_may_choose():
+    """Round-to-nearest puts a 3-bit floor under MixDQ: the 2-bit probes are not run, and the plan counts so."""
+    from calibrate.mixdq import allowed_weight_widths
+
+    assert allowed_weight_widths((2, 3, 4, 5, 6, 8), 3, 4.0) == [3, 4, 5, 6, 8]
+    assert allowed_weight_widths((2, 3, 4, 8), 3, 2.5) == [2, 3, 4, 8]  # the floor drops to fit the budget
+    assert allowed_weight_widths((2, 3, 4, 8), None, 4.0) == [2, 3, 4, 8]
+    rtn = plan_compile("flux-schnell", "w4a8", init="random", plan_device="h100",
+                       recipe=parse_recipe({"quantization": {"rounding": "rtn"}}))
+    gptq = plan_compile("flux-schnell", "w4a8", init="random", plan_device="h100")
+    probes = lambda plan: sum(r["sample_rows"] for r in plan.to_dict()["evaluations"] if "probes" in r["what"])  # noqa: E731
+    assert probes(rtn) * 8 == probes(gptq) * 7  # 5 weight + 2 activation widths against 6 + 2

@@ -245,10 +245,14 @@ class _Planner:
         if not decided:
             raise QschedError("every layer in scope is kept FP by the recipe: nothing for mixed precision to decide")
         n_s = min(q.sensitivity_prompts, C)
-        per_layer = len(set(q.weight_widths)) + (len(set(q.act_widths)) if stats else 0)
+        from calibrate.mixdq import allowed_weight_widths, width_floor
+
+        probed = allowed_weight_widths(q.weight_widths, width_floor(q.min_weight_bits, q.rounding),
+                                       self.spec.weight_bits)
+        per_layer = len(probed) + (len(set(q.act_widths)) if stats else 0)
         content = sum(metric_for_group(self.adapter.layer_group(n, q.layer_groups)) == "ssim" for n in decided)
         quality = len(decided) - content
-        widths = f"({len(set(q.weight_widths))} weight" + (f" + {len(set(q.act_widths))} activation" if stats else "") \
+        widths = f"({len(probed)} weight" + (f" + {len(set(q.act_widths))} activation" if stats else "") \
             + " widths)"
         self.add("calibrate", "MixDQ sensitivity: FP reference run (records the trajectory)", self.rows(n_s), EXACT,
                  f"{n_s} sensitivity prompts × {self.steps} steps")
