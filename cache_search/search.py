@@ -527,7 +527,7 @@ class ScheduleQuality(_Evaluator):
 
     def __init__(self, pipe, prompts: Sequence[str], settings, scorer, seed: int = 0, max_batch: int = 64,
                  fidelity_weight: float = 0.5, psnr_cap: float = 40.0, call_kwargs: dict | None = None,
-                 share_prefixes: bool = True):
+                 share_prefixes: bool = True, cost=None):
         self.pipe, self.prompts, self.settings, self.seed = pipe, list(prompts), settings, int(seed)
         self.scorer = scorer
         self.max_batch, self.fidelity_weight, self.psnr_cap = int(max_batch), float(fidelity_weight), float(psnr_cap)
@@ -536,7 +536,7 @@ class ScheduleQuality(_Evaluator):
         self.counts: dict[str, int] = {}
         self.seconds = 0.0
         self._variants: dict = {}
-        self._cost = _cost_model(pipe, settings)
+        self._cost = cost if cost is not None else _cost_model(pipe, settings)  # the caller's, when it has one
         self.reference = self._generate(None, 1)[0]
         self.reference_metrics = self.metrics(self.reference)
 

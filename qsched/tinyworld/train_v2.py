@@ -111,6 +111,16 @@ def _pack(modules: dict, opt=None, meta: dict | None = None) -> dict:
     return {"meta": meta, "tensors": tensors}
 
 
+def _resume(path: Path, modules: dict, opt, label: str, log) -> tuple[int, float]:
+    """(step, training seconds) of the checkpoint at ``path``, loaded into ``modules`` and ``opt``; (0, 0.0)
+    when there is none yet."""
+    if (ck := _load_ckpt(path)) is None:
+        return 0, 0.0
+    meta = _unpack(ck, modules, opt)
+    log(f"{label}: resumed at step {meta['step']}")
+    return meta["step"], meta.get("seconds", 0.0)
+
+
 def _unpack(ckpt: dict, modules: dict, opt=None) -> dict:
     t = ckpt["tensors"]
     for p, m in modules.items():
@@ -153,11 +163,7 @@ def train_vae(pipe, args, work: Path, log) -> None:
     vae, dev = pipe.vae, args.device
     path = work / "vae.safetensors"
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start, seconds = 0, 0.0
-    if (ck := _load_ckpt(path)) is not None:
-        meta = _unpack(ck, {"vae": vae}, opt)
-        start, seconds = meta["step"], meta.get("seconds", 0.0)
-        log(f"vae: resumed at step {start}")
+    start, seconds = _resume(path, {"vae": vae}, opt, "vae", log)
     vae.to(dev).train().requires_grad_(True)
     _opt_to(opt, dev)
     gen = torch.Generator(dev)
@@ -200,11 +206,7 @@ def train_vaedec(pipe, args, work: Path, log) -> None:
     dec = torch.nn.ModuleDict({"decoder": vae.decoder})
     path = work / "vaedec.safetensors"
     opt = torch.optim.AdamW(dec.parameters(), lr=args.vaedec_lr, weight_decay=0.0)
-    start, seconds = 0, 0.0
-    if (ck := _load_ckpt(path)) is not None:
-        meta = _unpack(ck, {"dec": dec}, opt)
-        start, seconds = meta["step"], meta.get("seconds", 0.0)
-        log(f"vaedec: resumed at step {start}")
+    start, seconds = _resume(path, {"dec": dec}, opt, "vaedec", log)
     if start >= args.vaedec_steps:
         return
     vae.to(dev)
@@ -368,11 +370,7 @@ def train_text(pipe, args, work: Path, log) -> None:
     params = [p for m in mods.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.text_lr, weight_decay=0.01)
     path = work / "text.safetensors"
-    start, seconds = 0, 0.0
-    if (ck := _load_ckpt(path)) is not None:
-        meta = _unpack(ck, mods, opt)
-        start, seconds = meta["step"], meta.get("seconds", 0.0)
-        log(f"text: resumed at step {start}")
+    start, seconds = _resume(path, mods, opt, "text", log)
     for m in mods.values():
         m.to(dev).train().requires_grad_(True)
     _opt_to(opt, dev)
@@ -480,11 +478,7 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     base = [g["lr"] for g in groups]
     opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.99))
     path = work / f"{phase}.safetensors"
-    start, seconds = 0, 0.0
-    if (ck := _load_ckpt(path)) is not None:
-        meta = _unpack(ck, {**mods, **emas}, opt)
-        start, seconds = meta["step"], meta.get("seconds", 0.0)
-        log(f"{phase}: resumed at step {start}")
+    start, seconds = _resume(path, {**mods, **emas}, opt, phase, log)
     for m in mods.values():
         m.to(dev).train().requires_grad_(True)
     for m in emas.values():
