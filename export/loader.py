@@ -200,15 +200,21 @@ def _denoiser(manifest: dict, path: Path, runtime: str, device: str):
     return build_denoiser(manifest, tensors)
 
 
-def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulated"):
+def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulated", compile: str | bool = False):
     """Load an artifact written by ``qcompile`` and return a ready diffusers pipeline.
 
     ``runtime="native"`` swaps the simulated layers for integer/packed ones (:mod:`export.runtime_torch`);
     ``runtime="onnx"`` runs the artifact's ONNX export with onnxruntime (:mod:`export.runtime_onnx`).
-    The pipeline's call defaults are the artifact's generation settings (``pipe.call_defaults``).
+    ``compile`` (see :func:`compile_denoiser`): ``False``/``"off"`` (eager, the default), ``True``/``"full"``
+    or ``"regional"``; what was compiled is ``pipe.qsched_compile``. The first call of each distinct cache
+    step pattern pays the compile. The pipeline's call defaults are the artifact's generation settings
+    (``pipe.call_defaults``).
     """
     if runtime not in ("simulated", "native", "onnx"):
         raise ArtifactError(f"unknown runtime {runtime!r}; use 'simulated', 'native' or 'onnx'")
+    mode = compile_mode(compile)
+    if mode != "off" and runtime == "onnx":
+        raise ArtifactError(f"compile={compile!r} needs a torch denoiser; the ONNX runtime has its own graph optimizer")
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     check_bundle(path, manifest)
@@ -221,10 +227,47 @@ def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulat
                             f"({_first_line(e)}); re-export it") from e
     pipe.set_progress_bar_config(disable=True)
     pipe.qsched_manifest = manifest
+    pipe.qsched_compile = compile_denoiser(getattr(pipe, manifest["denoiser"]["attr"]), mode)
     if manifest.get("generation"):  # pipe(prompt) draws at the settings the artifact was compiled and measured at
         from qsched.runtime.generation import GenerationSettings, with_call_defaults
         with_call_defaults(pipe, GenerationSettings(**manifest["generation"]))
     return pipe.to(device)
+
+
+#: ``load(compile=...)`` values: eager, ``torch.compile`` of the whole denoiser, or of each repeated block.
+COMPILE_MODES = ("off", "full", "regional")
+
+
+def compile_mode(value: str | bool | None) -> str:
+    """``load``'s ``compile`` argument as one of :data:`COMPILE_MODES` (booleans mean off / full)."""
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "full"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ArtifactError(f"unknown compile mode {value!r}; use 'off', 'full' or 'regional' (or False / True)")
+
+
+def compile_denoiser(denoiser: torch.nn.Module, mode: str, **options) -> str:
+    """Compile ``denoiser`` in place (``nn.Module.compile``: the module keeps its class, so pipelines see the
+    denoiser they expect) and return ``mode``. ``"regional"`` compiles only the repeated transformer blocks
+    (diffusers' ``compile_repeated_blocks`` where the model names them, else every entry of the denoiser's
+    ``nn.ModuleList`` attributes): same-class blocks share one compiled graph, so compile time does not grow
+    with depth. ``options`` go to ``torch.compile`` (tests pass ``backend="eager"``)."""
+    mode = compile_mode(mode)
+    if mode == "full":
+        denoiser.compile(**options)
+    elif mode == "regional" and getattr(denoiser, "_repeated_blocks", None):
+        denoiser.compile_repeated_blocks(**options)
+    elif mode == "regional":
+        blocks = [block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+        if not blocks:
+            raise ArtifactError(f"{type(denoiser).__name__} has no repeated blocks to compile regionally; "
+                                "use compile='full'")
+        for block in blocks:
+            block.compile(**options)
+    return mode
 
 
 def _assemble(manifest: dict, path: Path, runtime: str, device: str):

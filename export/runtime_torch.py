@@ -130,26 +130,36 @@ class NativeInt8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """int8 codes ``q - 128`` of ``x``; the rounding is the simulation's, so the codes are identical."""
-        levels = 2**self.act_bits - 1
-        q = torch.clamp(torch.round(x.float() / self.act_scale) + self.act_zero_point, 0, levels)
-        return (q - _ACT_OFFSET).to(torch.int8)
+        """int8 codes ``q - 128`` of ``x``; the rounding is the simulation's, so the codes are identical.
+
+        The offset is added before the clamp (``clamp(r + zp, 0, L) - 128 == clamp(r + zp - 128, -128, L - 128)``
+        for the integer-valued ``r``), and the steps after the division run in place: eager makes two tensors
+        instead of six, and the compiler sees one pointwise chain it fuses with the producer of ``x``.
+        """
+        codes = torch.div(x.float(), self.act_scale).round_()
+        codes.add_(self.act_zero_point - _ACT_OFFSET).clamp_(-_ACT_OFFSET, 2**self.act_bits - 1 - _ACT_OFFSET)
+        return codes.to(torch.int8)
+
+    def _rescale(self, acc: torch.Tensor, group: int) -> torch.Tensor:
+        """int32 accumulator -> fp32 output of one group: the exact integer correction first (in place), then
+        one int32 x fp32 multiply (type promotion converts, so no separate ``.float()`` pass)."""
+        return acc.add_(self.correction[:, group]) * self.out_scale[:, group]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Static shapes and Python constants only (no .item(), no data-dependent branch): torch.compile traces
+        # it as one graph and fuses the quantization and the rescale + bias with the neighbouring ops.
         lead = x.shape[:-1]
         q = self.quantize_input(x.reshape(-1, self.in_features))
         if self.groups == 1:
-            acc = int_mm(q, self.qweight.t()) + self.correction[:, 0]
-            y = acc.float() * self.out_scale[:, 0]
+            y = self._rescale(int_mm(q, self.qweight.t()), 0)
         else:
             y = None
             for g in range(self.groups):  # each input group has its own weight scale: one integer matmul each
                 cols = slice(g * self.group_width, (g + 1) * self.group_width)
-                acc = int_mm(q[:, cols].contiguous(), self.qweight[:, cols].t()) + self.correction[:, g]
-                part = acc.float() * self.out_scale[:, g]
+                part = self._rescale(int_mm(q[:, cols].contiguous(), self.qweight[:, cols].t()), g)
                 y = part if y is None else y.add_(part)
         if self.bias is not None:
-            y = y + self.bias.float()
+            y = y.add_(self.bias.float())
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

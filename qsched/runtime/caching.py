@@ -158,6 +158,12 @@ class CacheHandle:
             for k in range(k_count):
                 self._rep[t, k] = first.setdefault(self._tables[k, :t + 1].tobytes(), k)
         self._members = np.stack([np.bincount(r, minlength=k_count) for r in self._rep])
+        # one schedule: each step's (reuse, store) flag pair per slot as Python bools, which torch.compile folds
+        # into a graph per distinct step pattern, so the component wrappers cost the denoiser no graph break
+        self._step_flags = tuple(tuple((bool(table[t, j]), bool(self._last_reuse[j] > t)) for j in range(n_slots))
+                                 for t in range(steps))
+        self._now = self._step_flags[0]
+        self._events: list[tuple[int, int]] = []  # single-schedule component calls not yet counted
         self._active = np.arange(k_count)  # candidates whose row groups the running denoiser call holds
         self._labels = np.zeros(k_count, dtype=np.int64)  # within-call input classes of the active groups
         self._patched: list[tuple[object, str, bool, object]] = []  # (obj, attr, had_instance_attr, old)
@@ -168,25 +174,31 @@ class CacheHandle:
 
     def reset(self) -> None:
         """Start of a sampling run: step 0, nothing stored."""
+        self._count_events()
         self.step = 0
+        self._now = self._step_flags[0]
         self._calls.clear()
         self._store.clear()
         self._ready = True
 
     def advance(self) -> None:
         """One denoising step done: the next denoiser calls belong to the next step."""
+        self._count_events()
         self.step += 1
+        self._now = self._step_flags[self.step] if self.step < len(self._step_flags) else ()
         self._calls.clear()
         for key in [k for k in self._store if self._last_reuse[k[0]] < self.step]:
             del self._store[key]  # never read again in this run
 
     def counts(self) -> dict[str, int]:
+        self._count_events()
         return {"computed": int(self.computed.sum()), "reused": int(self.reused.sum())}
 
     def row_counts(self) -> dict[str, int]:
         """Samples × component calls that ran (``component_rows``), that evaluating each candidate on its own
         would run (``..._naive``) and that the plain batched path runs (``..._batched``: every row whenever
         any candidate recomputes); denoiser forward rows run and per-candidate (``denoiser_rows_naive``)."""
+        self._count_events()
         return {"component_rows": int(self.rows_run.sum()), "component_rows_naive": int(self.rows_naive.sum()),
                 "component_rows_batched": int(self.rows_batched.sum()), "denoiser_rows": int(self.denoiser_rows),
                 "denoiser_rows_naive": int(self.denoiser_rows_naive)}
@@ -198,6 +210,8 @@ class CacheHandle:
         self._calls[slot] = call + 1
         if self.share:
             return self._run_shared(slot, call, original, args, kwargs)
+        if len(self.schedules) == 1:
+            return self._run_single(slot, call, original, args, kwargs)
         reuse = self._tables[:, self.step, slot]  # one flag per schedule
         rows = _batch_rows(args, kwargs)
         group = self.rows_per_group or rows
@@ -216,6 +230,33 @@ class CacheHandle:
         if self._last_reuse[slot] > self.step:
             self._store[(slot, call)] = out  # by reference: diffusers' blocks never modify it in place
         return out
+
+    def _run_single(self, slot: int, call: int, original, args, kwargs):
+        """One component call under one schedule: the batched path's bookkeeping with the decision read from
+        ``_now`` (Python flags, no NumPy branch), so a compiled denoiser traces it without a graph break. The
+        counters are NumPy arrays, which a traced graph cannot update in inference mode: each call appends an
+        event (slot, rows computed; 0 = reused) that :meth:`_count_events` adds to them outside the graph."""
+        reuse, store = self._now[slot]
+        if reuse:
+            self._events.append((slot, 0))
+            return self._stored(slot, call)
+        out = original(*args, **kwargs)
+        self._events.append((slot, _batch_rows(args, kwargs)))
+        if store:
+            self._store[(slot, call)] = out  # by reference: diffusers' blocks never modify it in place
+        return out
+
+    def _count_events(self) -> None:
+        for slot, rows in self._events:
+            if rows == 0:
+                self.reused[slot] += 1
+                continue
+            group = self.rows_per_group or rows
+            self.rows_naive[slot] += (rows // group) * group
+            self.computed[slot] += 1
+            self.rows_run[slot] += rows
+            self.rows_batched[slot] += rows
+        self._events.clear()
 
     def _stored(self, slot: int, call: int):
         try:
