@@ -549,22 +549,37 @@ class ScheduleQuality(_Evaluator):
         return other
 
     def _generate(self, schedules: list[CacheSchedule] | None, groups: int):
-        """Images of ``groups`` row groups (one per schedule) and the counters of the call."""
+        """Images of ``groups`` row groups (one per schedule) and the counters of the call. One schedule on
+        more prompts than ``max_batch`` rows runs in slices of the prompts (each row keeps its own noise)."""
+        p = len(self.prompts)
+        if groups > 1 or p <= self.max_batch:
+            return self._call(schedules, groups, 0, p)
+        images, counts = [], {}
+        for start in range(0, p, self.max_batch):
+            part, part_counts = self._call(schedules, 1, start, min(start + self.max_batch, p))
+            images.append(part)
+            _add_counts(counts, part_counts)
+        counts["candidates"] = len(schedules or ())
+        import torch
+        return torch.cat(images), counts
+
+    def _call(self, schedules: list[CacheSchedule] | None, groups: int, start: int, stop: int):
+        """One pipeline call: prompts ``start:stop`` for each of ``groups`` row groups."""
         import torch
 
         from qsched.runtime.caching import enable_cache
-
         from qsched.runtime.generation import call_arguments
 
-        p = len(self.prompts)
+        prompts = self.prompts[start:stop]
+        p = len(prompts)
         # the same call every other stage makes (PixArt's resolution binning and caption cleaning included)
         kwargs = {**call_arguments(self.pipe, self.settings), "output_type": "pt", **self.call_kwargs}
-        gens = [torch.Generator("cpu").manual_seed(self.seed + i) for _ in range(groups) for i in range(p)]
+        gens = [torch.Generator("cpu").manual_seed(self.seed + i) for _ in range(groups) for i in range(start, stop)]
         self.pipe.set_progress_bar_config(disable=True)
         handle = (enable_cache(self.pipe, schedules, rows_per_group=p, share_prefixes=self.share_prefixes)
                   if schedules else None)
         with handle or nullcontext(), torch.inference_mode():
-            images = self.pipe(self.prompts * groups, generator=gens, **kwargs).images
+            images = self.pipe(prompts * groups, generator=gens, **kwargs).images
         counts = {"candidates": len(schedules or ()), "calls": 1}
         if handle is not None:
             counts.update(handle.row_counts())

@@ -48,9 +48,11 @@ def search_cache(pipe, prompts: list[str], settings, config, seed: int, work: Pa
     search = SearchConfig(population=config.population, generations=config.generations, seed=seed,
                           proxy_generations=config.proxy_generations)
     if ray is not None:
-        evaluators = distributed_schedule_quality(pipe, prompts, settings, scorer, seed=seed, ray=ray, cost=cost)
+        evaluators = distributed_schedule_quality(pipe, prompts, settings, scorer, seed=seed, ray=ray, cost=cost,
+                                                  max_batch=config.batch_rows)
     else:
-        evaluators = nullcontext(schedule_quality(pipe, prompts, settings, scorer, seed=seed, cost=cost))
+        evaluators = nullcontext(schedule_quality(pipe, prompts, settings, scorer, seed=seed, cost=cost,
+                                                  max_batch=config.batch_rows))
     bar = tqdm(total=config.generations + 1, desc="cache search", unit="gen", disable=not progress, leave=False)
     with evaluators as evaluator, bar:
         def on_generation(g, state):

@@ -132,8 +132,12 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
             if not candidates:
                 report.note = "switched off (quantization.bos_aware: false)" if not config.bos_aware else \
                     "no text layer reads a BOS-led sequence (the text tokenizers add no BOS)"
-    hessians = {n: obs.hessian for n, obs in observed.items() if obs.rows}
-    rest = {n: m for n, m in rounded.items() if n not in observed}
+    # Hessians wait in host memory (GPTQ brings each back as it rounds). Rare: if the statistics pass's input
+    # sharing did not hold, its group is collected again with the others.
+    covered = set(first[0]) if first and observed.consistent else set()
+    hessians = observed.hessians("cpu") if covered else {}
+    del observed  # the observers' accumulators (on the device) go now, not when calibrate returns
+    rest = {n: m for n, m in rounded.items() if n not in covered}
     if rest:
         hessians.update(collect_hessians(pipe, rest, prompts, settings, seed=seed, batch_size=batch_size,
                                          max_bytes=HESSIAN_CHUNK_BYTES, progress=progress and "GPTQ inputs"))

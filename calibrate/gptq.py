@@ -48,17 +48,90 @@ class HessianObserver:
         return self.h / max(self.rows, 1)
 
 
-@contextmanager
-def observe_hessians(layers: dict[str, nn.Module]):
-    """Record ``X^T X`` for every linear layer in ``layers`` while the block runs."""
-    observers = {n: HessianObserver(m.in_features, m.weight.device) for n, m in layers.items()
-                 if isinstance(m, nn.Linear)}
-    handles = [layers[n].register_forward_hook(obs) for n, obs in observers.items()]
-    try:
-        yield observers
-    finally:
-        for h in handles:
+class SharedInputs:
+    """One Hessian per distinct layer input: layers fed the very same tensor share one observer.
+
+    FLUX's ``to_q``/``to_k``/``to_v`` read one normalised input, as do ``add_{q,k,v}_proj`` and a single
+    block's ``proj_mlp`` with its attention projections; their Hessians are equal, so one is accumulated
+    and handed to every member (about 7 GB of FLUX.1's 70 GB, which the down projections dominate). Found
+    while the model runs, from nothing but object identity: a layer shares the observer of the layer hooked
+    just before it when it receives the same tensor object on its first call. Later calls check that this
+    still holds; if it ever does not, :attr:`consistent` turns False and the caller collects again unshared.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
+        self.observers: dict[str, HessianObserver] = {}
+        self.leader: dict[str, str] = {}
+        self.consistent = True
+        self._last: tuple[str | None, torch.Tensor | None] = (None, None)
+        self._handles = []
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            prev_name, prev_x = self._last
+            self._last = (name, x)
+            if name not in self.leader:  # first call: share with the previous layer if fed the same tensor
+                if prev_x is x and prev_name is not None and prev_name in self.leader \
+                        and self.layers[prev_name].in_features == module.in_features:
+                    self.leader[name] = self.leader[prev_name]
+                    self.observers[name] = self.observers[self.leader[name]]
+                    return  # the leader has just seen this input
+                self.leader[name] = name
+                self.observers[name] = HessianObserver(module.in_features, module.weight.device)
+            elif self.leader[name] != name:
+                if not (prev_x is x and prev_name is not None and self.leader.get(prev_name) == self.leader[name]):
+                    self.consistent = False
+                return
+            self.observers[name](module, args, output)
+        return hook
+
+    def __enter__(self):
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
             h.remove()
+        self._last = (None, None)
+
+    def items(self):
+        """``(name, observer)`` of every layer seen (members share their leader's object)."""
+        return self.observers.items()
+
+    def hessians(self, device=None) -> dict[str, torch.Tensor]:
+        """Mean ``X^T X`` per layer; members get their leader's tensor (one copy), moved to ``device`` if
+        given (``"cpu"`` frees the accelerator: GPTQ brings each one back as it rounds that layer)."""
+        done: dict[int, torch.Tensor] = {}
+        out = {}
+        for name, obs in self.observers.items():
+            if not obs.rows:
+                continue
+            if id(obs) not in done:
+                h = obs.hessian
+                done[id(obs)] = h.to(device) if device is not None else h
+            out[name] = done[id(obs)]
+        return out
+
+    def groups(self) -> dict[str, list[str]]:
+        """Leader -> its members (itself first), for layers that share."""
+        found: dict[str, list[str]] = {}
+        for name, lead in self.leader.items():
+            found.setdefault(lead, []).append(name)
+        return {k: v for k, v in found.items() if len(v) > 1}
+
+
+@contextmanager
+def observe_hessians(layers: dict[str, nn.Module], share: bool = True):
+    """Record ``X^T X`` for every linear layer in ``layers`` while the block runs: a :class:`SharedInputs`
+    (``share=False``: one observer per layer, never shared)."""
+    shared = SharedInputs(layers)
+    if not share:
+        shared.leader = {n: n for n in shared.layers}
+        shared.observers = {n: HessianObserver(m.in_features, m.weight.device) for n, m in shared.layers.items()}
+    with shared:
+        yield shared
 
 
 #: fp32 Hessians collected in one calibration pass at most
@@ -84,19 +157,26 @@ def hessian_chunks(layers: dict[str, nn.Module], max_bytes: int) -> list[dict[st
 
 
 def collect_hessians(pipe, layers: dict[str, nn.Module], prompts: list[str], settings, seed: int = 0,
-                     batch_size: int = 8, max_bytes: int = HESSIAN_CHUNK_BYTES,
-                     progress=False) -> dict[str, torch.Tensor]:
+                     batch_size: int = 8, max_bytes: int = HESSIAN_CHUNK_BYTES, progress=False,
+                     store: str | None = "cpu") -> dict[str, torch.Tensor]:
     """Mean ``X^T X`` of every linear layer's inputs over FP sampler runs on ``prompts`` (one run per
-    :func:`hessian_chunks` group; one run in all for models whose Hessians fit in ``max_bytes``)."""
+    :func:`hessian_chunks` group; one run in all for models whose Hessians fit in ``max_bytes``). Layers
+    fed one tensor share one Hessian (:class:`SharedInputs`). Each group's Hessians move to ``store`` (host
+    memory by default) once collected, so the accelerator holds one group at a time."""
     from qsched.runtime.generation import generate
 
     hessians = {}
     chunks = hessian_chunks(layers, max_bytes)
     for i, chunk in enumerate(chunks):
         label = progress if not progress or len(chunks) == 1 else f"{progress} {i + 1}/{len(chunks)}"
-        with observe_hessians(chunk) as observers:
-            generate(pipe, prompts, settings, seed=seed, batch_size=batch_size, progress=label)
-        hessians.update({n: obs.hessian for n, obs in observers.items() if obs.rows})
+        share = True
+        while True:
+            with observe_hessians(chunk, share=share) as observed:
+                generate(pipe, prompts, settings, seed=seed, batch_size=batch_size, progress=label)
+            if observed.consistent:
+                break
+            share = False  # a layer's input stopped being its leader's: collect this group again, unshared
+        hessians.update(observed.hessians(store))
     return hessians
 
 

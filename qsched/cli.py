@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   qcompile --model flux-schnell --init random --bits w4a8 --device cuda
   qcompile --model flux-schnell --bits w3.5a8 --device cuda --ray auto   # sensitivity and cache search on Ray
   qcompile --model flux-schnell --init random --bits w4a8 --plan --plan-device h100   # cost it, compile nothing
+  qcompile --model flux-schnell --init random --width-scale 0.0625 --bits w4a8 --scorer ./tiny-clip   # rehearse it
 
 the artifact's report (report.html, written by every compile):
   qcompile report out/flux-tiny-w4a8           regenerate it
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="'random' builds a registry model's full-size architecture from shipped configs, no download")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="load and compute the pipeline in this dtype (default auto: bf16 for registry models, the "
+                        "stored dtype for local ones, fp32 for flux-tiny); float32 is several times faster on CPUs "
+                        "without bf16 matrix units")
+    p.add_argument("--width-scale", type=float, metavar="F",
+                   help="with --init random: hidden widths × F in (0, 1], depth kept (attention heads scaled, each "
+                        "head at its real size): a rehearsal of the full-size compile on a small machine")
     p.add_argument("--uniform", action="store_true",
                    help="every layer at the given widths (round-to-nearest or GPTQ rounding) instead of MixDQ's mixed "
                         "precision, which integer budgets such as w4a8 use by default")
@@ -63,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-workers", type=int, metavar="N",
                    help="Ray workers to start, each loading the model once (default: one per GPU with a CUDA "
                         "--device, else one per CPU)")
-    p.add_argument("--export", action="append", choices=("onnx", "modelopt"), default=[],
+    p.add_argument("--export", action="append", choices=("onnx", "modelopt", "gguf"), default=[],
                    help="add an optional export to the artifact (repeatable); modelopt: an nvidia-modelopt "
                         "checkpoint for the TensorRT path, checked per layer (pip install qsched[modelopt]); onnx: the "
                         "denoiser as an ONNX graph (int8 QDQ, 4-bit MatMulNBits) for onnxruntime (pip install "
-                        "qsched[onnx])")
+                        "qsched[onnx]); gguf: a FLUX denoiser as gguf/denoiser.gguf for ComfyUI-GGUF and diffusers "
+                        "(pip install qsched[gguf])")
     p.add_argument("--plan", action="store_true",
                    help="compile nothing: print what this compile would cost (denoiser evaluations per stage, peak "
                         "memory, wall time on --plan-device), worked out from the recipe and the architecture on the "
@@ -115,7 +124,7 @@ _RAY_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:(\d{1,5})$")
 def _validate(args, spec) -> None:
     """Every flag, before any model is loaded, so bad input costs nothing and writes nothing. With ``--plan``,
     what only the compiling machine can answer is left out: whether it has the ``--device``, the optional extras
-    (Ray, modelopt, onnx) installed, and a writable ``--out``."""
+    (Ray, modelopt, onnx, gguf) installed, and a writable ``--out``."""
     from qsched.core.errors import QschedError
     if not args.plan:
         for flag, given in (("--plan-device", args.plan_device is not None), ("--json", args.json)):
@@ -123,6 +132,8 @@ def _validate(args, spec) -> None:
                 raise QschedError(f"{flag} goes with --plan (a compile always prints its JSON summary); add --plan "
                                   f"or drop {flag}")
     _validate_model(args.model, args.init)
+    from qsched.models.width_scale import check_width_scale
+    check_width_scale(args.width_scale, args.init, args.model)
     _validate_device(args.device, available=not args.plan)
     if not 0 <= args.seed < 2**32:  # numpy's RandomState (the Q-Sched search) takes 32-bit seeds
         raise QschedError(f"--seed {args.seed} is out of range: use an integer from 0 to {2**32 - 1}")
@@ -166,6 +177,10 @@ def _validate(args, spec) -> None:
     if "onnx" in args.export:
         from export.runtime_onnx import require_onnx
         require_onnx()
+    if "gguf" in args.export:
+        from export.gguf_export import check_model_family, require_gguf
+        require_gguf()
+        check_model_family(args.model)
     if args.out is not None and not args.out.strip():
         raise QschedError("--out is empty; give an artifact directory or leave --out out for the default")
     from qsched.compiler import check_out
@@ -191,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args, spec, ray)
         from qsched.compiler import compile as run_compile
         artifact = run_compile(model=args.model, bits=spec, out=args.out, recipe=args.recipe, seed=args.seed,
-                               device=args.device, init=args.init, uniform=args.uniform, coefficients=not args.no_qsched,
+                               device=args.device, init=args.init, width_scale=args.width_scale, dtype=args.dtype,
+                               uniform=args.uniform,
+                               coefficients=not args.no_qsched,
                                cache_search=not args.no_cache_search, bundle=args.bundle,
                                eval_prompts=args.eval_prompts, overwrite=args.overwrite, progress=not args.quiet,
                                cache_budget=args.cache_budget, ray=ray, scorer=args.scorer)
@@ -203,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             from export.runtime_onnx import export_onnx
             record = export_onnx(artifact.path, overwrite=args.overwrite)
             exports["onnx"] = {k: record[k] for k in ("graph", "steps", "counts")}
+        if "gguf" in args.export:  # gguf/ added to the artifact in place, atomically
+            from export.gguf_export import export_gguf
+            record = export_gguf(artifact.path, overwrite=args.overwrite)
+            exports["gguf"] = {**{k: record[k] for k in ("file", "bytes", "counts")},
+                               "substitutions": len(record["substitutions"])}  # the list: manifest["gguf"]
     except QschedError as err:
         print(f"qcompile: error: {err}", file=sys.stderr)
         return 2
@@ -224,7 +246,8 @@ def _plan(args, spec, ray) -> int:
     JSON object, like a compile's summary."""
     from qsched.planning import plan_compile, render_text
 
-    plan = plan_compile(model=args.model, bits=spec, recipe=args.recipe, init=args.init, uniform=args.uniform,
+    plan = plan_compile(model=args.model, bits=spec, recipe=args.recipe, init=args.init, width_scale=args.width_scale,
+                        dtype=args.dtype, uniform=args.uniform,
                         coefficients=not args.no_qsched, cache_search=not args.no_cache_search,
                         cache_budget=args.cache_budget, scorer=args.scorer, seed=args.seed, device=args.device,
                         eval_prompts=args.eval_prompts, bundle=args.bundle, ray=ray, plan_device=args.plan_device)

@@ -32,7 +32,7 @@ def resolve_recipe(model: str, bits: str, recipe: str | Path | Recipe | None) ->
 
 def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | Path | None = None,
             recipe: str | Path | Recipe | None = None, seed: int = 0, device: str = "cpu", init: str = "pretrained",
-            uniform: bool = False, coefficients: bool = True, cache_search: bool = True, bundle: bool = False,
+            width_scale: float | None = None, dtype: str = "auto", uniform: bool = False, coefficients: bool = True, cache_search: bool = True, bundle: bool = False,
             eval_prompts: int = 8, overwrite: bool = False, progress: bool = True,
             cache_budget: float | None = None, ray=None, scorer: str | None = None) -> Artifact:
     """Compile ``model`` at ``bits`` into an artifact directory ``out`` and return it.
@@ -42,14 +42,17 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
     MixDQ; ``coefficients``/``cache_search`` switch those stages off. ``scorer`` (``world-judge``, a local
     CLIP directory or a hub id; default: the recipe's, else the registry's for the model) judges images for
     Q-Sched, the cache search and the report; with none, a compile that needs one stops before any work.
-    ``bundle`` stores every pipeline component so the artifact loads without the source.
+    ``bundle`` stores every pipeline component so the artifact loads without the source. ``width_scale`` (with
+    ``init="random"``) shrinks a registry architecture's widths and keeps its depth: a rehearsal. ``dtype``
+    (``auto``, ``bfloat16``, ``float16``, ``float32``) is the dtype the pipeline is loaded and run in.
     ``eval_prompts`` FP-vs-quantized images are generated to record fidelity (0 skips it). ``ray`` (a
     :class:`qsched.distributed.RayConfig`, or an address string: ``"auto"``, ``"local"``, ``host:port``)
     runs the per-layer sensitivity analysis and the cache-search evaluations on Ray workers, each loading
     the model once; the artifact is the same as without it. These arguments are overrides on the recipe
     (``recipe.override``); the caller's recipe never changes.
     """
-    job = plan_job(model, bits, out, recipe, seed=seed, device=device, init=init, uniform=uniform,
+    job = plan_job(model, bits, out, recipe, seed=seed, device=device, init=init, width_scale=width_scale, dtype=dtype,
+                   uniform=uniform,
                    coefficients=coefficients, cache_search=cache_search, bundle=bundle, eval_prompts=eval_prompts,
                    overwrite=overwrite, progress=progress, cache_budget=cache_budget, ray=ray, scorer=scorer)
     torch.manual_seed(job.seed)
@@ -77,6 +80,10 @@ def plan_job(model: str, bits: str | BitSpec, out, recipe, *, uniform: bool = Fa
     """Check everything and apply the caller's overrides to a copy of the recipe, before any work.
     ``check_output=False`` leaves ``out`` unchecked: :func:`qsched.planning.plan_compile` writes nothing."""
     spec = parse_bits(bits) if isinstance(bits, str) else bits
+    from qsched.models.width_scale import check_width_scale
+    check_width_scale(job.get("width_scale"), job.get("init", "pretrained"), model)
+    from qsched.models.registry import torch_dtype
+    torch_dtype(job.get("dtype"))
     out = Path(out or f"out/{Path(model).name}-{spec}")
     if check_output:
         check_out(out, job.get("overwrite", False))

@@ -112,12 +112,14 @@ class PipelineSource:
 
     @classmethod
     def from_loader(cls, model: str, init: str = "pretrained", seed: int = 0, device: str = "cpu",
-                    digest: str | None = None) -> "PipelineSource":
+                    digest: str | None = None, width_scale: float | None = None,
+                    dtype=None) -> "PipelineSource":
         """Load ``model`` on each worker with :func:`qsched.models.registry.load_pipeline`. ``digest`` (the driver's
         ``state_digest`` of the denoiser) is checked on the worker, so a node with different weights fails
         loudly instead of silently changing the result."""
         device = "cuda" if str(device).startswith("cuda") else str(device)  # a worker sees only its own GPU
-        return cls(loader={"model": model, "init": init, "seed": seed, "device": device}, digest=digest)
+        return cls(loader={"model": model, "init": init, "seed": seed, "device": device,
+                           "width_scale": width_scale, "dtype": dtype}, digest=digest)
 
     def load(self):
         if self._ref is not None:

@@ -165,10 +165,13 @@ class GenerationConfig(_Config):
     height: int | None = None
     width: int | None = None
     guidance_scale: float | None = None
+    #: the text encoder's padded length where the pipeline takes one (FLUX: 256 for schnell, 512 for dev)
+    max_sequence_length: int | None = None
 
     def validate(self) -> None:
-        self._require(all(v is None or v >= 1 for v in (self.steps, self.height, self.width)),
-                      "steps, height and width must be positive or null")
+        self._require(all(v is None or v >= 1 for v in (self.steps, self.height, self.width,
+                                                        self.max_sequence_length)),
+                      "steps, height, width and max_sequence_length must be positive or null")
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,10 @@ class CacheSearchConfig(_Config):
     prompts: int = 8
     guard_prompts: int = 16
     proxy_generations: int = 0
+    #: sample rows per pipeline call (candidates × prompts): candidates in one call share their common steps,
+    #: and every row keeps each cacheable component's output, so memory grows with it (FLUX.1 at 1024²: about
+    #: 7 GB a row; ``qcompile --plan`` says what fits the device)
+    batch_rows: int = 64
 
     def validate(self) -> None:
         self._require((self.budget is None or 0.0 < self.budget <= 1.0) and 0.0 < self.quality_floor <= 1.0,
@@ -234,6 +241,7 @@ class CacheSearchConfig(_Config):
         self._require(self.population >= 4 and self.population % 4 == 0 and self.generations >= 0
                       and self.prompts >= 1, "population must be a positive multiple of 4, "
                       "generations >= 0 and prompts >= 1")
+        self._require(self.batch_rows >= 1, f"batch_rows must be >= 1; got {self.batch_rows!r}")
         self._require(self.guard_prompts >= 0,
                       f"guard_prompts must be >= 0 (0: no guard); got {self.guard_prompts!r}")
         self._require(0 <= self.proxy_generations <= self.generations,

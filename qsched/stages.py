@@ -17,7 +17,7 @@ from qsched.core.bits import BitSpec
 from qsched.core.errors import ModelNotFoundError, QschedError
 from qsched.models.adapters import adapter_for
 from qsched.models.profiles import ModelProfile
-from qsched.models.registry import default_settings, load_pipeline, state_digest
+from qsched.models.registry import default_settings, load_pipeline, state_digest, torch_dtype
 from qsched.recipe import Recipe
 from qsched.runtime.generation import GenerationSettings, generate
 from qsched.scoring.fidelity import fidelity_metrics
@@ -36,6 +36,8 @@ class CompileJob:
     seed: int = 0
     device: str = "cpu"
     init: str = "pretrained"
+    width_scale: float | None = None
+    dtype: str = "auto"
     bundle: bool = False
     eval_prompts: int = 8
     overwrite: bool = False
@@ -121,7 +123,8 @@ def load(c: Compilation) -> StageRecord:
 
     job = c.job
     scorer = open_scorer(job.scorer_source, job.device, required=job.needs_scorer)
-    c.pipe, source = load_pipeline(job.model, init=job.init, device=job.device, seed=job.seed)
+    c.pipe, source = load_pipeline(job.model, init=job.init, device=job.device, seed=job.seed,
+                                   width_scale=job.width_scale, dtype=torch_dtype(job.dtype))
     adapter = adapter_for(c.pipe)
     denoiser = adapter.denoiser(c.pipe)
     c.denoiser_attr = adapter.denoiser_attr
@@ -151,7 +154,8 @@ def calibrate(c: Compilation) -> StageRecord:
     if job.ray is not None:
         from qsched.distributed import PipelineSource
         run = dataclasses.replace(run, pipeline_source=PipelineSource.from_loader(
-            job.model, init=job.init, seed=job.seed, device=job.device, digest=c.source["denoiser_sha256"]))
+            job.model, init=job.init, seed=job.seed, device=job.device, digest=c.source["denoiser_sha256"],
+            width_scale=job.width_scale, dtype=torch_dtype(job.dtype)))
     result = run_calibration(c.pipe, job.spec, c.calibration_prompts, c.settings, job.recipe.quantization,
                              calibration=job.recipe.calibration, run=run, progress=job.progress and "calibration")
     c.calibration = result

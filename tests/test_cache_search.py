@@ -156,6 +156,11 @@ def test_world_quality_evaluator_and_a_tiny_search(tmp_path):
         assert np.isfinite(m_b["quality"]) and 0.0 <= m_b["quality"] <= 1.0
     assert batched[0]["quality"] == pytest.approx(ref["quality"], abs=1e-9)
     assert batched[1]["psnr"] < 100.0  # FORA-2 changes the images
+    wq.max_batch, calls = 1, wq.counts.get("calls", 0)  # fewer rows than prompts: each call takes one prompt
+    sliced = wq.evaluate_metrics(scheds)
+    assert wq.counts["calls"] - calls == len(scheds) * len(prompts)
+    for m_b, m_s in zip(batched, sliced):
+        assert m_b["quality"] == pytest.approx(m_s["quality"], abs=1e-6)
 
     cost = CostModel.from_pipeline(pipe, 32, 32, 16)
     front = nsga2_search(4, blocks, wq, cost.schedule_macs, SearchConfig(population=8, generations=1, seed=0),

@@ -8,44 +8,22 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from qsched.core.errors import ModelNotFoundError
 from qsched.scoring import clip as clip_mod
 from qsched.scoring import clip_iqa, clip_score, load_clip, preprocess
+from qsched.scoring.tiny_clip import tiny_clip_model, tiny_clip_tokenizer
 
 WORDS = ["<pad>", "<unk>", "<bos>", "<eos>", "good", "bad", "photo", "a", "of", "cat", "dog", "."]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
 def _tokenizer():
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
-    )
+    return tiny_clip_tokenizer(WORDS)
 
 
 def _tiny_clip():
-    cfg = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=len(WORDS), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3,
-            pad_token_id=0,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-            image_size=32, patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    return transformers.CLIPModel(cfg).eval()
+    return tiny_clip_model(len(WORDS))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from torch import nn
 from calibrate.calibration import calibrate
 from calibrate.gptq import collect_hessians, gptq_quantize, hessian_chunks, observe_hessians
 from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.generation import generate
 from qsched.runtime.quantizers import dequantize_weight, quantize_weight, weight_qmax
 from qsched.core.bits import parse_bits
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
@@ -52,11 +53,64 @@ def test_hessians_are_the_mean_input_outer_product_and_chunk_by_memory():
     with observe_hessians(layers) as obs:
         layers["a"](x)
         layers["a"](x[:1])
-    assert set(obs) == {"a", "b"} and obs["b"].rows == 0
+    hessians = obs.hessians()
+    assert set(hessians) == {"a"}  # b never ran, c is a convolution
     flat = torch.cat([x.reshape(-1, 8), x[:1].reshape(-1, 8)])
-    torch.testing.assert_close(obs["a"].hessian, flat.T @ flat / flat.shape[0])
+    torch.testing.assert_close(hessians["a"], flat.T @ flat / flat.shape[0])
     assert [list(c) for c in hessian_chunks(layers, 4 * 16 * 16)] == [["a"], ["b"]]
     assert [list(c) for c in hessian_chunks(layers, 1 << 20)] == [["a", "b"]]
+
+
+def _attention_like(layers, batch):
+    y = layers["q"](batch)
+    layers["k"](batch)
+    layers["v"](batch)
+    layers["o"](y)
+
+
+def test_layers_fed_one_tensor_share_one_hessian_equal_to_their_own():
+    torch.manual_seed(0)
+    layers = {"q": nn.Linear(8, 4), "k": nn.Linear(8, 4), "v": nn.Linear(8, 4), "o": nn.Linear(4, 8)}
+    batches = [torch.randn(2, 5, 8), torch.randn(3, 5, 8)]
+    with observe_hessians(layers) as shared, torch.no_grad():
+        for b in batches:
+            _attention_like(layers, b)
+    with observe_hessians(layers, share=False) as plain, torch.no_grad():
+        for b in batches:
+            _attention_like(layers, b)
+    assert shared.consistent and shared.groups() == {"q": ["q", "k", "v"]} and plain.groups() == {}
+    got, want = shared.hessians(), plain.hessians()
+    assert got["q"] is got["k"] is got["v"] and got["o"] is not got["q"]
+    for name in layers:
+        torch.testing.assert_close(got[name], want[name])
+    # a member that later reads another tensor breaks the sharing, and says so
+    with observe_hessians(layers) as broken, torch.no_grad():
+        x = torch.randn(2, 5, 8)
+        layers["q"](x), layers["k"](x)
+        layers["q"](x), layers["k"](x.clone())
+    assert not broken.consistent
+
+
+def test_collected_hessians_of_a_flux_model_share_the_qkv_inputs():
+    torch.manual_seed(0)
+    pipe = build_tiny_pipeline(0, TEST_WORDS)
+    pipe.transformer.eval()
+    settings = replace(TINY_SETTINGS, steps=1)
+    prompts = ["a red circle on the left"]
+    layers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear)}
+    got = collect_hessians(pipe, layers, prompts, settings)
+    with observe_hessians(layers, share=False) as plain:
+        generate(pipe, prompts, settings)
+    want = plain.hessians()
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    block = "transformer_blocks.0.attn"
+    assert got[f"{block}.to_q"] is got[f"{block}.to_k"] is got[f"{block}.to_v"]
+    assert got[f"{block}.add_q_proj"] is got[f"{block}.add_v_proj"] is not got[f"{block}.to_q"]
+    single = "single_transformer_blocks.0"
+    assert got[f"{single}.proj_mlp"] is got[f"{single}.attn.to_q"]
+    assert len({id(h) for h in got.values()}) < len(got)
 
 
 def test_calibrate_with_gptq_marks_the_plan_and_uses_its_codes():

@@ -23,9 +23,9 @@ def _tokenizer(max_length: int, with_bos: bool):
 
 
 def build_random_pipeline(model: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu",
-                          **given):
-    """The registry ``model`` pipeline with random weights (deterministic in ``seed``); ``given``
-    components (e.g. a quantized denoiser) are used instead of building them."""
+                          width_scale: float = 1.0, **given):
+    """The registry ``model`` pipeline with random weights (deterministic in ``seed``) at hidden-width
+    ``width_scale``; ``given`` components (e.g. a quantized denoiser) are used instead of building them."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -34,7 +34,8 @@ def build_random_pipeline(model: str, dtype: torch.dtype = torch.bfloat16, seed:
     for name in components(model):
         if name in given:
             continue
-        parts[name] = build_scheduler(model) if name == "scheduler" else build_component(model, name, device, dtype)
+        parts[name] = build_scheduler(model) if name == "scheduler" else build_component(model, name, device, dtype,
+                                                                                      width_scale)
     for name, (_, cls_name) in ((k, v) for k, v in index.items() if not k.startswith("_") and isinstance(v, list)):
         if name.startswith("tokenizer"):
             # CLIP tokenizers emit <bos>; T5 ones do not. Real models keep 77 CLIP tokens.

@@ -61,9 +61,15 @@ class SourceRef:
     kind: str  # "embedded" | "registry-random" | "local" | "hub"
     revision: str | None = None
     seed: int | None = None
+    width_scale: float | None = None  # registry-random at reduced width (qsched.models.width_scale)
+    dtype: str | None = None  # registry-random built in a dtype other than bf16
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        for key in ("width_scale", "dtype"):  # recorded only where they were given
+            if data[key] is None:
+                del data[key]
+        return data
 
 
 def check_model(model: str, init: str = "pretrained") -> None:
@@ -130,15 +136,31 @@ def _hub_error(model: str, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(f"cannot load {model!r} from the Hugging Face hub: {why}; {_ALTERNATIVES}")
 
 
+#: ``--dtype`` names: the dtype every component is loaded and computed in (default: the source's own)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a ``--dtype`` name (None: the source's own)."""
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ModelNotFoundError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_pipeline(model: str, init: str = "pretrained", device: str = "cpu", dtype: torch.dtype | None = None,
-                  seed: int = 0, revision: str | None = None):
+                  seed: int = 0, revision: str | None = None, width_scale: float | None = None):
     """Load ``model`` and return ``(pipeline, SourceRef)``.
 
     ``init="random"`` builds a registry model's full-size architecture from configs shipped in the
-    package, with random weights (for measuring speed and memory without a download).
+    package, with random weights (for measuring speed and memory without a download); ``width_scale`` in
+    (0, 1] shrinks its widths and keeps its depth (a rehearsal of the full-size compile).
     """
     if init not in ("pretrained", "random"):
         raise ModelNotFoundError(f"invalid --init {init!r}: expected 'pretrained' or 'random'")
+    from qsched.models.width_scale import check_width_scale
+    check_width_scale(width_scale, init, model)
     if model in REGISTRY and REGISTRY[model].embedded:
         from qsched.tinyworld.model import load_embedded
         return _place(load_embedded(), device, dtype), SourceRef(model, "embedded")
@@ -146,8 +168,10 @@ def load_pipeline(model: str, init: str = "pretrained", device: str = "cpu", dty
         if model not in REGISTRY:
             raise ModelNotFoundError(f"--init random needs a registry model, one of {sorted(REGISTRY)}; got {model!r}")
         from qsched.models.random_init import build_random_pipeline
-        pipe = build_random_pipeline(model, dtype=dtype or torch.bfloat16, seed=seed, device=device)
-        return pipe, SourceRef(model, "registry-random", seed=seed)
+        pipe = build_random_pipeline(model, dtype=dtype or torch.bfloat16, seed=seed, device=device,
+                                     width_scale=width_scale or 1.0)
+        name = next((k for k, v in DTYPES.items() if v == dtype), None) if dtype not in (None, torch.bfloat16) else None
+        return pipe, SourceRef(model, "registry-random", seed=seed, width_scale=width_scale, dtype=name)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -166,7 +190,7 @@ def _load_from_hub(hub_id: str, revision: str | None, device: str, dtype):
     from diffusers import DiffusionPipeline
     try:
         pipe = DiffusionPipeline.from_pretrained(hub_id, revision=revision, torch_dtype=dtype or torch.bfloat16,
-                                                 use_safetensors=True)
+                                                 use_safetensors=True, low_cpu_mem_usage=True)
     except (OSError, ValueError, ConnectionError) as err:  # hub errors subclass OSError/ValueError
         raise _hub_error(hub_id, err) from None
     except Exception as err:  # requests/httpx errors when the network is down
@@ -180,7 +204,7 @@ def _from_local(cls, path: str, **kwargs):
     """``cls.from_pretrained`` on a local directory, safetensors only; a directory holding only ``.bin``
     weights (or otherwise unreadable) is one :class:`ModelNotFoundError` line."""
     try:
-        return cls.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs)
+        return cls.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=True, **kwargs)
     except (OSError, ValueError) as err:
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         hint = _SAFETENSORS_HINT if "safetensors" in detail else "save a complete pipeline with pipe.save_pretrained()"
@@ -214,7 +238,8 @@ def load_source_pipeline(source: dict, pipeline_class: str, **components):
         return load_embedded(**components)
     if kind == "registry-random":
         from qsched.models.random_init import build_random_pipeline
-        return build_random_pipeline(model, seed=source.get("seed") or 0, **components)
+        return build_random_pipeline(model, seed=source.get("seed") or 0, width_scale=source.get("width_scale") or 1.0,
+                                     dtype=DTYPES.get(source.get("dtype") or "bfloat16", torch.bfloat16), **components)
     cls = getattr(diffusers, pipeline_class, diffusers.DiffusionPipeline)
     if kind == "local":
         if not Path(model).is_dir():

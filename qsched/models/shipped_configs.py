@@ -68,6 +68,19 @@ def load_component_config(name: str, component: str) -> dict[str, Any]:
     return copy.deepcopy(_read(name, component))
 
 
+def scaled_component_config(name: str, component: str, width_scale: float = 1.0) -> dict[str, Any]:
+    """:func:`load_component_config` at hidden-width ``width_scale`` (:mod:`qsched.models.width_scale`): the
+    components are scaled together, since one reads another's width (FLUX's text projections)."""
+    if width_scale == 1:
+        return load_component_config(name, component)
+    from qsched.models.width_scale import scale_configs
+
+    configs = {c: load_component_config(name, c) for c in components(name) if c != "scheduler"}
+    if component not in configs:
+        return load_component_config(name, component)
+    return scale_configs(configs, width_scale)[component]
+
+
 def _qsched_entry(name: str) -> dict[str, Any]:
     return load_component_config(name, "model_index")["_qsched"]
 
@@ -148,26 +161,28 @@ def build_component(
     component: str,
     device: str | torch.device = "meta",
     dtype: torch.dtype = torch.bfloat16,
+    width_scale: float = 1.0,
 ) -> torch.nn.Module:
     """Build one module (denoiser, ``vae``, ``text_encoder``, ``text_encoder_2``) at random init.
 
     ``device="meta"`` (the default) allocates nothing: shapes and parameter counts only. Any other
-    device allocates the full model; for FLUX that is ~24 GB in bf16.
+    device allocates the full model; for FLUX that is ~24 GB in bf16. ``width_scale`` < 1 shrinks the hidden
+    widths and keeps the depth (:mod:`qsched.models.width_scale`).
     """
     if component == "scheduler":
         raise QschedError("the scheduler is not a module; use build_scheduler(name)")
-    cfg = load_component_config(name, component)
+    cfg = scaled_component_config(name, component, width_scale)
     if component in _DIFFUSERS_COMPONENTS:
         return _build_diffusers(cfg, device, dtype)
     return _build_transformers(cfg, device, dtype)
 
 
 def build_denoiser(
-    name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16
+    name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16, width_scale: float = 1.0
 ) -> torch.nn.Module:
     """The denoiser (FluxTransformer2DModel / UNet2DConditionModel / PixArtTransformer2DModel)."""
     _check_name(name)
-    return build_component(name, denoiser_component(name), device=device, dtype=dtype)
+    return build_component(name, denoiser_component(name), device=device, dtype=dtype, width_scale=width_scale)
 
 
 def build_scheduler(name: str):

@@ -47,44 +47,53 @@ class Architecture:
     text_length: int | None = None       # a CLIP-conditioned UNet's prompt length (its tokenizer's)
 
 
-def resolve(model: str, init: str = "pretrained") -> Architecture:
-    """The :class:`Architecture` of ``model`` (what ``qcompile --model model --init init`` would load)."""
-    from qsched.models.registry import REGISTRY, check_model
+def resolve(model: str, init: str = "pretrained", width_scale: float | None = None,
+            dtype: str = "auto") -> Architecture:
+    """The :class:`Architecture` of ``model`` (what ``qcompile --model model --init init --width-scale F``
+    would load)."""
+    from qsched.models.registry import REGISTRY, check_model, torch_dtype
 
     if init not in ("pretrained", "random"):  # load_pipeline's check
         raise ModelNotFoundError(f"invalid --init {init!r}: expected 'pretrained' or 'random'")
     check_model(model, init)
+    forced = torch_dtype(dtype)
     if model in REGISTRY and REGISTRY[model].embedded:
         from qsched.tinyworld.model import WEIGHTS_DIR
 
-        return _local(model, Path(WEIGHTS_DIR), torch.float32, "the embedded flux-tiny weights (fp32)")
+        return _local(model, Path(WEIGHTS_DIR), forced or torch.float32,
+                      f"the embedded flux-tiny weights ({_short(forced or torch.float32)})")
     if model in REGISTRY:
-        return _shipped(model, init)
+        return _shipped(model, init, width_scale or 1.0, forced or torch.bfloat16)
     path = Path(model).expanduser()
     if path.is_dir():
-        return _local(model, path, None, f"the local pipeline {path}")
+        return _local(model, path, forced, f"the local pipeline {path}")
     raise ModelNotFoundError(
         f"cannot plan {model!r} without downloading it (a plan reads no weights and no hub): plan a registry name "
         "(its shipped configs describe the hub model), a local diffusers directory, or flux-tiny")
 
 
-def _shipped(name: str, init: str) -> Architecture:
+def _short(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def _shipped(name: str, init: str, width_scale: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> Architecture:
     from qsched.models.shipped_configs import build_component, components, denoiser_component, load_component_config
 
-    dtype = torch.bfloat16
     index = load_component_config(name, "model_index")
     den_name = denoiser_component(name)
     sizes, denoiser = {}, None
     for comp in components(name):
         if comp == "scheduler":
             continue
-        module = build_component(name, comp, device="meta", dtype=dtype)
+        module = build_component(name, comp, device="meta", dtype=dtype, width_scale=width_scale)
         sizes[comp] = module_bytes(module)
         if comp == den_name:
             denoiser = module
     vae = load_component_config(name, "vae") if "vae" in components(name) else {}
     how = "built at random init on --device" if init == "random" else "the hub checkpoint's layout"
-    return Architecture(name, f"the shipped {name} configs (qsched/configs/{name}; {how}), bf16", index["_class_name"],
+    if width_scale != 1:
+        how += f", widths × {width_scale:g}"
+    return Architecture(name, f"the shipped {name} configs (qsched/configs/{name}; {how}), {_short(dtype)}", index["_class_name"],
                         den_name, denoiser, dtype, sizes, load_component_config(name, "scheduler")["_class_name"],
                         _vae_scale_factor(vae), None, 77 if den_name == "unet" else None)
 

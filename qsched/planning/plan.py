@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -77,6 +76,7 @@ class CompilePlan:
     time: dict
     warnings: tuple[str, ...] = ()
     assumptions: tuple[str, ...] = ()
+    width_scale: float | None = None
 
     @property
     def total_sample_rows(self) -> int:
@@ -100,7 +100,8 @@ class CompilePlan:
 
 
 def plan_compile(model: str = "flux-tiny", bits="w4a8", out=None, recipe=None, seed: int = 0, device: str = "cpu",
-                 init: str = "pretrained", uniform: bool = False, coefficients: bool = True, cache_search: bool = True,
+                 init: str = "pretrained", width_scale: float | None = None, dtype: str = "auto",
+                 uniform: bool = False, coefficients: bool = True, cache_search: bool = True,
                  bundle: bool = False, eval_prompts: int = 8, overwrite: bool = False, progress: bool = True,
                  cache_budget: float | None = None, ray=None, scorer: str | None = None, *,
                  plan_device: str | None = None, achieved_fraction: float = DEFAULT_ACHIEVED_FRACTION,
@@ -115,7 +116,7 @@ def plan_compile(model: str = "flux-tiny", bits="w4a8", out=None, recipe=None, s
     del out, overwrite, progress  # a plan writes nothing and shows no progress
     job = plan_job(model, bits, None, recipe, check_output=False, uniform=uniform, coefficients=coefficients,
                    cache_search=cache_search, cache_budget=cache_budget, ray=ray, scorer=scorer, seed=seed,
-                   device=device, init=init, eval_prompts=eval_prompts, bundle=bundle)
+                   device=device, init=init, width_scale=width_scale, dtype=dtype, eval_prompts=eval_prompts, bundle=bundle)
     target = device_named(plan_device if plan_device is not None else
                           "cpu" if str(device).split(":")[0] == "cpu" else "h100")
     if not isinstance(eval_prompts, int) or eval_prompts < 0:
@@ -124,7 +125,7 @@ def plan_compile(model: str = "flux-tiny", bits="w4a8", out=None, recipe=None, s
         raise QschedError(f"achieved_fraction {achieved_fraction} must lie in (0, 1]")
     if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
         raise QschedError(f"tflops {tflops} must be a positive number")
-    arch = resolve(job.model, job.init)
+    arch = resolve(job.model, job.init, job.width_scale, job.dtype)
     return _Planner(job, arch, target, achieved_fraction, tflops).plan()
 
 
@@ -196,7 +197,7 @@ class _Planner:
             settings={**self.settings.to_dict(), "cfg_passes": self.cfg, "denoiser_dtype": _dtype_name(self.arch.dtype)},
             methods=methods, architecture=self._architecture(calibrate), evaluations=tuple(self.lines_timed),
             cache_search=cache, memory=memory, time=time, warnings=tuple(self.warnings),
-            assumptions=tuple(self.assumptions))
+            assumptions=tuple(self.assumptions), width_scale=job.width_scale)
 
     def _architecture(self, calibrate: dict) -> dict:
         den = self.arch.denoiser
@@ -222,7 +223,10 @@ class _Planner:
             scope = list(q.layers) if method == "mixdq" and q.layers else None
             rounded = _rounded_layers(self.layers, keep_fp, scope)
         chunks = hessian_chunks(rounded, HESSIAN_CHUNK_BYTES)
-        sizes = [sum(4 * m.in_features ** 2 for m in c.values()) for c in chunks]
+        leader = self.shape.input_leader  # layers fed one tensor share one Hessian (calibrate.gptq.SharedInputs)
+        distinct = [{leader.get(n, n) if leader.get(n, n) in c else n for n in c} for c in chunks]
+        sizes = [sum(4 * rounded[n].in_features ** 2 for n in d) for d in distinct]
+        shared = sum(len(c) - len(d) for c, d in zip(chunks, distinct))
         stats = spec.quantize_activations
         extra = len(chunks) - 1 if stats and chunks else len(chunks)
         if stats:
@@ -234,6 +238,7 @@ class _Planner:
                      f"{extra} Hessian groups × {C} calibration prompts × {self.steps} steps")
         record = {"method": method, "rounded_linear_layers": sum(isinstance(m, nn.Linear) for m in rounded.values()),
                   "hessian_groups": len(chunks), "hessian_passes": extra, "hessian_group_bytes": sizes,
+                  "shared_input_layers": shared,
                   "statistics_pass": stats, "decided_layers": 0}
         if method != "mixdq":
             return record
@@ -287,7 +292,7 @@ class _Planner:
                 "train_prompts": co.prompts, "guard_prompts": co.heldout_prompts}
 
     def _cache_search(self) -> dict | None:
-        from cache_search.search import ScheduleQuality, SearchConfig, proxy_prompt_count
+        from cache_search.search import SearchConfig, proxy_prompt_count
 
         cs = self.recipe.cache_search
         if not cs.enabled:
@@ -301,7 +306,7 @@ class _Planner:
             self.warnings.append("the denoiser has no cacheable block: the cache search is skipped")
             return {"status": "skipped (no cacheable block)"}
         P, pop, G, Gp, guard = cs.prompts, cs.population, cs.generations, cs.proxy_generations, cs.guard_prompts
-        max_batch = inspect.signature(ScheduleQuality.__init__).parameters["max_batch"].default
+        max_batch = cs.batch_rows
         k = max(1, max_batch // P)  # candidates per pipeline call (batch_plan)
         n_proxy = proxy_prompt_count(P, SearchConfig().proxy_fraction) if Gp else 0
         full_generations = G + 1 - Gp  # generation 0 is the initial population
@@ -381,19 +386,16 @@ class _Planner:
         def act(rows):
             return rows * act_row
 
-        # calibrate: Hessians of the rounded layers (fp32, in_features² each). collect_hessians observes them one
-        # group per pass, but the calibrate stage keeps every group's result until it returns, and the statistics
-        # pass's observers (group 1) stay referenced beside them: the peak is all of them plus group 1 and the
-        # group in flight.
+        # calibrate: Hessians of the rounded layers (fp32, in_features² each; layers fed one tensor share one,
+        # calibrate.gptq.SharedInputs). One group is accumulated per pass on the compile's device; once collected,
+        # its Hessians move to host memory, where they wait for GPTQ (which brings each back as it rounds).
         groups = calibrate["hessian_group_bytes"]
         total_h = sum(groups)
-        keep0 = groups[0] if groups and calibrate["statistics_pass"] else 0
-        collected = groups[1:] if calibrate["statistics_pass"] else groups
-        prefix, collect_peak = keep0, 2 * keep0
-        for size in collected:
-            prefix += size
-            collect_peak = max(collect_peak, prefix + size)
-        held = total_h + keep0
+        in_flight = max(groups, default=0)
+        # on a CPU the accumulators and their results meet the groups already stored at the end of each pass
+        collect_peak = max((sum(groups[:i]) + 2 * g for i, g in enumerate(groups)), default=0)
+        gpu = self.target.is_gpu
+        held = 0 if gpu else total_h
         gptq = max((8 * (4 * m.in_features ** 2 + 2 * m.in_features * m.out_features)
                     for m in self.layers.values() if isinstance(m, nn.Linear)), default=0) if total_h else 0
         cal = recipe.calibration
@@ -402,7 +404,7 @@ class _Planner:
         record = self.steps * sens_rows * self.shape.call_elements * b  # the FP trajectory the probes replay
         context = quantized if calibrate.get("sensitivity_context_copy") else 0
         phases = {
-            "calibrate: Hessian collection": pipeline + fp_copy + collect_peak + act(cal_rows),
+            "calibrate: Hessian collection": pipeline + fp_copy + (in_flight if gpu else collect_peak) + act(cal_rows),
             "calibrate: sensitivity and GPTQ": pipeline + fp_copy + held + gptq + act(max(sens_rows, cal_rows))
                                                  + record + context,
         }
@@ -413,9 +415,10 @@ class _Planner:
         search_rows = guard_rows = 0
         if cache is not None and "candidates" in cache:
             pop, P = recipe.cache_search.population, cache["prompts"]
-            search_rows = min(cache["candidates_per_call"], pop) * P * self.cfg
+            cap = recipe.cache_search.batch_rows  # a candidate on more prompts runs in slices of this many rows
+            search_rows = min(min(cache["candidates_per_call"], pop) * P, cap) * self.cfg
             g = cache["guard_prompts"]
-            guard_rows = min(cache["guard_points_per_call"], cache["front_points_assumed"]) * g * self.cfg
+            guard_rows = min(min(cache["guard_points_per_call"], cache["front_points_assumed"]) * g, cap) * self.cfg
             phases["cache_search"] = rest + max(act(search_rows) + search_rows * store_row,
                                                 act(guard_rows) + guard_rows * store_row)
         rtn = self.fp_param_bytes + quantized if self.fp_copy and not self.spec.is_fractional else 0
@@ -424,18 +427,26 @@ class _Planner:
         staging = 0 if (self.job.init == "random" and arch.source.startswith("the shipped")) else pipeline
         export_host = packed + (pipeline - den if self.job.bundle else 0)
         if self.target.is_gpu:
-            device_peak, host_peak = working, max(staging, export_host)
+            device_peak, host_peak = working, max(staging, export_host, total_h)
         else:
             device_peak, host_peak = 0, max(working, rest + export_host)
         if self.target.memory_gb and device_peak > self.target.memory_gb * 1e9:
             worst = max(phases, key=phases.get)
+            fix = ""
+            if worst == "cache_search" and act_row + store_row > 0:
+                fits = int((self.target.memory_gb * 1e9 - rest) // (act_row + store_row))
+                if fits >= 1:
+                    fix = (f"; cache_search.batch_rows: {fits} fits it (sample rows per call, now "
+                           f"{recipe.cache_search.batch_rows}: fewer candidates share step 0 per call)")
             self.warnings.append(f"the predicted device peak, {_gb(device_peak)}, exceeds the {self.target.label}'s "
-                                 f"{self.target.memory_gb:g} GB (largest phase: {worst})")
+                                 f"{self.target.memory_gb:g} GB (largest phase: {worst}){fix}")
         return {
             "dtype": _dtype_name(arch.dtype), "components": dict(arch.component_bytes), "pipeline_bytes": pipeline,
             "denoiser_bytes": den, "quantized_denoiser_bytes": quantized, "packed_denoiser_bytes": packed,
             "hessians": {"groups": len(groups), "largest_group_bytes": max(groups, default=0),
-                         "total_bytes": total_h, "held_bytes": held, "collection_peak_bytes": collect_peak,
+                         "total_bytes": total_h, "held_bytes": total_h, "held_in": "host memory",
+                         "collection_peak_bytes": in_flight if gpu else collect_peak,
+                         "shared_inputs": calibrate.get("shared_input_layers", 0),
                          "gptq_workspace_bytes": gptq},
             "fp_copy_bytes": fp_copy,
             "fp_copy": ("kept: the FP denoiser is within report.fp_copy_max_gb" if self.fp_copy else
@@ -523,11 +534,13 @@ class _MetaShapes:
     activation_elements: int = 0
     store_elements: int = 0
     call_elements: int = 0
+    input_leader: dict = field(default_factory=dict)  # layer -> the layer whose input (and Hessian) it shares
     error: str = ""
 
     @classmethod
     def measure(cls, arch: Architecture, settings) -> _MetaShapes:
         from cache_search.cost import _FAMILIES, CostModel, measure_denoiser_macs, token_counts
+        from calibrate.gptq import SharedInputs
         from qsched.runtime.cache_schedule import block_layout
 
         den = arch.denoiser
@@ -547,8 +560,10 @@ class _MetaShapes:
         try:
             inputs, text = _meta_inputs(den, settings, arch, out.tokens)
             elements = _ElementHooks(den, out.blocks)
-            with elements:
+            linears = {n: m for n, m in den.named_modules() if isinstance(m, nn.Linear)}
+            with elements, SharedInputs(linears) as shared:
                 measured, seen = measure_denoiser_macs(den, lambda: _call(den, inputs))
+            out.input_leader = {n: lead for n, lead in shared.leader.items() if lead != n}
             out.activation_elements = elements.widest
             out.store_elements = sum(elements.slots.values())
             out.call_elements = sum(t.numel() for t in _tensors(inputs)) + elements.output

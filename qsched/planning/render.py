@@ -22,7 +22,8 @@ def render_text(plan) -> str:
     d = plan.to_dict()
     s, a, m, t = d["settings"], d["architecture"], d["memory"], d["time"]
     out = [f"qcompile --plan: {d['model']} {d['bits']}" + (f" (recipe {_shown(d['recipe'])})" if d["recipe"] else
-                                                             " (recipe defaults)") + f", --init {d['init']}",
+                                                             " (recipe defaults)") + f", --init {d['init']}"
+             + (f" --width-scale {d['width_scale']:g}" if d.get("width_scale") else ""),
            f"  architecture  {a['denoiser']} from {a['source']}",
            (f"                {a['denoiser_parameters'] / 1e9:,.3f} B parameters; {a['quantizable_layers']} quantizable "
            f"layers ({a['linear_layers']} linear, {a['conv_layers']} conv), {a['gptq_rounded_layers']} GPTQ-rounded; "
@@ -61,7 +62,8 @@ def render_text(plan) -> str:
             (f"  denoiser              {_gb(m['denoiser_bytes'])} FP; {_gb(m['quantized_denoiser_bytes'])} quantized in "
             f"memory; ~{_gb(m['packed_denoiser_bytes'])} packed in the artifact"),
             (f"  GPTQ Hessians         {m['hessians']['groups']} group{'' if m['hessians']['groups'] == 1 else 's'}, largest {_gb(m['hessians']['largest_group_bytes'])}, "
-            f"all {_gb(m['hessians']['total_bytes'])} (held together: {_gb(m['hessians']['held_bytes'])}); "
+            f"all {_gb(m['hessians']['total_bytes'])}, kept in {m['hessians']['held_in']} "
+            f"({m['hessians']['shared_inputs']} layers share their input's); "
             f"GPTQ workspace {_gb(m['hessians']['gptq_workspace_bytes'])}"),
             f"  report FP copy        {m['fp_copy']}",
             f"  per sample row        activations ~{_gb(m['activation_bytes_per_row'])}, cache store "
