@@ -2,6 +2,7 @@
 BitPlan, and quantize the denoiser (simulated quantization)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
@@ -15,8 +16,7 @@ from qsched.runtime.generation import GenerationSettings, generate
 from qsched.runtime.apply import quantize_
 from qsched.core.bitplan import BitPlan
 from calibrate.fp_tokens import FPTokenReport, FPTokens, fp_tokens_from_rows, record_rows
-from calibrate.gptq import (HESSIAN_CHUNK_BYTES, collect_hessians, gptq_quantize, hessian_chunks, observe_hessians,
-                   uses_gptq)
+from calibrate.gptq import HESSIAN_CHUNK_BYTES, SharedInputs, collect_hessians, gptq_quantize, hessian_chunks, uses_gptq
 from calibrate.statistics import observe_inputs
 from calibrate.mixdq_run import MixDQRun
 from calibrate.uniform import uniform_plan
@@ -51,9 +51,10 @@ def collect_activation_ranges(pipe, prompts: list[str], settings: GenerationSett
 
 def collect_statistics(pipe, prompts: list[str], settings: GenerationSettings, seed: int = 0, batch_size: int = 8,
                        momentum: float = 0.95, progress: bool = True,
-                       fp_token_candidates: dict[str, tuple[int, ...]] | None = None
+                       fp_token_candidates: dict[str, tuple[int, ...]] | None = None, also=None
                        ) -> tuple[dict, dict[str, FPTokens], FPTokenReport]:
-    """One FP calibration run: activation ranges, plus FP token rows for the candidate layers.
+    """One FP calibration run: activation ranges, plus FP token rows for the candidate layers. ``also``: one
+    more context manager around the sampler run (GPTQ's Hessian observers ride on it).
 
     A candidate whose rows turn out constant gets :class:`FPTokens` and a range without those rows; one
     whose rows vary keeps its full range and is listed in the report with the reason.
@@ -63,7 +64,7 @@ def collect_statistics(pipe, prompts: list[str], settings: GenerationSettings, s
     candidates = {n: p for n, p in (fp_token_candidates or {}).items() if n in layers}
     with observe_inputs(layers, momentum) as full, \
             observe_inputs({n: layers[n] for n in candidates}, momentum, candidates) as without, \
-            record_rows(layers, candidates) as rows:
+            record_rows(layers, candidates) as rows, also or contextlib.nullcontext():
         generate(pipe, prompts, settings, seed=seed, batch_size=batch_size, progress=progress)
     ranges = {name: obs.range for name, obs in full.items() if obs.calls}
     fp_tokens, report = {}, FPTokenReport()
@@ -124,14 +125,14 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
     # GPTQ's first group of Hessians rides on the statistics pass (same prompts, seed and batches)
     first = hessian_chunks(rounded, HESSIAN_CHUNK_BYTES)[:1] if rounded and spec.quantize_activations else []
     ranges, fp_tokens, report = {}, {}, FPTokenReport()
-    with observe_hessians(first[0] if first else {}) as observed:
-        if spec.quantize_activations:
-            candidates = adapter.bos_layers(pipe) if config.bos_aware else {}
-            ranges, fp_tokens, report = collect_statistics(pipe, prompts, settings, seed, batch_size,
-                                                           calibration.momentum, progress, candidates)
-            if not candidates:
-                report.note = "switched off (quantization.bos_aware: false)" if not config.bos_aware else \
-                    "no text layer reads a BOS-led sequence (the text tokenizers add no BOS)"
+    observed = SharedInputs(first[0] if first else {})  # observes the sampler runs only, not the BOS-row checks
+    if spec.quantize_activations:
+        candidates = adapter.bos_layers(pipe) if config.bos_aware else {}
+        ranges, fp_tokens, report = collect_statistics(pipe, prompts, settings, seed, batch_size,
+                                                       calibration.momentum, progress, candidates, observed)
+        if not candidates:
+            report.note = "switched off (quantization.bos_aware: false)" if not config.bos_aware else \
+                "no text layer reads a BOS-led sequence (the text tokenizers add no BOS)"
     # Hessians wait in host memory (GPTQ brings each back as it rounds). Rare: if the statistics pass's input
     # sharing did not hold, its group is collected again with the others.
     covered = set(first[0]) if first and observed.consistent else set()
