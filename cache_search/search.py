@@ -551,6 +551,8 @@ class ScheduleQuality(_Evaluator):
     def _generate(self, schedules: list[CacheSchedule] | None, groups: int):
         """Images of ``groups`` row groups (one per schedule) and the counters of the call. One schedule on
         more prompts than ``max_batch`` rows runs in slices of the prompts (each row keeps its own noise)."""
+        import torch
+
         p = len(self.prompts)
         if groups > 1 or p <= self.max_batch:
             return self._call(schedules, groups, 0, p)
@@ -559,8 +561,7 @@ class ScheduleQuality(_Evaluator):
             part, part_counts = self._call(schedules, 1, start, min(start + self.max_batch, p))
             images.append(part)
             _add_counts(counts, part_counts)
-        counts["candidates"] = len(schedules or ())
-        import torch
+        counts["candidates"] = len(schedules or ())  # the slices each counted them
         return torch.cat(images), counts
 
     def _call(self, schedules: list[CacheSchedule] | None, groups: int, start: int, stop: int):

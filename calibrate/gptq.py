@@ -13,8 +13,6 @@ weights wider than :data:`GPTQ_MAX_BITS`.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -57,12 +55,16 @@ class SharedInputs:
     while the model runs, from nothing but object identity: a layer shares the observer of the layer hooked
     just before it when it receives the same tensor object on its first call. Later calls check that this
     still holds; if it ever does not, :attr:`consistent` turns False and the caller collects again unshared.
+    ``share=False``: one observer per layer, never shared.
     """
 
-    def __init__(self, layers: dict[str, nn.Module]):
+    def __init__(self, layers: dict[str, nn.Module], share: bool = True):
         self.layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
         self.observers: dict[str, HessianObserver] = {}
         self.leader: dict[str, str] = {}
+        if not share:
+            self.leader = {n: n for n in self.layers}
+            self.observers = {n: HessianObserver(m.in_features, m.weight.device) for n, m in self.layers.items()}
         self.consistent = True
         self._last: tuple[str | None, torch.Tensor | None] = (None, None)
         self._handles = []
@@ -96,10 +98,6 @@ class SharedInputs:
             h.remove()
         self._last = (None, None)
 
-    def items(self):
-        """``(name, observer)`` of every layer seen (members share their leader's object)."""
-        return self.observers.items()
-
     def hessians(self, device=None) -> dict[str, torch.Tensor]:
         """Mean ``X^T X`` per layer; members get their leader's tensor (one copy), moved to ``device`` if
         given (``"cpu"`` frees the accelerator: GPTQ brings each one back as it rounds that layer)."""
@@ -120,18 +118,6 @@ class SharedInputs:
         for name, lead in self.leader.items():
             found.setdefault(lead, []).append(name)
         return {k: v for k, v in found.items() if len(v) > 1}
-
-
-@contextmanager
-def observe_hessians(layers: dict[str, nn.Module], share: bool = True):
-    """Record ``X^T X`` for every linear layer in ``layers`` while the block runs: a :class:`SharedInputs`
-    (``share=False``: one observer per layer, never shared)."""
-    shared = SharedInputs(layers)
-    if not share:
-        shared.leader = {n: n for n in shared.layers}
-        shared.observers = {n: HessianObserver(m.in_features, m.weight.device) for n, m in shared.layers.items()}
-    with shared:
-        yield shared
 
 
 #: fp32 Hessians collected in one calibration pass at most
@@ -171,7 +157,7 @@ def collect_hessians(pipe, layers: dict[str, nn.Module], prompts: list[str], set
         label = progress if not progress or len(chunks) == 1 else f"{progress} {i + 1}/{len(chunks)}"
         share = True
         while True:
-            with observe_hessians(chunk, share=share) as observed:
+            with SharedInputs(chunk, share=share) as observed:
                 generate(pipe, prompts, settings, seed=seed, batch_size=batch_size, progress=label)
             if observed.consistent:
                 break

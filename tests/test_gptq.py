@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from calibrate.calibration import calibrate
-from calibrate.gptq import collect_hessians, gptq_quantize, hessian_chunks, observe_hessians
+from calibrate.gptq import SharedInputs, collect_hessians, gptq_quantize, hessian_chunks
 from qsched.runtime.qlayers import QuantLayer
 from qsched.runtime.generation import generate
 from qsched.runtime.quantizers import dequantize_weight, quantize_weight, weight_qmax
@@ -50,7 +50,7 @@ def test_output_error_shrinks_against_round_to_nearest(bits):
 def test_hessians_are_the_mean_input_outer_product_and_chunk_by_memory():
     layers = {"a": nn.Linear(8, 4), "b": nn.Linear(16, 4), "c": nn.Conv2d(2, 2, 1)}
     x = torch.randn(3, 5, 8)
-    with observe_hessians(layers) as obs:
+    with SharedInputs(layers) as obs:
         layers["a"](x)
         layers["a"](x[:1])
     hessians = obs.hessians()
@@ -72,10 +72,10 @@ def test_layers_fed_one_tensor_share_one_hessian_equal_to_their_own():
     torch.manual_seed(0)
     layers = {"q": nn.Linear(8, 4), "k": nn.Linear(8, 4), "v": nn.Linear(8, 4), "o": nn.Linear(4, 8)}
     batches = [torch.randn(2, 5, 8), torch.randn(3, 5, 8)]
-    with observe_hessians(layers) as shared, torch.no_grad():
+    with SharedInputs(layers) as shared, torch.no_grad():
         for b in batches:
             _attention_like(layers, b)
-    with observe_hessians(layers, share=False) as plain, torch.no_grad():
+    with SharedInputs(layers, share=False) as plain, torch.no_grad():
         for b in batches:
             _attention_like(layers, b)
     assert shared.consistent and shared.groups() == {"q": ["q", "k", "v"]} and plain.groups() == {}
@@ -84,7 +84,7 @@ def test_layers_fed_one_tensor_share_one_hessian_equal_to_their_own():
     for name in layers:
         torch.testing.assert_close(got[name], want[name])
     # a member that later reads another tensor breaks the sharing, and says so
-    with observe_hessians(layers) as broken, torch.no_grad():
+    with SharedInputs(layers) as broken, torch.no_grad():
         x = torch.randn(2, 5, 8)
         layers["q"](x), layers["k"](x)
         layers["q"](x), layers["k"](x.clone())
@@ -99,7 +99,7 @@ def test_collected_hessians_of_a_flux_model_share_the_qkv_inputs():
     prompts = ["a red circle on the left"]
     layers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear)}
     got = collect_hessians(pipe, layers, prompts, settings)
-    with observe_hessians(layers, share=False) as plain:
+    with SharedInputs(layers, share=False) as plain:
         generate(pipe, prompts, settings)
     want = plain.hessians()
     assert set(got) == set(want)

@@ -170,7 +170,7 @@ def load_pipeline(model: str, init: str = "pretrained", device: str = "cpu", dty
         from qsched.models.random_init import build_random_pipeline
         pipe = build_random_pipeline(model, dtype=dtype or torch.bfloat16, seed=seed, device=device,
                                      width_scale=width_scale or 1.0)
-        name = next((k for k, v in DTYPES.items() if v == dtype), None) if dtype not in (None, torch.bfloat16) else None
+        name = None if dtype in (None, torch.bfloat16) else str(dtype).removeprefix("torch.")  # a DTYPES key
         return pipe, SourceRef(model, "registry-random", seed=seed, width_scale=width_scale, dtype=name)
     path = Path(model).expanduser()
     if path.is_dir():
