@@ -106,7 +106,7 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
                                 model_digest=run.model_digest, image_metric=run.image_metric, progress=progress,
                                 ray=run.ray, pipeline_source=run.pipeline_source, fp_tokens=fp_tokens,
                                 weight_scale=weight_scale, context=context, hessians=run.hessians,
-                                hessian_key=run.hessian_key)
+                                hessian_key=run.hessian_key, record_bytes=int(config.sensitivity_record_gb * 1e9))
     max_fp = math.ceil(config.fp_act_fraction * len(decided)) if quantize_acts and config.fp_act_fraction > 0 else 0
     candidates = sorted(set(act_widths)) + ([None] if max_fp else [])
     result = allocate(table, spec.weight_bits, spec.act_bits if quantize_acts else None,

@@ -98,6 +98,10 @@ class QuantizationConfig(_Config):
     content_weight: float = 0.15
     fp_act_fraction: float = 0.01
     sensitivity_prompts: int = 8
+    #: mixdq: host memory (GB) for the block outputs the sensitivity probes replay instead of recomputing
+    #: (calibrate.sensitivity._BlockPrefix): blocks are recorded from the first until it is full; 0 = none.
+    #: FLUX.1-schnell at 1024² with 8 prompts needs 48.8 GB for every block; the plan shows what a value buys
+    sensitivity_record_gb: float = 32.0
     #: mixdq: no layer narrower than this many weight bits (lowered to the widest candidate within the
     #: budget when above it, so w2.5 may still use 2; 2 = no floor). null (default) = automatic, see
     #: calibrate.mixdq.width_floor: 3 with ``rounding: rtn`` (round-to-nearest 2-bit layers cost flux-tiny
@@ -143,6 +147,7 @@ class QuantizationConfig(_Config):
         self._require(0.0 <= self.content_weight <= 1.0, "content_weight must lie in [0, 1]")
         self._require(0.0 <= self.fp_act_fraction < 1.0, "fp_act_fraction must lie in [0, 1)")
         self._require(self.sensitivity_prompts >= 1, "sensitivity_prompts must be >= 1")
+        self._require(self.sensitivity_record_gb >= 0, "sensitivity_record_gb must be >= 0 (0: no block record)")
         self._require(self.group_size is None or self.group_size >= 1,
                       f"group_size must be a positive number of channels or null; got {self.group_size!r}")
         self._require(self.layers is None or len(self.layers) > 0, "layers must name at least one glob, or be null")

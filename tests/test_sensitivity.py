@@ -177,3 +177,43 @@ def test_in_context_sensitivity_probes_around_the_operating_point(pipe):
     with pytest.raises(QschedError, match="no range"):
         analyze_sensitivity(pipe, PROMPTS, SETTINGS, weight_widths=(4,), act_widths=(), layers=names[:1],
                             context={names[1]: (4, 8)}, progress=False, image_metric=SSIM)
+
+
+def test_block_prefix_skips_earlier_blocks_and_changes_no_score(pipe):
+    """A quality probe skips the blocks that finish before its layer first runs (none for an embedder, all for
+    proj_out); every score equals replaying the whole denoiser bit for bit, with FP around the probed layer and
+    with a quantized context (whose blocks are recorded as the probes see them), and the model comes back
+    with its own modules and forwards."""
+    from calibrate.calibration import collect_activation_ranges
+    from calibrate.sensitivity import LayerAnalysis
+
+    names = ["x_embedder", "transformer_blocks.1.attn.to_q", "single_transformer_blocks.2.proj_out", "proj_out"]
+    groups = {"*": "quality"}
+    ranges = collect_activation_ranges(pipe, PROMPTS, SETTINGS, progress=False)
+    modules = dict(pipe.transformer.named_modules())
+    for context in (None, {"transformer_blocks.0.attn.to_k": (4, 8), "single_transformer_blocks.1.proj_mlp": (4, 8)}):
+        kwargs = dict(weight_widths=(2, 4), act_widths=(8,), act_ranges=ranges, layers=names, groups=groups,
+                      context=context, progress=False)
+        fast = analyze_sensitivity(pipe, PROMPTS, SETTINGS, **kwargs)
+        whole = analyze_sensitivity(pipe, PROMPTS, SETTINGS, record_bytes=0, **kwargs)
+        assert fast.to_dict()["layers"] == whole.to_dict()["layers"]
+    assert dict(pipe.transformer.named_modules()) == modules
+    assert not any("forward" in vars(m) for m in pipe.transformer.modules())
+
+    run = LayerAnalysis(pipe, PROMPTS, SETTINGS, names, groups, (4,), (), ranges, None, 0, len(PROMPTS), 0.95, SSIM)
+    prefix = run.probe.prefix
+    blocks = len(prefix.blocks)  # 2 double + 4 single blocks
+    assert prefix.skipped("x_embedder") == 0.0 and prefix.skipped("proj_out") == 1.0
+    assert prefix.skipped("transformer_blocks.1.attn.to_q") == pytest.approx(1 / blocks)
+    assert prefix.skipped("single_transformer_blocks.2.proj_out") == pytest.approx(4 / blocks)
+
+    # a record budget keeps the blocks that finish first: here two, so no probe skips more than two
+    two = len(run.ref.calls) * sum(t.numel() * t.element_size() for out in prefix.outputs[0][:2]
+                                    for t in (out if isinstance(out, tuple) else (out,)))
+    bounded = LayerAnalysis(pipe, PROMPTS, SETTINGS, names, groups, (4,), (), ranges, None, 0, len(PROMPTS), 0.95,
+                            SSIM, record_bytes=two).probe.prefix
+    assert bounded.depth == 2 and all(len(o) == 2 for o in bounded.outputs)
+    assert bounded.skipped("proj_out") == pytest.approx(2 / blocks)
+    assert bounded.skipped("transformer_blocks.1.attn.to_q") == pytest.approx(1 / blocks)
+    limited = analyze_sensitivity(pipe, PROMPTS, SETTINGS, record_bytes=two, **kwargs)
+    assert limited.to_dict()["layers"] == whole.to_dict()["layers"]

@@ -52,6 +52,7 @@ class Evaluations:
     formula: str
     mode: str = SAMPLER
     seconds: float | None = None
+    share: float = 1.0  # of the denoiser's MACs each evaluation computes (sensitivity probes skip earlier blocks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,9 +159,10 @@ class _Planner:
         """Sample rows of ``prompts`` images sampled over ``steps`` (default: the compile's) steps."""
         return int(prompts) * int(self.steps if steps is None else steps) * self.cfg
 
-    def add(self, stage, what, rows, bound, formula, mode=SAMPLER):
+    def add(self, stage, what, rows, bound, formula, mode=SAMPLER, share=1.0):
         head, sep, note = formula.partition("; ")  # the CFG factor belongs to the product, before any note
-        self.lines.append(Evaluations(stage, what, int(rows), bound, head + self._cfg_note() + sep + note, mode))
+        self.lines.append(Evaluations(stage, what, int(rows), bound, head + self._cfg_note() + sep + note, mode,
+                                      share=round(float(share), 4)))
 
     def _cfg_note(self) -> str:
         return " × 2 (CFG)" if self.cfg == 2 else ""
@@ -261,9 +263,25 @@ class _Planner:
             + " widths)"
         self.add("calibrate", "MixDQ sensitivity: FP reference run (records the trajectory)", self.rows(n_s), EXACT,
                  f"{n_s} sensitivity prompts × {self.steps} steps")
+        quality_layers = [n for n in decided if metric_for_group(self.adapter.layer_group(n, q.layer_groups)) != "ssim"]
+        order, share, depth = self.shape.block_order, 1.0, 0
+        if quality_layers and order is not None and q.sensitivity_record_gb > 0:
+            itemsize = self.arch.dtype.itemsize
+            depth = order.depth_within(int(q.sensitivity_record_gb * 1e9), self.rows(n_s), itemsize)
+            shares = order.shares(depth)
+            share = sum(shares.get(n, 1.0) for n in quality_layers) / len(quality_layers)
+            record["sensitivity_record"] = {"blocks": len(order.finished), "recorded_blocks": depth,
+                                            "bytes": order.record_bytes(depth, self.rows(n_s), itemsize),
+                                            "mean_probe_share": round(share, 4)}
+        if "sensitivity_record" in record:
+            self.add("calibrate", "MixDQ sensitivity: block record (one replay of the trajectory)", self.rows(n_s),
+                     EXACT, f"{n_s} sensitivity prompts × {self.steps} steps", REPLAY)
         self.add("calibrate", "MixDQ sensitivity: replayed probes (quality layers, SQNR)",
                  quality * per_layer * self.rows(n_s), EXACT,
-                 f"{quality} layers × {per_layer} probes {widths} × {n_s} prompts × {self.steps} steps", REPLAY)
+                 f"{quality} layers × {per_layer} probes {widths} × {n_s} prompts × {self.steps} steps"
+                 + (f"; each computes {share:.2f} of the denoiser on average (the first {depth} of "
+                    f"{len(order.finished)} blocks are recorded and skipped where they precede the layer)"
+                    if share < 1.0 else ""), REPLAY, share)
         self.add("calibrate", "MixDQ sensitivity: full-sampler probes (content layers, SSIM)",
                  content * per_layer * self.rows(n_s), EXACT,
                  f"{content} layers × {per_layer} probes {widths} × {n_s} prompts × {self.steps} steps")
@@ -402,11 +420,13 @@ class _Planner:
         cal_rows = min(cal.batch_size, cal.prompts) * self.cfg
         sens_rows = calibrate.get("sensitivity_prompts", 0) * self.cfg
         record = self.steps * sens_rows * self.shape.call_elements * b  # the FP trajectory the probes replay
+        # the block outputs the sensitivity probes' skipped blocks return, within its budget: kept in host memory
+        prefix_record = (calibrate.get("sensitivity_record") or {}).get("bytes", 0)
         context = quantized if calibrate.get("sensitivity_context_copy") else 0
         phases = {
             "calibrate: Hessian collection": pipeline + fp_copy + (in_flight if gpu else collect_peak) + act(cal_rows),
             "calibrate: sensitivity and GPTQ": pipeline + fp_copy + held + gptq + act(max(sens_rows, cal_rows))
-                                                 + record + context,
+                                                 + record + context + (0 if gpu else prefix_record),
         }
         rest = pipeline - den + quantized + fp_copy
         co = recipe.coefficients
@@ -427,7 +447,7 @@ class _Planner:
         staging = 0 if (self.job.init == "random" and arch.source.startswith("the shipped")) else pipeline
         export_host = packed + (pipeline - den if self.job.bundle else 0)
         if self.target.is_gpu:
-            device_peak, host_peak = working, max(staging, export_host, total_h)
+            device_peak, host_peak = working, max(staging, export_host, total_h + prefix_record)
         else:
             device_peak, host_peak = 0, max(working, rest + export_host)
         if self.target.memory_gb and device_peak > self.target.memory_gb * 1e9:
@@ -456,12 +476,14 @@ class _Planner:
             "activation_bytes_per_row": act_row, "cache_store_bytes_per_row": store_row,
             "batch_rows": {"calibration": cal_rows, "sensitivity": sens_rows, "cache_search": search_rows,
                            "guard": guard_rows},
-            "sensitivity_trajectory_bytes": record, "phases": phases,
+            "sensitivity_trajectory_bytes": record, "sensitivity_prefix_bytes": prefix_record,
+            "sensitivity_prefix_in": "host memory", "phases": phases,
             "device_peak_bytes": device_peak, "host_peak_bytes": host_peak,
-            "where": (f"the compile runs on the {self.target.label} (--device cuda): the pipeline, the Hessians and "
-                      "the activations live in device memory; the host holds "
+            "where": (f"the compile runs on the {self.target.label} (--device cuda): the pipeline and the "
+                      "activations live in device memory; the host holds "
                       + ("the pipeline while it loads, then " if staging else "")
-                      + "the packed artifact while it is written") if self.target.is_gpu else
+                      + "the packed artifact while it is written, and during calibration the GPTQ Hessians and "
+                      "the sensitivity record") if self.target.is_gpu else
                      "the compile runs on the CPU: everything is host memory",
         }
 
@@ -485,8 +507,8 @@ class _Planner:
         macs = self.shape.macs
         tflops = self.tflops_override or self.target.tflops(_dtype_name(self.arch.dtype))
         rate = tflops * 1e12 * self.fraction  # FLOP/s
-        self.lines_timed = [dataclasses.replace(e, seconds=(2 * e.sample_rows * macs["total"] / rate) if macs else None)
-                            for e in self.lines]
+        self.lines_timed = [dataclasses.replace(e, seconds=(2 * e.sample_rows * e.share * macs["total"] / rate)
+                                                if macs else None) for e in self.lines]
         by_stage: dict[str, float] = {}
         for e in self.lines_timed:
             by_stage[e.stage] = by_stage.get(e.stage, 0.0) + (e.seconds or 0.0)
@@ -535,6 +557,7 @@ class _MetaShapes:
     store_elements: int = 0
     call_elements: int = 0
     input_leader: dict = field(default_factory=dict)  # layer -> the layer whose input (and Hessian) it shares
+    block_order: object = None  # the repeated blocks in the order they finish (:class:`_BlockOrder`), with MACs
     error: str = ""
 
     @classmethod
@@ -561,9 +584,12 @@ class _MetaShapes:
             inputs, text = _meta_inputs(den, settings, arch, out.tokens)
             elements = _ElementHooks(den, out.blocks)
             linears = {n: m for n, m in den.named_modules() if isinstance(m, nn.Linear)}
-            with elements, SharedInputs(linears) as shared:
+            order = _BlockOrder(den, linears)
+            with elements, order, SharedInputs(linears) as shared:
                 measured, seen = measure_denoiser_macs(den, lambda: _call(den, inputs))
             out.input_leader = {n: lead for n, lead in shared.leader.items() if lead != n}
+            order.macs = measured
+            out.block_order = order
             out.activation_elements = elements.widest
             out.store_elements = sum(elements.slots.values())
             out.call_elements = sum(t.numel() for t in _tensors(inputs)) + elements.output
@@ -637,6 +663,62 @@ def _tensors(value):
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _tensors(v)
+
+
+class _BlockOrder:
+    """Which repeated blocks finish before each layer first runs, and how many elements the blocks output, on
+    one meta call: what :class:`calibrate.sensitivity._BlockPrefix` skips and records in a real one."""
+
+    def __init__(self, den: nn.Module, layers: dict[str, nn.Module]):
+        from calibrate.sensitivity import repeated_blocks
+
+        self.den, self.layers = den, layers
+        self.blocks = {id(b): name for name, b in den.named_modules() if any(b is r for r in repeated_blocks(den))}
+        self.finished: list[str] = []
+        self.elements: list[int] = []  # each finished block's output elements (batch 1)
+        self.before: dict[str, int] = {}
+        self.macs: dict[str, int] = {}
+        self.handles = []
+
+    def __enter__(self):
+        def done(_m, _args, out):
+            self.finished.append(self.blocks[id(_m)])
+            self.elements.append(sum(t.numel() for t in _tensors(out)))
+
+        def start(name):
+            def hook(_m, _args):
+                self.before.setdefault(name, len(self.finished))
+            return hook
+
+        modules = dict(self.den.named_modules())
+        self.handles = [modules[n].register_forward_hook(done) for n in self.blocks.values()]
+        self.handles += [m.register_forward_pre_hook(start(n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def depth_within(self, max_bytes: int, row_steps: int, itemsize: int) -> int:
+        """How many blocks (in finishing order) a record of ``row_steps`` calls keeps within ``max_bytes``."""
+        used = 0
+        for depth, elements in enumerate(self.elements):
+            used += row_steps * elements * itemsize
+            if used > max_bytes:
+                return depth
+        return len(self.elements)
+
+    def record_bytes(self, depth: int, row_steps: int, itemsize: int) -> int:
+        return row_steps * sum(self.elements[:depth]) * itemsize
+
+    def shares(self, depth: int) -> dict[str, float]:
+        """Per layer: 1 − (MACs of the recorded blocks that finished before it) / (the call's MACs)."""
+        total = sum(self.macs.values())
+        if not total:
+            return {}
+        block_macs = {b: sum(v for k, v in self.macs.items() if k.startswith(b + ".")) for b in self.finished}
+        return {n: 1.0 - sum(block_macs[b] for b in self.finished[:min(k, depth)]) / total
+                for n, k in self.before.items()}
 
 
 class _ElementHooks:

@@ -65,6 +65,9 @@ def render_text(plan) -> str:
             f"all {_gb(m['hessians']['total_bytes'])}, kept in {m['hessians']['held_in']} "
             f"({m['hessians']['shared_inputs']} layers share their input's); "
             f"GPTQ workspace {_gb(m['hessians']['gptq_workspace_bytes'])}"),
+            *([f"  sensitivity record    {_gb(m['sensitivity_prefix_bytes'])} of block outputs, kept in "
+               f"{m['sensitivity_prefix_in']} (the probes' skipped blocks return them)"]
+              if m.get("sensitivity_prefix_bytes") else []),
             f"  report FP copy        {m['fp_copy']}",
             f"  per sample row        activations ~{_gb(m['activation_bytes_per_row'])}, cache store "
             f"≤ {_gb(m['cache_store_bytes_per_row'])}; rows per call: "
