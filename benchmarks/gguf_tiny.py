@@ -55,8 +55,8 @@ def main(argv=None) -> None:
         pipe.transformer = load_gguf_denoiser(art, compute_dtype=torch.float32)
         load_s = time.perf_counter() - t0
         theirs = generate(pipe, prompts, settings, seed=0)
-        sizes = {rel: e["bytes"] for rel, e in manifest["files"].items() if rel.endswith((".safetensors", ".gguf"))
-                 and not rel.startswith("components/")}
+        sizes = {rel: e["bytes"] for rel, e in manifest["files"].items()
+                 if rel in manifest["denoiser"]["shards"] or rel.endswith(".gguf")}
         result = {"artifact": args.artifact, "bits": manifest["bits"], "prompts": len(prompts),
                   "psnr_gguf_vs_ours_wa16_db": [round(float(x), 2) for x in psnr(theirs, ours_a16)],
                   "psnr_gguf_vs_ours_artifact_widths_db": [round(float(x), 2) for x in psnr(theirs, ours_wa)],

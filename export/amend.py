@@ -74,6 +74,10 @@ def add_folder(path, folder: str, write: Callable[[Path], None], key: str, recor
         raise ArtifactError(f"export folder {folder!r} must be one plain name such as 'modelopt'")
     if key in ("files", "schema_version"):
         raise ArtifactError(f"manifest key {key!r} belongs to the artifact writer; choose another key")
+    from export.loader import pipeline_files
+
+    if folder in {rel.split("/")[0] for rel in pipeline_files(path, manifest)}:  # overwrite would replace it
+        raise ArtifactError(f"{folder!r} is a folder of the artifact's pipeline, not an export folder; choose another name")
     target = path / folder
     listed = [rel for rel in manifest["files"] if rel == folder or rel.startswith(folder + "/")]
     exists = os.path.lexists(target) or key in manifest or bool(listed)

@@ -4,7 +4,7 @@ Layout::
 
     out_dir/
         manifest.json            # sorted keys, indent=2, plain JSON types only
-        transformer.safetensors  # one or more shards; names may contain sub-folders
+        transformer/diffusion_pytorch_model.safetensors   # one or more shards; names may contain sub-folders
         report/data.json         # optional extra files (bytes), e.g. report data or onnx/model.onnx
         report.html              # optional views written by ``finalize``: not listed, so regenerable
 
@@ -70,7 +70,11 @@ __all__ = [
 #: Version of the on-disk layout. Bump it when a reader of the old version would misread a new artifact.
 #: 2: bit-plan layers may carry ``fp_tokens`` (with FP rows in the shards), ``weight_scale`` and
 #: ``rounding``, which a version-1 reader refuses as unknown keys; version-1 artifacts still load.
-SCHEMA_VERSION = 2
+#: 3: the denoiser is a diffusers component folder (``<attr>/config.json`` with a ``quantization_config``,
+#: ``<attr>/diffusion_pytorch_model.safetensors``) and a bundle lays its components out at the top level
+#: with ``model_index.json``, where version 2 had ``<attr>.safetensors`` and ``components/``; a version-2
+#: reader would look for the bundle in the wrong place. Versions 1 and 2 still load.
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".safetensors"
 #: Unlisted files an artifact may hold at its top level: views derived from listed files, read by no loader.

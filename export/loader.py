@@ -11,6 +11,7 @@ it fails instead of falling back to a ``.bin``. Whatever still goes wrong is one
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -48,6 +49,19 @@ def _diffusers_class(name: str, base: str | None = None):
     return cls
 
 
+def empty_quant_layers_(denoiser: torch.nn.Module, specs: dict[str, dict]) -> None:
+    """Put an empty :class:`QuantLayer` (meta device) in place of each layer ``specs`` names (the manifest's
+    ``layers``), for the stored tensors to fill: what :func:`export.load` and diffusers' ``from_pretrained``
+    (:mod:`export.diffusers_quantizer`) both do before loading weights."""
+    with torch.device("meta"):
+        for name, spec in specs.items():
+            layer = QuantLayer(spec["kind"], tuple(spec["weight_shape"]), spec["weight_bits"], spec["act_bits"],
+                               spec["group_size"], {k: tuple(v) if isinstance(v, list) else v for k, v in spec["conv_args"].items()},
+                               spec["has_bias"], getattr(torch, spec["dtype"]),
+                               fp_token_positions=tuple(spec.get("fp_tokens", ())))
+            set_submodule(denoiser, name, layer)
+
+
 def _meta_denoiser(manifest: dict):
     """The denoiser on the meta device with an empty :class:`QuantLayer` per manifest layer: (model, class, config)."""
     info = manifest["denoiser"]
@@ -55,12 +69,7 @@ def _meta_denoiser(manifest: dict):
     config = {k: v for k, v in info["config"].items() if not k.startswith("_")}
     with torch.device("meta"):
         denoiser = cls.from_config(config)
-        for name, spec in manifest["layers"].items():
-            layer = QuantLayer(spec["kind"], tuple(spec["weight_shape"]), spec["weight_bits"], spec["act_bits"],
-                               spec["group_size"], {k: tuple(v) if isinstance(v, list) else v for k, v in spec["conv_args"].items()},
-                               spec["has_bias"], getattr(torch, spec["dtype"]),
-                               fp_token_positions=tuple(spec.get("fp_tokens", ())))
-            set_submodule(denoiser, name, layer)
+    empty_quant_layers_(denoiser, manifest["layers"])
     return denoiser, cls, config
 
 
@@ -142,10 +151,36 @@ def _materialise_leftover_buffers(denoiser, cls, config) -> None:
         module.register_buffer(leaf, reference_buffers[name].clone(), persistent=False)
 
 
+def _bundle_root(path: Path, manifest: dict) -> Path:
+    """Where a bundle's ``model_index.json`` is: the artifact itself from schema 3, ``components/`` before."""
+    return path if manifest["schema_version"] >= 3 else path / "components"
+
+
+def pipeline_files(path: Path, manifest: dict) -> list[str]:
+    """The listed files diffusers may open when it loads the artifact: the denoiser's folder and every
+    component folder (those ``model_index.json`` names, which is what diffusers reads, and those the manifest
+    records), or ``components/`` before schema 3."""
+    files = manifest["files"]
+    if manifest["schema_version"] < 3:
+        return [rel for rel in files if rel.startswith("components/")]
+    denoiser, components = manifest.get("denoiser"), manifest.get("components")
+    folders = {c for c in components if isinstance(c, str)} if isinstance(components, list) else set()
+    if isinstance(denoiser, dict):
+        folders.add(denoiser.get("attr"))
+    if "model_index.json" in files:
+        try:
+            index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+            folders.update(k for k in index if not k.startswith("_"))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise ArtifactError(f"corrupt artifact {path}: model_index.json is not a JSON object "
+                                f"({_first_line(e)}); re-export it") from e
+    return [rel for rel in files if rel == "model_index.json" or rel.split("/")[0] in folders]
+
+
 def check_bundle(path: Path, manifest: dict) -> None:
-    """Refuse a bundle holding a pickle-capable file (listed or not) and parse every bundled safetensors
-    header, so a bad component is one clear error naming the file, before diffusers opens anything."""
-    listed = [rel for rel in manifest["files"] if rel.startswith("components/")]
+    """Refuse a pipeline folder holding a pickle-capable file (listed or not) and parse every safetensors header
+    there, so a bad component is one clear error naming the file, before diffusers opens anything."""
+    listed = pipeline_files(path, manifest)
     for rel in listed:
         if rel.lower().endswith(UNSAFE_SUFFIXES):
             raise ArtifactError(f"refusing artifact {path}: {rel!r} is a format that loads with pickle or runs code; "
@@ -162,8 +197,8 @@ def _other_components(manifest: dict, path: Path, denoiser):
     if manifest.get("bundle"):
         pipeline_cls = _diffusers_class(manifest["pipeline_class"], "DiffusionPipeline")
         try:  # use_safetensors: a missing .safetensors is an error, never a fallback to a .bin pickle
-            return pipeline_cls.from_pretrained(str(path / "components"), local_files_only=True, use_safetensors=True,
-                                                **{attr: denoiser})
+            return pipeline_cls.from_pretrained(str(_bundle_root(path, manifest)), local_files_only=True,
+                                                use_safetensors=True, **{attr: denoiser})
         except torch.OutOfMemoryError:
             raise
         except _LOAD_ERRORS as e:
@@ -227,6 +262,9 @@ def load(path, device: str = "cpu", verify: bool = True, runtime: str = "simulat
                             f"({_first_line(e)}); re-export it") from e
     pipe.set_progress_bar_config(disable=True)
     pipe.qsched_manifest = manifest
+    if runtime != "onnx":  # diffusers' LoRA calls (load_lora_weights, set_adapters, ...) on the quantized layers
+        from export.lora import prepare_lora
+        prepare_lora(pipe, manifest["denoiser"]["attr"])
     pipe.qsched_compile = compile_denoiser(getattr(pipe, manifest["denoiser"]["attr"]), mode)
     if manifest.get("generation"):  # pipe(prompt) draws at the settings the artifact was compiled and measured at
         from qsched.runtime.generation import GenerationSettings, with_call_defaults

@@ -244,6 +244,12 @@ class OnnxDenoiser(*_diffusers_bases()):
     rather than silently computed differently).
     """
 
+    def load_lora_adapter(self, *args, **kwargs):
+        """Refused with one line (what ``pipe.load_lora_weights`` calls): the graph's weights are fixed."""
+        from export.lora import LoraError
+        raise LoraError("a LoRA cannot be loaded into the ONNX runtime, whose graph holds fixed weights; load the "
+                        "artifact with runtime='simulated' or 'native' to use LoRAs")
+
     def __init__(self, root: Path, record: dict, denoiser_info: dict, device: str | torch.device = "cpu",
                  providers: list | None = None, threads: int | None = None):
         super().__init__()

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsched.runtime.apply import set_submodule
-from qsched.runtime.qlayers import QuantLayer, quantized_forward, with_fp_tokens
+from qsched.runtime.qlayers import CastableQuantized, QuantLayer, quantized_forward, with_fp_tokens
 from qsched.core.errors import ArtifactError
 
 from export.packing import NIBBLE_BITS, check_packed, pack_int
@@ -101,7 +101,7 @@ def _act_qparams(layer: QuantLayer) -> tuple[float, int]:
     return float(layer.act_scale), int(layer.act_zero_point)
 
 
-class NativeInt8Linear(nn.Module):
+class NativeInt8Linear(CastableQuantized):
     """Static W8A8 (weights 5-8 bits, activations ≤8 bits) linear on ``torch._int_mm``.
 
     Buffers: ``qweight`` int8 [N, K] (the artifact's codes), ``out_scale`` fp32 [N, G] = s_x * s_w,
@@ -167,7 +167,7 @@ class NativeInt8Linear(nn.Module):
                 f"groups={self.groups}, path=int8_mm")
 
 
-class NativeDequantLayer(nn.Module):
+class NativeDequantLayer(CastableQuantized):
     """Linear or conv whose weight is dequantized on the fly from the stored codes (never cached).
 
     Weights of ≤4 bits are held packed (``packed`` uint8, two codes per byte); 5-8 bits as int8 ``qweight``;

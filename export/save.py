@@ -3,6 +3,11 @@
 The denoiser is stored as packed integer codes plus scales (two int4 codes per byte for widths ≤ 4, int8
 otherwise), FP tensors for everything not quantized, and a manifest describing every layer, so that
 :func:`export.loader.load` can rebuild it without pickle and without the source denoiser's weights.
+
+The denoiser is written as a diffusers component folder (``<attr>/config.json`` carrying a
+``quantization_config``, ``<attr>/diffusion_pytorch_model.safetensors``) and a bundle as ``save_pretrained``
+lays a pipeline out (``model_index.json``, ``vae/``, ...), so diffusers' own ``from_pretrained`` loads the
+artifact too (:mod:`export.diffusers_quantizer`).
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from qsched.runtime.qlayers import QuantLayer
 from export.format import write_artifact
 from export.packing import pack_int
 
-DENOISER_SHARD = "{attr}.safetensors"
+#: The denoiser's weights inside its folder: the name diffusers' ``from_pretrained`` looks for.
+DENOISER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def layer_specs(denoiser: torch.nn.Module) -> dict[str, dict]:
@@ -84,8 +90,9 @@ def _finite_config(class_name: str, config: dict) -> dict:
 
 
 def bundle_shards_and_files(pipe, denoiser_attr: str) -> tuple[dict, dict]:
-    """Every pipeline component except the denoiser, as saved by ``save_pretrained`` (for ``--bundle``).
-    A Q-Sched scheduler is bundled as its diffusers base; the coefficients live in the manifest."""
+    """Every pipeline component except the denoiser, as saved by ``save_pretrained`` (for ``--bundle``), at
+    the paths it saved them to, ``model_index.json`` included. A Q-Sched scheduler is bundled as its
+    diffusers base; the coefficients live in the manifest."""
     from qsched.runtime.schedulers import QSchedScheduler
 
     shards, files = {}, {}
@@ -102,7 +109,7 @@ def bundle_shards_and_files(pipe, denoiser_attr: str) -> tuple[dict, dict]:
             rel = path.relative_to(root)
             if not path.is_file() or rel.parts[0] == denoiser_attr:
                 continue
-            target = f"components/{rel.as_posix()}"
+            target = rel.as_posix()
             if path.suffix == ".safetensors":
                 shards[target] = load_file(path)
             else:
@@ -116,17 +123,21 @@ def save_quantized(out_dir, pipe, denoiser_attr: str, plan: BitPlan, manifest: d
     """Write the artifact atomically; ``manifest`` carries the compile's results, this adds the layer specs
     and, given the source denoiser's parameter count, the measured size against BF16. ``finalize(tmp_dir)``
     adds unlisted views (``report.html``) before the rename (see :func:`export.format.write_artifact`)."""
+    from export.diffusers_quantizer import component_config
+
     denoiser = getattr(pipe, denoiser_attr)
+    config = json.loads(denoiser.to_json_string())
+    specs = layer_specs(denoiser)
     manifest = dict(manifest)
     manifest.update({
-        "denoiser": {"attr": denoiser_attr, "class": type(denoiser).__name__,
-                     "config": json.loads(denoiser.to_json_string()),
-                     "shards": [DENOISER_SHARD.format(attr=denoiser_attr)]},
+        "denoiser": {"attr": denoiser_attr, "class": type(denoiser).__name__, "config": config,
+                     "shards": [f"{denoiser_attr}/{DENOISER_WEIGHTS}"]},
         "pipeline_class": type(pipe).__name__,
         "bit_plan": plan.to_dict(),
-        "layers": layer_specs(denoiser),
+        "layers": specs,
         "scheduler": scheduler_record(pipe.scheduler),
         "bundle": bool(bundle),
+        "components": [],
     })
     tensors = denoiser_tensors(denoiser)
     shards = {manifest["denoiser"]["shards"][0]: tensors}
@@ -135,8 +146,10 @@ def save_quantized(out_dir, pipe, denoiser_attr: str, plan: BitPlan, manifest: d
         packed = sum(t.numel() * t.element_size() for t in tensors.values())
         manifest["metrics"] = {**manifest.get("metrics", {}), "size": size_metrics(fp_params, packed)}
     files = dict(extra_files or {})
+    files[f"{denoiser_attr}/config.json"] = component_config(config, specs, denoiser.dtype)
     if bundle:
         extra_shards, extra = bundle_shards_and_files(pipe, denoiser_attr)
         shards.update(extra_shards)
         files.update(extra)
+        manifest["components"] = sorted({rel.split("/")[0] for rel in [*extra_shards, *extra] if "/" in rel})
     return write_artifact(out_dir, manifest, shards, files, overwrite=overwrite, finalize=finalize)

@@ -9,8 +9,13 @@ The package's layers (imports point downward only; ``.importlinter`` holds the c
 ``cache_search/``, ``coefficients``) → ``distributed`` → ``models``/``scoring`` → ``tinyworld`` → ``metrics``
 → ``recipe`` → ``runtime`` → ``core``. ``compile`` and ``Artifact`` are imported on first use, so importing
 any lower layer (as ``export.load`` does) never pulls in the compiler and its solvers.
+
+Importing qsched registers its quantizer with diffusers (``export/__init__.py``), so diffusers' own
+``from_pretrained`` loads artifacts too; diffusers itself is not imported for that.
 """
 from qsched.core.version import __version__  # noqa: E402
+
+import export as _export  # noqa: E402,F401  registers the diffusers quantizer (cheap: see export/__init__.py)
 
 __all__ = ["Artifact", "compile", "plan", "__version__"]
 

@@ -100,13 +100,13 @@ def test_corrupt_artifact_fails_to_load_with_a_clear_error(tiny_pipeline_dir, tm
     assert main(["--model", str(tiny_pipeline_dir), "--bits", "w4a8", "--out", str(tmp_path / "art"),
                  "--eval-prompts", "0", "--quiet", "--recipe", str(_small_recipe(tmp_path)),
                  "--uniform", "--no-qsched", "--no-cache-search"]) == 0
-    shard = tmp_path / "art" / "transformer.safetensors"
+    shard = tmp_path / "art" / "transformer" / "diffusion_pytorch_model.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     import export
     from qsched.core.errors import ArtifactError
-    with pytest.raises(ArtifactError, match="transformer.safetensors"):
+    with pytest.raises(ArtifactError, match="transformer/diffusion_pytorch_model.safetensors"):
         export.load(tmp_path / "art")
 
 

@@ -85,7 +85,7 @@ def test_artifact_holds_packed_weights_of_every_quantized_layer(compiled):
 def test_manifest_records_plan_sources_versions_and_checksums(compiled):
     m = json.loads((compiled.path / "manifest.json").read_text())
     assert m["schema_version"] == SCHEMA_VERSION
-    assert set(m["files"]) >= {"transformer.safetensors"}
+    assert set(m["files"]) >= {"transformer/diffusion_pytorch_model.safetensors", "transformer/config.json"}
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
     assert m["source"]["kind"] == "local" and len(m["source"]["denoiser_sha256"]) == 64
     gptq = any(lp.get("rounding") == "gptq" for lp in m["bit_plan"]["layers"].values())

@@ -23,9 +23,9 @@ import torch
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "mkfifo"), reason="needs POSIX fork")]
 
-VAE = "components/vae/diffusion_pytorch_model.safetensors"
-CLIP = "components/text_encoder/model.safetensors"
-SHARD = "transformer.safetensors"
+VAE = "vae/diffusion_pytorch_model.safetensors"
+CLIP = "text_encoder/model.safetensors"
+SHARD = "transformer/diffusion_pytorch_model.safetensors"
 
 HARNESS = r'''
 import io, json, os, pickle, _pickle, signal, sys, traceback
@@ -161,14 +161,19 @@ def _swap_for_pickle(safetensors_rel, *names, listed=True, payload=None):
     return prepare
 
 
-def _pickle_named(rel):
-    """Overwrite a listed safetensors with a pickle under the same name, and re-list it (checksums match)."""
+def _relisted(rel, data):
+    """Replace a listed file's bytes and re-list it (checksums match): only its content is wrong."""
     def prepare(d, outside):
-        (d / rel).write_bytes(_pickle_bytes())
+        (d / rel).write_bytes(data)
         m = _manifest(d)
         m["files"][rel] = _entry(d / rel)
         _save(d, m)
     return prepare
+
+
+def _pickle_named(rel):
+    """Overwrite a listed safetensors with a pickle under the same name, and re-list it (checksums match)."""
+    return _relisted(rel, _pickle_bytes())
 
 
 def _truncate(relist):
@@ -213,7 +218,7 @@ def _link_outside(rel):
 
 def _link_inside(d, outside):
     """config.json becomes a link to a listed copy of itself inside the artifact."""
-    rel, copy = "components/vae/config.json", "components/vae_config.json"
+    rel, copy = "vae/config.json", "vae_config.json"
     shutil.copy(d / rel, d / copy)
     (d / rel).unlink()
     os.symlink("../vae_config.json", d / rel)
@@ -228,7 +233,7 @@ def _unlisted_link(d, outside):
     (d / VAE).unlink()
     m["files"].pop(VAE)
     _save(d, m)
-    os.symlink(outside / "evil.bin", d / "components/vae/diffusion_pytorch_model.bin")
+    os.symlink(outside / "evil.bin", d / "vae/diffusion_pytorch_model.bin")
 
 
 def _list_outside(how):
@@ -284,42 +289,45 @@ CASES = {
                                       "DiffusionPipeline belongs", "simulated", True),
     "manifest-not-json": (_write("manifest.json", b"{not json"), "not valid JSON", "simulated", True),
     "manifest-not-an-object": (_write("manifest.json", b"[1, 2]"), "not a JSON object", "simulated", True),
-    "missing-listed-file": (lambda d, o: (d / "components/vae/config.json").unlink(), "is missing", "simulated", True),
+    "missing-listed-file": (lambda d, o: (d / "vae/config.json").unlink(), "is missing", "simulated", True),
     "component-weights-removed": (_remove_weights, "bundled components", "simulated", True),
     "extra-unlisted-file": (_write("notes.txt", b"hi"), "is not listed", "simulated", True),
     "extra-unlisted-folder": (_write(".onnx.tmp-1234/model.onnx", b"x"), "does not list", "simulated", True),
-    "special-file": (lambda d, o: os.mkfifo(d / "components/vae/fifo"), "not a regular file", "simulated", True),
+    "special-file": (lambda d, o: os.mkfifo(d / "vae/fifo"), "not a regular file", "simulated", True),
     # pickles under every weight-file name diffusers and transformers look for, unlisted and listed
-    "diffusers-bin-unlisted": (_swap_for_pickle(VAE, "components/vae/diffusion_pytorch_model.bin", listed=False),
+    "diffusers-bin-unlisted": (_swap_for_pickle(VAE, "vae/diffusion_pytorch_model.bin", listed=False),
                                "is not listed", "simulated", True),
-    "diffusers-bin-unlisted-no-verify": (_swap_for_pickle(VAE, "components/vae/diffusion_pytorch_model.bin",
+    "diffusers-bin-unlisted-no-verify": (_swap_for_pickle(VAE, "vae/diffusion_pytorch_model.bin",
                                                           listed=False), "is not listed", "native", False),
-    "diffusers-bin-listed": (_swap_for_pickle(VAE, "components/vae/diffusion_pytorch_model.bin"),
+    "diffusers-bin-listed": (_swap_for_pickle(VAE, "vae/diffusion_pytorch_model.bin"),
                              "loads with pickle", "simulated", True),
-    "diffusers-bin-crafted": (_swap_for_pickle(VAE, "components/vae/diffusion_pytorch_model.bin", payload=_crafted),
+    "diffusers-bin-crafted": (_swap_for_pickle(VAE, "vae/diffusion_pytorch_model.bin", payload=_crafted),
                               "loads with pickle", "simulated", True),
-    "diffusers-bin-sharded": (_swap_for_pickle(VAE, "components/vae/diffusion_pytorch_model.bin.index.json",
-                                               "components/vae/diffusion_pytorch_model-00001-of-00001.bin"),
+    "diffusers-bin-sharded": (_swap_for_pickle(VAE, "vae/diffusion_pytorch_model.bin.index.json",
+                                               "vae/diffusion_pytorch_model-00001-of-00001.bin"),
                               "loads with pickle", "simulated", True),
-    "diffusers-flax": (_swap_for_pickle(VAE, "components/vae/diffusion_flax_model.msgpack"), "loads with pickle",
+    "diffusers-flax": (_swap_for_pickle(VAE, "vae/diffusion_flax_model.msgpack"), "loads with pickle",
                        "simulated", True),
-    "diffusers-ckpt": (_swap_for_pickle(VAE, "components/vae/model.ckpt"), "loads with pickle", "simulated", True),
-    "diffusers-pt": (_swap_for_pickle(VAE, "components/vae/diffusion_pytorch_model.pt"), "loads with pickle",
+    "diffusers-ckpt": (_swap_for_pickle(VAE, "vae/model.ckpt"), "loads with pickle", "simulated", True),
+    "diffusers-pt": (_swap_for_pickle(VAE, "vae/diffusion_pytorch_model.pt"), "loads with pickle",
                      "simulated", True),
-    "diffusers-pth": (_swap_for_pickle(VAE, "components/vae/diffusion_pytorch_model.pth"), "loads with pickle",
+    "diffusers-pth": (_swap_for_pickle(VAE, "vae/diffusion_pytorch_model.pth"), "loads with pickle",
                       "simulated", True),
-    "transformers-bin-unlisted": (_swap_for_pickle(CLIP, "components/text_encoder/pytorch_model.bin", listed=False),
+    "transformers-bin-unlisted": (_swap_for_pickle(CLIP, "text_encoder/pytorch_model.bin", listed=False),
                                   "is not listed", "simulated", True),
-    "transformers-bin-listed": (_swap_for_pickle(CLIP, "components/text_encoder/pytorch_model.bin"),
+    "transformers-bin-listed": (_swap_for_pickle(CLIP, "text_encoder/pytorch_model.bin"),
                                 "loads with pickle", "simulated", True),
-    "transformers-bin-sharded": (_swap_for_pickle(CLIP, "components/text_encoder/pytorch_model.bin.index.json",
-                                                  "components/text_encoder/pytorch_model-00001-of-00001.bin"),
+    "transformers-bin-sharded": (_swap_for_pickle(CLIP, "text_encoder/pytorch_model.bin.index.json",
+                                                  "text_encoder/pytorch_model-00001-of-00001.bin"),
                                  "loads with pickle", "simulated", True),
-    "transformers-tf-h5": (_swap_for_pickle(CLIP, "components/text_encoder/tf_model.h5"), "loads with pickle",
+    "transformers-tf-h5": (_swap_for_pickle(CLIP, "text_encoder/tf_model.h5"), "loads with pickle",
                            "simulated", True),
-    "transformers-flax": (_swap_for_pickle(CLIP, "components/text_encoder/flax_model.msgpack"), "loads with pickle",
+    "transformers-flax": (_swap_for_pickle(CLIP, "text_encoder/flax_model.msgpack"), "loads with pickle",
                           "simulated", True),
-    "code-file-listed": (_swap_for_pickle(CLIP, "components/text_encoder/modeling_evil.py"), "runs code",
+    "denoiser-bin-listed": (_swap_for_pickle(SHARD, "transformer/diffusion_pytorch_model.bin"), "loads with pickle",
+                            "native", True),
+    "model-index-not-json": (_relisted("model_index.json", b"{not json"), "model_index.json", "simulated", True),
+    "code-file-listed": (_swap_for_pickle(CLIP, "text_encoder/modeling_evil.py"), "runs code",
                          "simulated", True),
     "component-safetensors-is-pickle": (_pickle_named(VAE), "cannot be read as safetensors", "simulated", True),
     "text-encoder-safetensors-is-pickle": (_pickle_named(CLIP), "cannot be read as safetensors", "simulated", True),
@@ -328,7 +336,7 @@ CASES = {
     # symlinks and paths that lead outside
     "symlink-file-outside": (_link_outside(VAE), "symbolic link", "simulated", True),
     "symlink-file-inside": (_link_inside, "symbolic link", "simulated", True),
-    "symlink-components-dir": (_link_outside("components"), "symbolic link", "simulated", True),
+    "symlink-component-dir": (_link_outside("vae"), "symbolic link", "simulated", True),
     "symlink-manifest": (_link_outside("manifest.json"), "symbolic link", "simulated", True),
     "symlink-unlisted-pickle": (_unlisted_link, "symbolic link", "simulated", False),
     "listed-path-dotdot": (_list_outside("dotdot"), "unsafe file path", "simulated", True),

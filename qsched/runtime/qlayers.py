@@ -20,7 +20,32 @@ from torch import nn
 from qsched.runtime.quantizers import dequantize_weight, fake_quantize_activation, quantize_weight
 
 
-class QuantLayer(nn.Module):
+#: Buffers that stay fp32 whatever dtype the model is cast to: the scales calibration chose, which bf16 would
+#: round by up to 2^-8 of themselves (and every dequantized weight with them).
+FP32_BUFFERS = ("weight_scale", "act_scale", "out_scale")
+
+
+class CastableQuantized(nn.Module):
+    """A quantized layer that follows ``model.to(dtype)`` (``half()``, ``pipe.to(torch.bfloat16)``, ...) as an FP
+    layer would: FP tensors and ``compute_dtype`` take the new dtype, integer codes keep theirs, and the
+    :data:`FP32_BUFFERS` are moved but never rounded."""
+
+    compute_dtype: torch.dtype
+
+    def _apply(self, fn, recurse=True):
+        kept = {key: self._buffers[key] for key in FP32_BUFFERS if self._buffers.get(key) is not None}
+        super()._apply(fn, recurse)
+        for key, scale in kept.items():
+            moved = self._buffers[key]
+            if moved.dtype != scale.dtype:  # cast with the rest: take the original, on the new device
+                self._buffers[key] = scale.to(moved.device)
+        target = fn(torch.empty(0, dtype=self.compute_dtype))  # what fn does to an FP tensor of the compute dtype
+        if isinstance(target, torch.Tensor) and target.is_floating_point():
+            self.compute_dtype = target.dtype
+        return self
+
+
+class QuantLayer(CastableQuantized):
     """A linear or 2-D convolution with quantized weights and optionally fake-quantized input activations."""
 
     def __init__(self, kind: str, weight_shape: tuple[int, ...], weight_bits: int | None, act_bits: int | None,
@@ -178,6 +203,15 @@ class FPTokenRows(nn.Module):
         self.register_buffer("fp_token_inputs", layer.fp_token_inputs.detach().clone())
         self.register_buffer("fp_token_outputs", layer.fp_token_outputs.detach().clone())
         self.path = getattr(inner, "path", type(inner).__name__)
+
+    @property
+    def in_features(self) -> int:
+        """The wrapped layer's sizes, which pipelines and peft's LoRA layers read."""
+        return self.inner.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.inner.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return substitute_fp_tokens(self, x, self.inner(x))
