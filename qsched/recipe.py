@@ -269,10 +269,19 @@ class ReportConfig(_Config):
     #: a second, side-by-side FP copy of the denoiser (for the RTN baseline and quality with FP as the
     #: reference) is kept only when the FP denoiser is at most this many GB; 0 never keeps one
     fp_copy_max_gb: float = 2.0
+    #: the runtime the latency column and sample images come from: ``native`` (the integer and packed layers
+    #: ``export.load(path, runtime="native")`` deploys) or ``simulated`` (the compile's own layers)
+    runtime: str = "native"
+    #: ``torch.compile`` for the timed runs, FP and quantized alike, as ``export.load(compile=...)`` applies
+    #: it: ``off``, ``full`` or ``regional`` (a warm-up run per point pays the compile before timing)
+    compile: str = "off"
 
     def validate(self) -> None:
         self._require(0 <= self.samples <= 64 and 1 <= self.repeats <= 20,
                       "samples must lie in [0, 64] and report.repeats in [1, 20]")
+        self._require(self.runtime in ("native", "simulated"), f"runtime must be native or simulated; got {self.runtime!r}")
+        self._require(self.compile in ("off", "full", "regional"),
+                      f"compile must be off, full or regional; got {self.compile!r}")
         self._require(0.0 <= self.fp_copy_max_gb < float("inf"),
                       f"fp_copy_max_gb must be 0 or more; got {self.fp_copy_max_gb!r}")
 

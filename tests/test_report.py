@@ -57,7 +57,8 @@ def test_compile_writes_report_files_and_page(art):
     files = manifest["files"]
     assert "report/data.json" in files and any(k.startswith("report/images/") and k.endswith(".png") for k in files)
     assert (art / "report.html").is_file() and "report.html" not in files  # derived view: not checksummed
-    assert manifest["recipe"]["report"] == {"samples": 3, "repeats": 2, "fp_copy_max_gb": 2.0}
+    assert manifest["recipe"]["report"] == {"samples": 3, "repeats": 2, "fp_copy_max_gb": 2.0, "runtime": "native",
+                                            "compile": "off"}
     assert manifest["timings_s"]["report"] > 0
     assert not list(art.parent.glob(".*tmp*"))
 
@@ -89,6 +90,7 @@ def test_collect_is_plain_json_with_every_point(data, art):
         assert p["measured"] and p["reason"] == ""
         assert 0 <= p["quality"] <= 1 and p["macs"] > 0 and 0 < p["mac_fraction"] <= 1 and p["latency_s"] > 0
         assert len(p["latency_runs"]) == 2 and len(p["images"]) == 3
+        assert p["latency_note"] == ("FP, eager" if p["variant"] == "fp" else "native runtime, eager")
         assert all(uri.startswith("data:image/png;base64,") for uri in p["images"])
         if p["variant"] == "compiled":
             assert p["size_bytes"] == size["artifact_denoiser_bytes"]
@@ -167,12 +169,39 @@ def test_artifact_without_report_data_still_gets_a_report(art_copy):
     assert "report-data" in render_html(data)
 
 
+def test_latency_runs_on_the_deployed_runtime(tiny_report_artifact):
+    """The timed twin of a quantized denoiser has native layers (one twin per model) and the configured compile;
+    the measured models keep their simulated, eager layers."""
+    import copy
+
+    from export.runtime_torch import NativeDequantLayer, NativeInt8Linear
+    from qsched.report.measure import ReportProbe, _Variant
+    from qsched.runtime.qlayers import QuantLayer
+
+    pipe = tiny_report_artifact.compiled_pipeline
+    den, fp = pipe.transformer, copy.deepcopy(pipe.transformer)
+    probe = ReportProbe("transformer", None, [], 1, 0, runtime="native", compile="regional")
+    out = probe._deployed({"a": _Variant(den, pipe.scheduler), "b": _Variant(den, pipe.scheduler, "s"),
+                           "fp": _Variant(fp, pipe.scheduler)})
+    twin = out["a"].denoiser
+    assert twin is out["b"].denoiser and out["b"].schedule == "s" and twin is not den
+    assert not any(isinstance(m, QuantLayer) for m in twin.modules())
+    assert any(isinstance(m, (NativeInt8Linear, NativeDequantLayer)) for m in twin.modules())
+    assert sum(isinstance(m, QuantLayer) for m in den.modules()) > 0  # the measured model is untouched
+    compiled = lambda model: [b for b in model.transformer_blocks if b._compiled_call_impl is not None]  # noqa: E731
+    assert compiled(twin) and compiled(out["fp"].denoiser) and not compiled(den) and not compiled(fp)
+
+
 def test_recipe_report_knobs_are_validated():
     assert parse_recipe({"report": {"samples": 0, "repeats": 1}}).report.samples == 0
     with pytest.raises(RecipeError, match="report.samples"):
         parse_recipe({"report": {"samples": -1}})
     with pytest.raises(RecipeError, match="'sample'.*valid keys: samples, repeats"):
         parse_recipe({"report": {"sample": 3}})
+    with pytest.raises(RecipeError, match="runtime must be native or simulated"):
+        parse_recipe({"report": {"runtime": "onnx"}})
+    with pytest.raises(RecipeError, match="compile must be off, full or regional"):
+        parse_recipe({"report": {"compile": "max"}})
 
 
 # --- the page -----------------------------------------------------------------------------------------
@@ -224,7 +253,7 @@ def test_qcompile_report_regenerates_only_the_page(art_copy, capsys):
     assert (art_copy / "manifest.json").read_bytes() == manifest
     read_manifest(art_copy, verify=True)  # the loader's verification still passes
     assert sorted(p.name for p in art_copy.iterdir()) == ["manifest.json", "report", "report.html",
-                                                          "transformer.safetensors"]  # no temp file left
+                                                          "transformer"]  # no temp file left
 
 
 def test_an_edited_page_does_not_break_loading(art_copy):

@@ -442,7 +442,8 @@ class _Planner:
             phases["cache_search"] = rest + max(act(search_rows) + search_rows * store_row,
                                                 act(guard_rows) + guard_rows * store_row)
         rtn = self.fp_param_bytes + quantized if self.fp_copy and not self.spec.is_fractional else 0
-        phases["export and report"] = rest + rtn + act(max(S, recipe.cache_search.prompts) * self.cfg)
+        native = quantized if S and recipe.report.runtime == "native" else 0  # the report's deployable twin (≤ this)
+        phases["export and report"] = rest + rtn + native + act(max(S, recipe.cache_search.prompts) * self.cfg)
         working = max(phases.values())
         staging = 0 if (self.job.init == "random" and arch.source.startswith("the shipped")) else pipeline
         export_host = packed + (pipeline - den if self.job.bundle else 0)

@@ -24,7 +24,10 @@ reference, so all points share one scale on which FP is the reference. The searc
 Latency: the generation of the sample prompts (one batch), timed ``repeats`` times per point in
 interleaved rounds, so a drift in machine load hits every point alike; the median is reported. With the
 FP copy the FP point runs side by side with the others; without it (a large model), FP is timed on the
-same prompts at load time.
+same prompts at load time. The quantized points are timed, and their sample images drawn, on the runtime a
+user deploys (the recipe's ``report.runtime``: ``native`` by default, a twin of the compiled denoiser built
+by :func:`export.runtime_torch.to_native_`), compiled as ``report.compile`` says, FP with the same compile;
+quality is scored on the simulated layers, which the native ones match to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -108,9 +111,10 @@ class ReportProbe:
     """Collects the report's measurements across a compile: :meth:`begin` at the load stage (FP is still
     in memory), :meth:`finish` at the export stage; ``finish`` returns the files to store."""
 
-    def __init__(self, attr: str, settings, samples: list[str], repeats: int, seed: int):
+    def __init__(self, attr: str, settings, samples: list[str], repeats: int, seed: int, runtime: str = "simulated",
+                 compile: str = "off"):
         self.attr, self.settings, self.samples, self.repeats = attr, settings, list(samples), int(repeats)
-        self.seed = int(seed)
+        self.seed, self.runtime, self.compile = int(seed), runtime, compile
         self.fp: _Variant | None = None  # a copy of the FP model, where it is cheap
         self.fp_record: dict = {}  # FP measured at load (without the copy)
         self.seconds = 0.0
@@ -119,7 +123,7 @@ class ReportProbe:
     def begin(cls, pipe, attr: str, settings, samples: list[str], config, fp_copy: bool, seed: int) -> "ReportProbe":
         """Keep a copy of the FP model (``fp_copy``: it is cheap), or time FP's sample generation now."""
         start = time.perf_counter()
-        probe = cls(attr, settings, samples[:config.samples], config.repeats, seed)
+        probe = cls(attr, settings, samples[:config.samples], config.repeats, seed, config.runtime, config.compile)
         if fp_copy:
             probe.fp = _Variant(copy.deepcopy(getattr(pipe, attr)), copy.deepcopy(pipe.scheduler))
         elif probe.samples:
@@ -220,8 +224,9 @@ class ReportProbe:
                 "sample_source": f"the first {len(self.samples)} calibration prompts",
                 "seed": self.seed, "settings": self.settings.to_dict(),
                 "latency": {"repeats": self.repeats, "statistic": "median", "batch": len(self.samples),
-                            "device": str(getattr(pipe, "device", "cpu")),
-                            "fp": "side by side" if self.fp is not None else "at load, before quantization"},
+                            "device": str(getattr(pipe, "device", "cpu")), "runtime": self.runtime,
+                            "compile": self.compile,
+                            "fp": "side by side" if self.fp is not None else "at load, before quantization (eager)"},
                 "quality": quality_note, "points": [p.to_dict() for p in points],
                 "layer_order": _layer_order(getattr(pipe, self.attr))}
         return data, files
@@ -271,16 +276,22 @@ class ReportProbe:
         if not self.samples:
             return files
         live = [p for p in points if p.variant_setup is not None]
+        deployed = self._deployed({p.id: p.variant_setup for p in live})
         runs: dict[str, list[float]] = {p.id: [] for p in live}
         images: dict[str, object] = {}
+        if self.compile != "off":  # the first call of each point pays its compile: not timed
+            for p in live:
+                with configured(pipe, self.attr, deployed[p.id]):
+                    _timed_samples(pipe, self.samples, self.settings, self.seed)
         for _ in range(self.repeats):
             for p in live:
-                with configured(pipe, self.attr, p.variant_setup):
+                with configured(pipe, self.attr, deployed[p.id]):
                     imgs, seconds = _timed_samples(pipe, self.samples, self.settings, self.seed)
                 runs[p.id].append(seconds)
                 images.setdefault(p.id, imgs)
         for p in live:
             p.record.update(latency_s=statistics.median(runs[p.id]), latency_runs=runs[p.id])
+            p.record.setdefault("latency_note", self._latency_note(p.variant != "fp"))
         fp = next(p for p in points if p.id == "fp")
         if "_images" in fp.record:
             images["fp"] = fp.record.pop("_images")
@@ -298,6 +309,35 @@ class ReportProbe:
                 from qsched.metrics import psnr
                 p.record["sample_psnr_vs_fp"] = [float(v) for v in psnr(images[p.id], reference)]
         return files
+
+
+    def _deployed(self, setups: dict[str, _Variant]) -> dict[str, _Variant]:
+        """Each point's variant with the denoiser a user deploys: the native twin of a quantized denoiser (one
+        per distinct denoiser, so the points of one model share it), compiled as configured; FP keeps its
+        layers and gets the same compile."""
+        from export.loader import compile_denoiser
+        from export.runtime_torch import native_layer
+        from qsched.runtime.qlayers import QuantLayer, with_fp_tokens
+
+        twins: dict[int, object] = {}
+        out = {}
+        for pid, setup in setups.items():
+            den = setup.denoiser
+            if id(den) not in twins:
+                layers = [m for m in den.modules() if isinstance(m, QuantLayer)]
+                twin = den
+                if layers and self.runtime == "native":  # the copy takes each quantized layer's native twin instead
+                    twin = copy.deepcopy(den, {id(m): with_fp_tokens(native_layer(m), m) for m in layers})
+                if self.compile != "off":
+                    twin = copy.deepcopy(twin) if twin is den else twin  # the measured model stays eager
+                    compile_denoiser(twin, self.compile)
+                twins[id(den)] = twin
+            out[pid] = _Variant(twins[id(den)], setup.scheduler, setup.schedule)
+        return out
+
+    def _latency_note(self, quantized: bool) -> str:
+        compiled = "eager" if self.compile == "off" else f"torch.compile ({self.compile})"
+        return f"{self.runtime} runtime, {compiled}" if quantized else f"FP, {compiled}"
 
 
 def _layer_order(denoiser) -> list[str]:
