@@ -110,12 +110,12 @@ def ort_session(module: nn.Module, inputs: dict, threads: int, accuracy_level: i
 
 
 def quant_layer(weight: torch.Tensor, bias: torch.Tensor, weight_bits: int, act_bits: int | None,
-                act_range: tuple[float, float]) -> QuantLayer:
+                act_range: tuple[float, float], format: str = "int") -> QuantLayer:
     linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
-    return QuantLayer.from_module(linear, weight_bits, act_bits, act_range if act_bits else None)
+    return QuantLayer.from_module(linear, weight_bits, act_bits, act_range if act_bits else None, format=format)
 
 
 def bench_linear(in_features: int, out_features: int, tokens: list[int], repeat: int, warmup: int,
@@ -216,12 +216,13 @@ def capture_step(pipe, batch: int) -> tuple[dict, dict[str, tuple[float, float]]
     return captured, ranges
 
 
-def quantized_copy(denoiser: nn.Module, ranges: dict, weight_bits: int, act_bits: int | None) -> nn.Module:
+def quantized_copy(denoiser: nn.Module, ranges: dict, weight_bits: int, act_bits: int | None,
+                   format: str = "int") -> nn.Module:
     model = copy.deepcopy(denoiser)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name in ranges:
             set_submodule(model, name, QuantLayer.from_module(module, weight_bits, act_bits,
-                                                              ranges[name] if act_bits else None))
+                                                              ranges[name] if act_bits else None, format=format))
     return model.eval()
 
 

@@ -5,8 +5,10 @@ compiled variants is the compile; its time is reported separately):
 
 1. FLUX-size linears (3072 -> 12288, the single-stream MLP up-projection, and with ``--down`` the
    12288 -> 3072 down-projection) at ``--tokens`` rows: fp32, native W8A8 (``torch._int_mm``, input
-   quantization and rescale included) and native W4A8 (packed nibbles dequantized per call), each eager and
-   compiled (``export.loader.compile_denoiser``, the path ``export.load(compile=...)`` takes).
+   quantization and rescale included), native W4A8 (packed nibbles dequantized per call) and FP8 W8A8
+   (``export.runtime_torch.NativeFP8Linear``: e4m3 codes; on this CPU its exact fp32 emulation, the path every
+   device without FP8 tensor cores takes), each eager and compiled (``export.loader.compile_denoiser``, the
+   path ``export.load(compile=...)`` takes).
 2. One denoiser step of flux-tiny (``qsched.models.registry.load_pipeline("flux-tiny")``), batch
    ``--batch``, the same variants, plus each output's distance from fp32 eager.
 
@@ -15,6 +17,7 @@ by default (``--threads``), so numbers are comparable on a shared machine.
 
     python benchmarks/runtime_speed.py --threads 1 --repeats 5
     python benchmarks/runtime_speed.py --tokens 64 --repeats 1 --skip-denoiser     # smoke test
+    python benchmarks/runtime_speed.py --tokens 1024 4096 --skip "native W8A8"     # without the slow int8 rows
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.loader import compile_denoiser
-from export.runtime_torch import NativeDequantLayer, NativeInt8Linear, to_native_
+from export.runtime_torch import NativeDequantLayer, NativeFP8Linear, NativeInt8Linear, to_native_
 from runtime_latency import capture_step, median_seconds, quant_layer, quantized_copy
 
 CPU = torch.device("cpu")
@@ -60,22 +63,29 @@ def compiled(module: nn.Module) -> nn.Module:
     return module
 
 
-def eager_and_compiled(variants: dict[str, nn.Module]) -> dict[str, nn.Module]:
+#: ``--skip`` values: the variant families (each runs eager and compiled)
+FAMILIES = ("native W8A8", "native W4A8", "FP8 emulated")
+
+
+def eager_and_compiled(variants: dict[str, nn.Module], skip=()) -> dict[str, nn.Module]:
     out = {}
     for name, module in variants.items():
+        if name in skip:
+            continue
         out[f"{name} eager"] = module
         out[f"{name} compiled"] = compiled(module)
     return out
 
 
-def linear_rows(in_features: int, out_features: int, tokens: list[int], repeats: int) -> list[dict]:
+def linear_rows(in_features: int, out_features: int, tokens: list[int], repeats: int, skip=()) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.02
     bias = torch.randn(out_features, generator=gen) * 0.01
     variants = eager_and_compiled({
         "fp32": _Linear(weight, bias),
         "native W8A8": NativeInt8Linear(quant_layer(weight, bias, 8, 8, ACT_RANGE)),
-        "native W4A8": NativeDequantLayer(quant_layer(weight, bias, 4, 8, ACT_RANGE))})
+        "native W4A8": NativeDequantLayer(quant_layer(weight, bias, 4, 8, ACT_RANGE)),
+        "FP8 emulated": NativeFP8Linear(quant_layer(weight, bias, 8, 8, ACT_RANGE, format="fp8"))}, skip)
     rows = []
     for m in tokens:
         x = torch.randn(m, in_features, generator=gen) * 1.5
@@ -104,8 +114,8 @@ def denoiser_rows(batch: int, repeats: int) -> list[dict]:
     inputs, ranges = capture_step(pipe, batch)
     fp32 = pipe.transformer.eval()
     natives = {}
-    for label, wb in (("native W8A8", 8), ("native W4A8", 4)):
-        natives[label] = quantized_copy(fp32, ranges, wb, 8)
+    for label, wb, fmt in (("native W8A8", 8, "int"), ("native W4A8", 4, "int"), ("FP8 emulated", 8, "fp8")):
+        natives[label] = quantized_copy(fp32, ranges, wb, 8, fmt)
         to_native_(natives[label])
     variants = eager_and_compiled({"fp32": fp32, **natives})
     tokens = inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1]
@@ -131,6 +141,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch", type=int, default=1, help="images per flux-tiny denoiser step")
     p.add_argument("--skip-linear", action="store_true")
     p.add_argument("--skip-denoiser", action="store_true")
+    p.add_argument("--skip", nargs="+", choices=FAMILIES, default=[],
+                   help="leave these variants out of the linear rows (native W8A8 takes minutes per call at 4096 "
+                        "tokens on a CPU without VNNI)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), cpu {torch.backends.cpu.get_cpu_capability()}")
@@ -138,7 +151,7 @@ def main(argv=None) -> list[dict]:
     if not args.skip_linear:
         shapes = [(3072, 12288)] + ([(12288, 3072)] if args.down else [])
         for k, n in shapes:
-            rows += linear_rows(k, n, args.tokens, args.repeats)
+            rows += linear_rows(k, n, args.tokens, args.repeats, args.skip)
     if not args.skip_denoiser:
         rows += denoiser_rows(args.batch, args.repeats)
     print("\n" + markdown(rows))

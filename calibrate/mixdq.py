@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from qsched.models.adapters import adapter_for
-from qsched.core.bits import WEIGHT_WIDTHS, BitSpec
+from qsched.core.bits import FP8_NEEDS_UNIFORM, WEIGHT_WIDTHS, BitSpec
 from qsched.core.errors import QschedError
 from qsched.runtime.generation import GenerationSettings
 
@@ -67,6 +67,8 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
     """
     from calibrate.calibration import collect_statistics
 
+    if spec.format == "fp8":
+        raise QschedError(FP8_NEEDS_UNIFORM)
     layers, keep_fp, groups, group_size = config.layers, list(config.keep_fp), config.layer_groups, config.group_size
     weight_widths, act_widths, weight_scale = list(config.weight_widths), list(config.act_widths), config.weight_scale
     min_weight_bits = width_floor(config.min_weight_bits, config.rounding)

@@ -65,7 +65,7 @@ from qsched.core.errors import QschedError
 
 from qsched.runtime.apply import set_submodule
 from qsched.core.bitplan import BitPlan, LayerPlan
-from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.qlayers import QuantLayer, refuse_fp8
 from qsched.runtime.quantizers import activation_qparams, fake_quantize_activation, quantize_weight, weight_qmax
 
 ACTIVATION_MODES = ("affine", "symmetric")
@@ -189,6 +189,7 @@ def planned_layers(denoiser: nn.Module, plan: BitPlan | None = None,
     for name, lp in plan.layers.items():
         module = denoiser.get_submodule(name)
         lq = LayerQuant(_kind(module), _weight_shape(module), lp.weight_bits, lp.act_bits, lp.group_size)
+        refuse_fp8([lp.format, getattr(module, "format", "int")], "the modelopt bridge")
         if isinstance(module, QuantLayer):
             if (module.weight_bits, module.act_bits, module.group_size) != (lp.weight_bits, lp.act_bits, lp.group_size):
                 raise ValueError(f"{name}: the denoiser's layer (w={module.weight_bits}, a={module.act_bits}, "

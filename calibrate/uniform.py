@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 
+from torch import nn
+
 from qsched.models.adapters import ModelAdapter
 from qsched.core.bits import BitSpec
 
@@ -14,7 +16,9 @@ def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int
                  keep_fp: list[str] | None = None, groups: dict[str, str] | None = None,
                  weight_scale: str = "max") -> BitPlan:
     """One width for all layers; layers matching a ``keep_fp`` glob stay FP, and the plan says so.
-    ``weight_scale``: ``"max"`` (plain RTN) or ``"mse"`` (clipped scales, qsched.runtime.quantizers)."""
+    ``weight_scale``: ``"max"`` (plain RTN) or ``"mse"`` (clipped scales, qsched.runtime.quantizers).
+    An ``fp8`` spec puts every linear layer at FP8 e4m3 (per-channel weight scales: no group size, no
+    ``weight_scale`` choice); convolutions stay FP, since FP8 here is a linear-layer format."""
     act_bits = spec.act_bits if spec.quantize_activations else None
     plan = BitPlan(method="uniform-rtn", target=str(spec))
     for name, module in adapter.quantizable_layers(denoiser).items():
@@ -23,6 +27,11 @@ def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int
         width = group_size_for(module, group_size)
         if kept:
             plan.layers[name] = LayerPlan(None, None, group, None, f"kept FP by recipe pattern {kept!r}", module.weight.numel())
+        elif spec.format == "fp8" and isinstance(module, nn.Linear):
+            plan.layers[name] = LayerPlan(8, 8, group, None, "uniform fp8", module.weight.numel(), format="fp8")
+        elif spec.format == "fp8":
+            plan.layers[name] = LayerPlan(None, None, group, None, "FP8 covers linear layers; convolutions stay FP",
+                                          module.weight.numel())
         else:
             plan.layers[name] = LayerPlan(spec.uniform_weight_bits, act_bits, group, width, f"uniform {spec}",
                                           module.weight.numel(),

@@ -30,7 +30,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from qsched.runtime.qlayers import FP32_BUFFERS, QuantLayer
 
 from export.loader import empty_quant_layers_
-from export.packing import unpack_int
+from export.packing import check_fp8_codes, unpack_int
 
 __all__ = ["QUANT_METHOD", "QschedConfig", "QschedQuantizer", "component_config", "register"]
 
@@ -111,7 +111,10 @@ class QschedQuantizer(DiffusersQuantizer):
         layer = model.get_submodule(owner)
         if leaf == "qweight":
             spec = self.layers[owner]
-            value = unpack_int(state_dict[param_name], spec["weight_bits"], tuple(spec["weight_shape"]))
+            if spec.get("format", "int") == "fp8":  # e4m3 codes are stored as they are, one byte each
+                value = check_fp8_codes(state_dict[param_name], tuple(spec["weight_shape"]))
+            else:
+                value = unpack_int(state_dict[param_name], spec["weight_bits"], tuple(spec["weight_shape"]))
         elif leaf in FP32_BUFFERS:
             value = state_dict[param_name]
         else:

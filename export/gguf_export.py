@@ -348,6 +348,7 @@ def export_gguf(path, overwrite: bool = False, verify: bool = True) -> dict:
 
     from export.amend import add_folder
     from export.format import MANIFEST_NAME, load_shard, read_manifest
+    from qsched.runtime.qlayers import refuse_fp8
 
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
@@ -355,6 +356,7 @@ def export_gguf(path, overwrite: bool = False, verify: bool = True) -> dict:
         raise ArtifactError(f"{path} already has a GGUF export; pass overwrite=True (--overwrite) to replace it")
     info = manifest["denoiser"]
     arch = check_family(info["class"], str(path))
+    refuse_fp8((spec.get("format") for spec in manifest["layers"].values()), "--export gguf")
     tensors = {}
     for shard in info["shards"]:
         tensors.update(load_shard(path, shard))

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from qsched.runtime.apply import set_submodule
-from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.qlayers import LAYER_FORMATS, QuantLayer
 from qsched.core.errors import ArtifactError
 
 from export.format import SHARD_SUFFIX, load_shard, open_shard, read_manifest
-from export.packing import unpack_int
+from export.packing import check_fp8_codes, unpack_int
 
 #: Files a bundled component may not hold, listed or not: formats diffusers or transformers would unpickle
 #: (``.bin``, ``.pt``, ``.ckpt``, sharded ``.bin`` indexes, ...) or import (``.py``), or read in place of
@@ -58,7 +58,7 @@ def empty_quant_layers_(denoiser: torch.nn.Module, specs: dict[str, dict]) -> No
             layer = QuantLayer(spec["kind"], tuple(spec["weight_shape"]), spec["weight_bits"], spec["act_bits"],
                                spec["group_size"], {k: tuple(v) if isinstance(v, list) else v for k, v in spec["conv_args"].items()},
                                spec["has_bias"], getattr(torch, spec["dtype"]),
-                               fp_token_positions=tuple(spec.get("fp_tokens", ())))
+                               fp_token_positions=tuple(spec.get("fp_tokens", ())), format=layer_format(name, spec))
             set_submodule(denoiser, name, layer)
 
 
@@ -71,6 +71,15 @@ def _meta_denoiser(manifest: dict):
         denoiser = cls.from_config(config)
     empty_quant_layers_(denoiser, manifest["layers"])
     return denoiser, cls, config
+
+
+def layer_format(name: str, spec: dict) -> str:
+    """A manifest layer's number format (``"int"`` when the spec names none, as every artifact before FP8 did)."""
+    fmt = spec.get("format", "int")
+    if not isinstance(fmt, str) or fmt not in LAYER_FORMATS:
+        raise ArtifactError(f"artifact layer {name} has format {fmt!r}, which this qsched does not know (known: "
+                            f"{', '.join(LAYER_FORMATS)}); the artifact is corrupt or from a newer qsched")
+    return fmt
 
 
 def _check_tensor_names(denoiser, names) -> None:
@@ -87,8 +96,9 @@ def build_denoiser(manifest: dict, tensors: dict[str, torch.Tensor]) -> torch.nn
     state = dict(tensors)
     for name, spec in manifest["layers"].items():
         if spec["weight_bits"] is not None:
-            key = f"{name}.qweight"
-            state[key] = unpack_int(state[key], spec["weight_bits"], tuple(spec["weight_shape"]))
+            key, shape = f"{name}.qweight", tuple(spec["weight_shape"])
+            state[key] = check_fp8_codes(state[key], shape) if layer_format(name, spec) == "fp8" else \
+                unpack_int(state[key], spec["weight_bits"], shape)
     _check_tensor_names(denoiser, state)
     denoiser.load_state_dict(state, assign=True, strict=True)
     _materialise_leftover_buffers(denoiser, cls, config)

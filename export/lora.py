@@ -26,12 +26,12 @@ from qsched.core.errors import QschedError
 from qsched.runtime.qlayers import FPTokenRows, QuantLayer
 from qsched.runtime.schedulers import QSchedScheduler
 
-from export.runtime_torch import NativeDequantLayer, NativeInt8Linear
+from export.runtime_torch import NativeDequantLayer, NativeFP8Linear, NativeInt8Linear
 
 __all__ = ["LoraError", "QUANTIZED_LAYER_TYPES", "prepare_lora", "quantized_lora_layers"]
 
 #: The layers qsched puts in place of ``nn.Linear``: what a LoRA may target in a compressed denoiser.
-QUANTIZED_LAYER_TYPES = (QuantLayer, NativeInt8Linear, NativeDequantLayer, FPTokenRows)
+QUANTIZED_LAYER_TYPES = (QuantLayer, NativeInt8Linear, NativeFP8Linear, NativeDequantLayer, FPTokenRows)
 
 
 class LoraError(QschedError, ValueError):

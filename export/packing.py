@@ -28,7 +28,8 @@ import torch
 
 from qsched.core.errors import ArtifactError
 
-__all__ = ["NIBBLE_BITS", "BYTE_BITS", "SUPPORTED_BITS", "pack_int", "unpack_int", "check_packed", "packed_nbytes"]
+__all__ = ["NIBBLE_BITS", "BYTE_BITS", "SUPPORTED_BITS", "pack_int", "unpack_int", "check_packed", "packed_nbytes",
+           "check_fp8_codes"]
 
 #: Bit widths stored two codes per byte.
 NIBBLE_BITS = (2, 3, 4)
@@ -179,3 +180,17 @@ def check_packed(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
                 f"[{lo}, {hi}]; clamp the codes or use more bits"
             )
     return flat
+
+
+def check_fp8_codes(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An FP8 layer's stored codes, checked: e4m3 codes are not packed (one byte each, stored in the shard
+    as safetensors' F8_E4M3), so the check is their dtype and shape. Returns ``stored`` reshaped (a view)."""
+    shape = tuple(int(d) for d in shape)
+    if not isinstance(stored, torch.Tensor) or stored.dtype != torch.float8_e4m3fn:
+        got = stored.dtype if isinstance(stored, torch.Tensor) else type(stored).__name__
+        raise ArtifactError(f"fp8 weights must be stored as torch.float8_e4m3fn, got {got}; the recorded format "
+                            "does not match the stored tensor, re-export the artifact")
+    if stored.numel() != math.prod(shape):
+        raise ArtifactError(f"fp8 weights for shape {list(shape)} need {math.prod(shape)} codes, got {stored.numel()}; "
+                            "the shard is corrupt or the manifest is wrong, re-export the artifact")
+    return stored.detach().reshape(shape)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from qsched.runtime.apply import set_submodule
-from qsched.runtime.qlayers import QuantLayer, with_fp_tokens
+from qsched.runtime.qlayers import QuantLayer, refuse_fp8, with_fp_tokens
 from qsched.runtime.quantizers import dequantize_weight
 from qsched.core.errors import QschedError
 
@@ -136,6 +136,7 @@ def bnb_layer(layer: QuantLayer, four_bit: str = "nf4", blocksize: int = 64, thr
     """
     if four_bit not in FOUR_BIT_TYPES:
         raise QschedError(f"unknown 4-bit type {four_bit!r}; use one of {', '.join(FOUR_BIT_TYPES)}")
+    refuse_fp8([layer.format], "the bitsandbytes runtime")
     device = torch.device(device) if device is not None else next(layer.buffers()).device
     in_features = layer.qweight.shape[1] if layer.weight_bits is not None else None
     cpu_block_bug = device.type == "cpu" and layer.weight_bits is not None and layer.weight_bits <= 4 \
@@ -155,6 +156,7 @@ def to_bnb_(denoiser: nn.Module, four_bit: str = "nf4", blocksize: int = 64, thr
     """Replace every :class:`QuantLayer` in ``denoiser`` (in place); returns how many became each layer type."""
     counts: dict[str, int] = {}
     targets = [(name, m) for name, m in denoiser.named_modules() if isinstance(m, QuantLayer)]
+    refuse_fp8((m.format for _, m in targets), "the bitsandbytes runtime")
     if targets and any(m.kind == "linear" and m.weight_bits is not None for _, m in targets):
         require_bitsandbytes(device or next(targets[0][1].buffers()).device)  # fail before changing anything
     for name, module in targets:

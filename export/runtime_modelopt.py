@@ -36,6 +36,7 @@ from qsched.core.bitplan import BitPlan
 from calibrate.modelopt_bridge import (ACTIVATION_MODES, check_against_reference, require_modelopt, summarize,
                                        to_modelopt)
 from qsched.core.errors import ArtifactError
+from qsched.runtime.qlayers import refuse_fp8
 
 from export.amend import add_folder
 from export.format import load_shard, read_manifest
@@ -83,6 +84,8 @@ def export_modelopt(path, activations: str = "symmetric", overwrite: bool = Fals
     import modelopt.torch.opt as mto
 
     path = Path(path)
+    layers = read_manifest(path, verify=False)["layers"]  # checked before any work; verified just below
+    refuse_fp8((spec.get("format") for spec in layers.values()), "--export modelopt")
     model, manifest, table = modelopt_denoiser(path, activations, verify=verify)
     attr = manifest["denoiser"]["attr"]
     checkpoint = f"{FOLDER}/{attr}.pth"

@@ -19,6 +19,11 @@ keeps only what the artifact stores and does the arithmetic a deployment would d
   compute dtype and runs a float matmul, with activations fake-quantized exactly as in simulation.
 * **W(5-8)A16 and conv layers** — :class:`NativeDequantLayer` with int8 codes (or packed nibbles),
   dequantized on the fly.
+* **FP8 (e4m3) linear** — :class:`NativeFP8Linear`: the input is quantized to e4m3 with the layer's static
+  per-tensor scale, the e4m3 x e4m3 product accumulates in fp32 and is rescaled by ``s_x`` and the
+  per-channel ``s_w``: ``torch._scaled_mm`` on CUDA devices of compute capability 8.9 or newer (Ada, Hopper),
+  and elsewhere an exact emulation (:func:`fp8_matmul`): a product of two e4m3 values has at most 8
+  significant bits, so every product is exact in fp32 and only the fp32 sum's order differs from the kernel.
 
 Loading: :func:`export.loader.build_native_denoiser` (what ``export.load(..., runtime="native")`` uses)
 builds each native layer straight from the artifact's stored tensors (:class:`StoredLayer`,
@@ -43,13 +48,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsched.runtime.apply import set_submodule
-from qsched.runtime.qlayers import CastableQuantized, QuantLayer, quantized_forward, with_fp_tokens
+from qsched.runtime.qlayers import CastableQuantized, QuantLayer, format_labels, quantized_forward, with_fp_tokens
+from qsched.runtime.quantizers import quantize_activation_fp8
 from qsched.core.errors import ArtifactError
 
-from export.packing import NIBBLE_BITS, check_packed, pack_int
+from export.packing import NIBBLE_BITS, check_fp8_codes, check_packed, pack_int
 
-__all__ = ["NativeInt8Linear", "NativeDequantLayer", "StoredLayer", "native_layer", "native_from_stored", "to_native_",
-           "int_mm", "unpack_nibbles", "int_matmul_eligible"]
+__all__ = ["NativeInt8Linear", "NativeFP8Linear", "NativeDequantLayer", "StoredLayer", "native_layer",
+           "native_from_stored", "to_native_", "int_mm", "fp8_matmul", "fp8_kernel_available", "unpack_nibbles",
+           "int_matmul_eligible"]
 
 _ACT_OFFSET = 128  # unsigned activation code q in [0, 255] -> int8 code q - 128
 
@@ -88,7 +95,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int_matmul_eligible(layer: QuantLayer) -> bool:
     """Whether a simulated layer can run as :class:`NativeInt8Linear` (see the module docstring)."""
-    if layer.kind != "linear" or layer.weight_bits is None or layer.act_bits is None:
+    if layer.kind != "linear" or layer.weight_bits is None or layer.act_bits is None or layer.format != "int":
         return False
     if not (5 <= layer.weight_bits <= 8 and layer.act_bits <= 8):
         return False
@@ -167,6 +174,68 @@ class NativeInt8Linear(CastableQuantized):
                 f"groups={self.groups}, path=int8_mm")
 
 
+def fp8_kernel_available(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` has FP8 tensor-core kernels on ``device``: CUDA, compute capability ≥ 8.9."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul(x_codes: torch.Tensor, w_codes: torch.Tensor, act_scale: torch.Tensor, weight_scale: torch.Tensor,
+               kernel: bool) -> torch.Tensor:
+    """fp32 ``[M, N]`` = ``(Σ_k x_k · w_nk) · s_x · s_w[n]`` for e4m3 ``x_codes [M, K]`` and ``w_codes [N, K]``.
+
+    ``kernel``: ``torch._scaled_mm`` with the per-tensor scales ``s_x`` and 1 and an fp32 output, then the
+    per-channel ``s_w`` (the tensor-wise kernel takes an fp32 output on every FP8 GPU; the row-wise one wants
+    bf16 below sm90 and an [M, 1] activation scale). Its CUDA shape rules: K and N multiples of 16, any M.
+    Otherwise the same formula emulated in fp32: the codes decode exactly, their products are exact in fp32, and
+    the sum is fp32, so the two differ only by summation order. ``act_scale`` is a 0-dim fp32 tensor,
+    ``weight_scale`` fp32 ``[N, 1]``.
+    """
+    if kernel:
+        acc = torch._scaled_mm(x_codes, w_codes.t(), scale_a=act_scale, scale_b=act_scale.new_ones(()),
+                               out_dtype=torch.float32)
+    else:
+        acc = torch.mm(x_codes.float(), w_codes.float().t()).mul_(act_scale)
+    return acc.mul_(weight_scale.t())
+
+
+class NativeFP8Linear(CastableQuantized):
+    """Static FP8 W8A8 linear: e4m3 weights with per-channel scales, e4m3 inputs with the calibrated per-tensor
+    scale, fp32 accumulation (:func:`fp8_matmul`: the GPU kernel where there is one, the exact emulation
+    elsewhere). Buffers: ``qweight`` e4m3 [N, K] (the artifact's codes), ``weight_scale`` fp32 [N, 1],
+    ``act_scale`` fp32 0-dim, ``bias`` in the compute dtype.
+    """
+
+    path = "fp8_mm"
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__()
+        if layer.format != "fp8":
+            raise ArtifactError(f"layer ({layer.extra_repr()}) is not an fp8 layer; use native_layer")
+        self.kind, self.weight_bits, self.act_bits, self.group_size = "linear", 8, 8, None
+        self.format, self.compute_dtype = "fp8", layer.compute_dtype
+        codes = layer.qweight.detach().contiguous()
+        self.out_features, self.in_features = codes.shape
+        self.scale = float(layer.act_scale)  # a Python constant for the input quantization (no sync per call)
+        self.register_buffer("qweight", codes)
+        self.register_buffer("weight_scale", layer.weight_scale.detach().float().reshape(-1, 1).clone())
+        self.register_buffer("act_scale", torch.tensor(self.scale, dtype=torch.float32, device=codes.device))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        # the kernel's shape rules (fp8_matmul); a layer that misses them runs the emulation on any device
+        self.kernel_shapes = self.in_features % 16 == 0 and self.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q = quantize_activation_fp8(x.reshape(-1, self.in_features), self.scale)
+        kernel = self.kernel_shapes and x.is_cuda and fp8_kernel_available(x.device)
+        y = fp8_matmul(q, self.qweight, self.act_scale, self.weight_scale, kernel)
+        if self.bias is not None:
+            y = y.add_(self.bias.float())
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w=fp8, a=fp8, path=fp8_mm"
+
+
 class NativeDequantLayer(CastableQuantized):
     """Linear or conv whose weight is dequantized on the fly from the stored codes (never cached).
 
@@ -179,7 +248,7 @@ class NativeDequantLayer(CastableQuantized):
         super().__init__()
         self.kind, self.weight_bits, self.act_bits, self.group_size = layer.kind, layer.weight_bits, layer.act_bits, layer.group_size
         self.conv_args = dict(layer.conv_args)
-        self.compute_dtype = layer.compute_dtype
+        self.compute_dtype, self.format = layer.compute_dtype, layer.format
         if layer.act_bits is not None:
             self.act_scale, self.act_zero_point = _act_qparams(layer)
         packed = getattr(layer, "packed", None)  # a StoredLayer's bytes, already in pack_int's layout
@@ -201,7 +270,7 @@ class NativeDequantLayer(CastableQuantized):
                 self.weight_shape = tuple(layer.qweight.shape)
                 codes = layer.qweight.detach()
                 self.register_buffer("qweight", codes.contiguous().clone())
-                self.path = "dequant-int8"
+                self.path = "dequant-fp8" if self.format == "fp8" else "dequant-int8"
             self.register_buffer("weight_scale", layer.weight_scale.detach().float().clone())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.out_features, self.in_features = self.weight_shape[:2]  # pipelines read these (SDXL's add_embedding)
@@ -224,8 +293,7 @@ class NativeDequantLayer(CastableQuantized):
         return quantized_forward(self, x, getattr(self, "act_scale", 0.0), getattr(self, "act_zero_point", 0))
 
     def extra_repr(self) -> str:
-        w = "fp" if self.weight_bits is None else f"int{self.weight_bits}"
-        a = "fp" if self.act_bits is None else f"int{self.act_bits}"
+        w, a = format_labels(self)
         return f"{self.kind}, shape={self.weight_shape}, w={w}, a={a}, path={self.path}"
 
 
@@ -248,6 +316,7 @@ class StoredLayer:
         self.kind, self.weight_bits, self.act_bits = template.kind, template.weight_bits, template.act_bits
         self.group_size, self.conv_args = template.group_size, dict(template.conv_args)
         self.compute_dtype, self.fp_token_positions = template.compute_dtype, template.fp_token_positions
+        self.format = template.format
         expected = template.state_dict(keep_vars=True)
         missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
         if missing or unexpected:
@@ -263,6 +332,10 @@ class StoredLayer:
             self.weight_shape = tuple(self.weight.shape)
         else:
             self.weight_shape = tuple(template.qweight.shape)
+        if self.format == "fp8":  # e4m3 codes are stored as they are: checked, not unpacked
+            self.qweight = check_fp8_codes(tensors["qweight"], self.weight_shape)
+            self.weight_scale = tensors["weight_scale"]
+        elif self.weight_bits is not None:
             flat = check_packed(tensors["qweight"], self.weight_bits, self.weight_shape)  # validated, not copied
             if self.weight_bits in NIBBLE_BITS:
                 self.packed = flat
@@ -277,7 +350,9 @@ class StoredLayer:
 
 def native_layer(layer: QuantLayer, int_matmul: bool = True) -> nn.Module:
     """The deployment layer for one simulated (or :class:`StoredLayer`) layer (integer matmul when eligible and
-    ``int_matmul``)."""
+    ``int_matmul``; an fp8 layer's FP8 matmul unless ``int_matmul`` is off)."""
+    if int_matmul and layer.format == "fp8":
+        return NativeFP8Linear(layer)
     if int_matmul and int_matmul_eligible(layer):
         return NativeInt8Linear(layer)
     return NativeDequantLayer(layer)

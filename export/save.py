@@ -1,7 +1,7 @@
 """Quantized pipeline → artifact directory.
 
 The denoiser is stored as packed integer codes plus scales (two int4 codes per byte for widths ≤ 4, int8
-otherwise), FP tensors for everything not quantized, and a manifest describing every layer, so that
+otherwise; FP8 layers' e4m3 codes as safetensors F8_E4M3), FP tensors for everything not quantized, and a manifest describing every layer, so that
 :func:`export.loader.load` can rebuild it without pickle and without the source denoiser's weights.
 
 The denoiser is written as a diffusers component folder (``<attr>/config.json`` carrying a
@@ -38,18 +38,21 @@ def layer_specs(denoiser: torch.nn.Module) -> dict[str, dict]:
                            "conv_args": {k: list(v) if isinstance(v, tuple) else v for k, v in module.conv_args.items()},
                            "has_bias": module.bias is not None, "dtype": str(module.compute_dtype).removeprefix("torch."),
                            "weight_bits": module.weight_bits, "act_bits": module.act_bits, "group_size": module.group_size}
+            if module.format != "int":  # omitted for integer layers: their manifests stay as before
+                specs[name]["format"] = module.format
             if module.fp_token_positions:  # BOS rows served in FP; their tensors are in the shard
                 specs[name]["fp_tokens"] = list(module.fp_token_positions)
     return specs
 
 
 def denoiser_tensors(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The denoiser's state with every integer weight packed; keys are module paths plus tensor names."""
+    """The denoiser's state with every integer weight packed; keys are module paths plus tensor names. FP8 codes
+    are stored as they are (safetensors' F8_E4M3: one byte each, nothing to pack)."""
     tensors = {}
     quant = {name: m for name, m in denoiser.named_modules() if isinstance(m, QuantLayer)}
     for key, value in denoiser.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if leaf == "qweight" and owner in quant:
+        if leaf == "qweight" and owner in quant and quant[owner].format == "int":
             value = pack_int(value, quant[owner].weight_bits)
         tensors[key] = value.detach().contiguous().cpu()
     return tensors

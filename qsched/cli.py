@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   qcompile --model flux-schnell --bits w4a8
   qcompile --model ./my-local-pipeline --bits w8a8 --uniform --bundle
   qcompile --model flux-schnell --init random --bits w4a8 --device cuda
+  qcompile --model flux-tiny --bits fp8 --uniform           # FP8 e4m3 W8A8 (torch._scaled_mm on sm89+ GPUs)
   qcompile --model flux-schnell --bits w3.5a8 --device cuda --ray auto   # sensitivity and cache search on Ray
   qcompile --model flux-schnell --init random --bits w4a8 --plan --plan-device h100   # cost it, compile nothing
   qcompile --model flux-schnell --init random --width-scale 0.0625 --bits w4a8 --scorer ./tiny-clip   # rehearse it
@@ -151,6 +152,10 @@ def _validate(args, spec) -> None:
         if args.no_cache_search:
             raise QschedError("--cache-budget picks a cache-search point, but --no-cache-search skips the search; "
                               "drop one of them")
+    if spec.format == "fp8":  # before the compile: no export has an FP8 form yet, each would refuse it after
+        from qsched.runtime.qlayers import refuse_fp8
+        for name in args.export:
+            refuse_fp8([spec.format], f"--export {name}")
     if spec.is_fractional and args.uniform:
         raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; use an integer "
                           "weight width with --uniform, or drop --uniform")

@@ -25,6 +25,9 @@ class LayerPlan:
     weight_scale: str = "max"
     #: how the weights were rounded: "rtn" (round-to-nearest) or "gptq" (calibrate.gptq)
     rounding: str = "rtn"
+    #: the number format of the quantized sides: "int" (integer codes) or "fp8" (e4m3 weights and activations,
+    #: weight_bits = act_bits = 8; qsched.runtime.quantizers)
+    format: str = "int"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -35,6 +38,8 @@ class LayerPlan:
             del data["weight_scale"]
         if data["rounding"] == "rtn":
             del data["rounding"]
+        if data["format"] == "int":
+            del data["format"]
         return data
 
 

@@ -1,7 +1,11 @@
-"""The ``--bits`` grammar: ``w{2,3,4,5,6,8}a{4,8,16}`` or a fractional weight budget such as ``w3.5a8``.
+"""The ``--bits`` grammar: ``w{2,3,4,5,6,8}a{4,8,16}``, a fractional weight budget such as ``w3.5a8``, or ``fp8``.
 
 An integer weight width is a uniform target; a fractional one is a size-weighted average budget that
-only mixed precision can meet. ``a16`` means activations stay in floating point.
+only mixed precision can meet. ``a16`` means activations stay in floating point. ``fp8`` is W8A8 in the
+e4m3 floating-point format instead of integers (per-channel weight scales, static per-tensor activation
+scales; :mod:`qsched.runtime.quantizers`): what Hopper and Ada GPUs multiply at the int8 rate with
+``torch._scaled_mm``. Its budget is 8 bits per weight, so MixDQ may keep some layers floating point and
+put the rest at FP8.
 """
 from __future__ import annotations
 
@@ -13,15 +17,23 @@ from qsched.core.errors import BitSpecError
 WEIGHT_WIDTHS = (2, 3, 4, 5, 6, 8)
 ACT_WIDTHS = (4, 8, 16)
 _PATTERN = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+)$")
-VALID_FORMS = "w{2,3,4,5,6,8}a{4,8,16} (e.g. w4a8, w8a8, w4a16) or a fractional weight budget between 2 and 8 such as w3.5a8"
+#: the number formats a spec (and a planned layer) can use: integer codes, or FP8 e4m3 weights and activations
+FORMATS = ("int", "fp8")
+#: MixDQ's per-layer choice between FP8 and floating point is not built yet, so an fp8 compile is uniform
+FP8_NEEDS_UNIFORM = ("--bits fp8 compiles uniformly for now (MixDQ's per-layer FP8-or-FP choice is not implemented); "
+                     "add --uniform (or the recipe's quantization.method: uniform)")
+VALID_FORMS = ("w{2,3,4,5,6,8}a{4,8,16} (e.g. w4a8, w8a8, w4a16), a fractional weight budget between 2 and 8 "
+               "such as w3.5a8, or fp8 (FP8 e4m3 weights and activations)")
 
 
 @dataclass(frozen=True)
 class BitSpec:
-    """A parsed ``--bits`` value: average weight bits and activation bits (16 = floating point)."""
+    """A parsed ``--bits`` value: average weight bits and activation bits (16 = floating point), and the
+    number format (``"int"``, or ``"fp8"``: 8-bit e4m3 weights and activations)."""
 
     weight_bits: float
     act_bits: int
+    format: str = "int"
 
     @property
     def is_fractional(self) -> bool:
@@ -40,15 +52,22 @@ class BitSpec:
         return self.act_bits < 16
 
     def __str__(self) -> str:
+        if self.format == "fp8":
+            return "fp8"
         w = int(self.weight_bits) if float(self.weight_bits).is_integer() else self.weight_bits
         return f"w{w}a{self.act_bits}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["format"] == "int":  # omitted when unused, as in LayerPlan.to_dict
+            del data["format"]
+        return data
 
 
 def parse_bits(text: str) -> BitSpec:
     """Parse a ``--bits`` string; raise :class:`BitSpecError` listing the valid forms otherwise."""
+    if str(text).strip().lower() == "fp8":
+        return BitSpec(weight_bits=8.0, act_bits=8, format="fp8")
     match = _PATTERN.match(str(text).strip().lower())
     if not match:
         raise BitSpecError(f"invalid --bits {text!r}: expected {VALID_FORMS}")

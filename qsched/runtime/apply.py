@@ -36,6 +36,7 @@ def quantize_(denoiser: nn.Module, plan: BitPlan, act_ranges: dict[str, tuple[fl
                              "were given")
         quant = QuantLayer.from_module(module, layer_plan.weight_bits, layer_plan.act_bits,
                                        act_ranges.get(name), layer_plan.group_size, rows,
-                                       layer_plan.weight_scale, rounded if layer_plan.weight_bits is not None else None)
+                                       layer_plan.weight_scale, rounded if layer_plan.weight_bits is not None else None,
+                                       layer_plan.format)
         set_submodule(denoiser, name, quant)
     return denoiser

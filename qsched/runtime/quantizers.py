@@ -6,8 +6,9 @@ absolute maximum over qmax (``"max"``, plain RTN) or the clipped maximum that mi
 rounding error (``"mse"``): at 3-4 bits a few outlier weights otherwise waste most of the levels (on
 flux-tiny, weight SQNR 11.6 -> 14.1 dB at 3 bits). Only the scale changes; codes, packing and runtimes
 are the same. Activations: asymmetric per
-tensor with a static scale and zero point from calibration statistics. Both are plain torch functions so
-that the simulated model, the packed artifact and the runtimes share one definition.
+tensor with a static scale and zero point from calibration statistics. The FP8 (e4m3) format, at the end
+of this module, has per-channel weight scales and symmetric static per-tensor activation scales. All are
+plain torch functions so that the simulated model, the packed artifact and the runtimes share one definition.
 """
 from __future__ import annotations
 
@@ -90,3 +91,40 @@ def fake_quantize_activation(x: torch.Tensor, scale: float, zero_point: int, bit
     levels = 2**bits - 1
     q = torch.clamp(torch.round(x.float() / scale) + zero_point, 0, levels)
     return ((q - zero_point) * scale).to(x.dtype)
+
+
+# FP8 (e4m3). Hopper and Ada tensor cores multiply e4m3 at the int8 rate, and e4m3's floating grid fits
+# bell-shaped weights and activations without a zero point. Weights: one scale per output channel, codes
+# ``w / scale`` rounded to the nearest e4m3 value (``scale = amax / 448``, so the largest weight of each row
+# lands on e4m3's largest finite value). Activations: symmetric per tensor with a static scale from the
+# calibrated range, ``max(|lo|, |hi|) / 448``, clamped to ±448 before the cast (e4m3fn has no infinity; an
+# out-of-range value must saturate, not become NaN). These are the formulas ``torch._scaled_mm`` computes
+# with, so the simulation, the artifact and the native runtime share them.
+
+#: the FP8 format's dtype: ``torch.float8_e4m3fn`` (4 exponent bits, 3 mantissa bits, no infinities)
+FP8_DTYPE = torch.float8_e4m3fn
+#: e4m3fn's largest finite magnitude
+FP8_MAX = 448.0
+
+
+def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes (``weight``'s shape, :data:`FP8_DTYPE`) and fp32 scales ``[out, 1]``, one per output channel."""
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    codes = (flat / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes.reshape(weight.shape), scale
+
+
+def fp8_act_scale(lo: float, hi: float) -> float:
+    """The static per-tensor e4m3 scale of an activation calibrated to [lo, hi]: ``max(|lo|, |hi|) / 448``."""
+    return max(abs(float(lo)), abs(float(hi)), 1e-8) / FP8_MAX
+
+
+def quantize_activation_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The e4m3 codes of ``x / scale`` (fp32 division, saturated to ±448 before the cast)."""
+    return torch.div(x.float(), scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fake_quantize_activation_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Quantize ``x`` to e4m3 with a per-tensor ``scale`` and back (fp32 arithmetic; returns x's dtype)."""
+    return (quantize_activation_fp8(x, scale).float() * scale).to(x.dtype)
