@@ -39,6 +39,18 @@ kernel ``fake_tensor_quant_device``):
     quantizer (up to twice the step for one-sided ranges); :func:`check_against_reference` reports it per
     layer as a mismatch, with the size of the difference.
 
+* **FP8 (e4m3) layers: exactly, to float rounding.** Ours (:mod:`qsched.runtime.quantizers`) and modelopt's
+  (``num_bits=(4, 3)``; on the CPU ``tensor_quant._fp8_eager``) are the same formula: scale to ±448, clamp,
+  ``.to(torch.float8_e4m3fn)`` (torch's cast: round to nearest, ties to even), scale back. Weights per output
+  channel (``axis=0``, ``amax = s_w * 448``), activations per tensor and symmetric (``amax = s_x * 448``, no
+  bias: FP8 has no zero point, so ``activations=`` only concerns the integer layers). The one difference is
+  fp32 arithmetic: modelopt multiplies by ``448/amax`` and back by ``1/(448/amax)``, we divide by ``s`` and
+  multiply by ``s``. So weights (an artifact's dequantized codes, never near a midpoint between two e4m3
+  values) land on the same e4m3 codes, and an activation lands on another code only where ``x/s`` is
+  within fp32 rounding of such a midpoint; :func:`check_layer` compares codes and says whether any
+  difference sits on such a tie. On CUDA modelopt uses its own ``fake_e4m3fy`` kernel instead (not checked
+  here: no GPU in the tests).
+
 * **FP token rows** (a :class:`QuantLayer` serving fixed token positions in FP, MixDQ's BOS handling) are a
   row substitution, not a quantizer; modelopt has nothing for them, so such layers are reported as not
   matching (the modelopt model computes those rows quantized).
@@ -65,10 +77,16 @@ from qsched.core.errors import QschedError
 
 from qsched.runtime.apply import set_submodule
 from qsched.core.bitplan import BitPlan, LayerPlan
-from qsched.runtime.qlayers import QuantLayer, refuse_fp8
-from qsched.runtime.quantizers import activation_qparams, fake_quantize_activation, quantize_weight, weight_qmax
+from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.quantizers import (FP8_DTYPE, FP8_MAX, activation_qparams, fake_quantize_activation,
+                                       fake_quantize_activation_fp8, fp8_act_scale, quantize_weight,
+                                       quantize_weight_fp8, weight_qmax)
 
 ACTIVATION_MODES = ("affine", "symmetric")
+#: layer formats the bridge expresses; anything else is refused with one line (:func:`layer_format`)
+FORMATS = ("int", "fp8")
+#: modelopt's ``num_bits`` for FP8 e4m3 (exponent, mantissa bits)
+E4M3 = (4, 3)
 INSTALL_HINT = "pip install qsched[modelopt]"
 
 
@@ -101,16 +119,39 @@ class LayerQuant:
     act_bits: int | None
     group_size: int | None
     weight_scale: torch.Tensor | None = None   # fp32 [out, groups]
-    codes: torch.Tensor | None = None          # int8, the weight's shape
+    codes: torch.Tensor | None = None          # int8 (fp8: float8_e4m3fn), the weight's shape
     act_scale: float | None = None
     act_zero_point: int | None = None
     fp_token_positions: tuple[int, ...] = ()  # our layer serves these token rows in FP (MixDQ's BOS rows)
+    format: str = "int"                        # "int" | "fp8" (e4m3 codes, per-channel weight scales)
+
+    @property
+    def fp8(self) -> bool:
+        return self.format == "fp8"
+
+    def num_bits(self, bits: int):
+        """modelopt's ``num_bits`` for one side: the integer width, or ``(4, 3)`` for e4m3."""
+        return E4M3 if self.fp8 else bits
 
     @property
     def act_range(self) -> tuple[float, float]:
-        """The real interval our activation grid spans: ``[-zp*s, (2^b-1-zp)*s]``."""
+        """The real interval our activation grid spans: ``[-zp*s, (2^b-1-zp)*s]`` (FP8: ``±448*s``)."""
+        if self.fp8:
+            return -FP8_MAX * self.act_scale, FP8_MAX * self.act_scale
         levels = 2 ** self.act_bits - 1
         return -self.act_zero_point * self.act_scale, (levels - self.act_zero_point) * self.act_scale
+
+
+def layer_format(name: str, planned: str | None, held: str | None = None) -> str:
+    """The layer's format (``planned``, checked against the ``held`` QuantLayer's): one of :data:`FORMATS`,
+    else the one line saying modelopt cannot express it."""
+    fmt = planned or "int"
+    if held is not None and held != fmt:
+        raise ValueError(f"{name}: the denoiser's layer has format {held!r}, the plan {fmt!r}")
+    if fmt not in FORMATS:
+        raise QschedError(f"{name}: the modelopt bridge cannot express layer format {fmt!r} (it expresses "
+                          f"{', '.join(FORMATS)}); compile at --bits w8a8 or fp8 for --export modelopt")
+    return fmt
 
 
 def _literal(name: str) -> str:
@@ -147,10 +188,13 @@ def weight_block_sizes(kind: str, weight_shape: tuple[int, ...], group_size: int
     return {"block_sizes": {1: group_size // (kh * kw), 2: kh, 3: kw}}
 
 
-def activation_cfg(bits: int, activations: str) -> dict:
-    """The input quantizer's attributes (per tensor; see the module docstring for the two modes)."""
+def activation_cfg(bits: int, activations: str, fmt: str = "int") -> dict:
+    """The input quantizer's attributes (per tensor; see the module docstring for the two modes; FP8 is
+    symmetric in both, so ``activations`` does not change it)."""
     if activations not in ACTIVATION_MODES:
         raise ValueError(f"unknown activations mode {activations!r}; use one of {ACTIVATION_MODES}")
+    if fmt == "fp8":
+        return {"num_bits": E4M3, "axis": None}
     cfg = {"num_bits": bits, "axis": None, "narrow_range": False}
     if activations == "affine":  # modelopt's schema needs an int axis key; the value we load is one scalar
         cfg["bias"] = {-1: None, "type": "static", "method": "max_min"}
@@ -163,14 +207,16 @@ def modelopt_config(layers: dict[str, LayerQuant], activations: str = "affine") 
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for name, lq in layers.items():
         path = _literal(name)
-        if lq.weight_bits is not None:
+        if lq.weight_bits is not None and lq.fp8:  # e4m3 per output channel (our QuantLayer has no fp8 groups)
+            entries.append({"quantizer_name": f"{path}.weight_quantizer", "cfg": {"num_bits": E4M3, "axis": 0}})
+        elif lq.weight_bits is not None:
             cfg = {"num_bits": lq.weight_bits, "narrow_range": True,
                    **weight_block_sizes(lq.kind, lq.weight_shape, lq.group_size, name)}
             entries.append({"quantizer_name": f"{path}.weight_quantizer", "cfg": cfg})
         else:
             entries.append({"quantizer_name": f"{path}.weight_quantizer", "enable": False})
         if lq.act_bits is not None:
-            entries.append({"quantizer_name": f"{path}.input_quantizer", "cfg": activation_cfg(lq.act_bits, activations)})
+            entries.append({"quantizer_name": f"{path}.input_quantizer", "cfg": activation_cfg(lq.act_bits, activations, lq.format)})
         else:
             entries.append({"quantizer_name": f"{path}.input_quantizer", "enable": False})
     # no calibration algorithm: every amax (and affine bias) is loaded from our numbers by load_quant_params
@@ -183,13 +229,13 @@ def planned_layers(denoiser: nn.Module, plan: BitPlan | None = None,
     codes and scales); FP layers are quantized here with our reference quantizers from ``plan`` and
     ``act_ranges``. Layers the plan keeps fully FP are included, with no bits."""
     if plan is None:
-        plan = BitPlan(layers={n: LayerPlan(m.weight_bits, m.act_bits, group_size=m.group_size)
+        plan = BitPlan(layers={n: LayerPlan(m.weight_bits, m.act_bits, group_size=m.group_size, format=m.format)
                                for n, m in denoiser.named_modules() if isinstance(m, QuantLayer)})
     out = {}
     for name, lp in plan.layers.items():
         module = denoiser.get_submodule(name)
-        lq = LayerQuant(_kind(module), _weight_shape(module), lp.weight_bits, lp.act_bits, lp.group_size)
-        refuse_fp8([lp.format, getattr(module, "format", "int")], "the modelopt bridge")
+        fmt = layer_format(name, lp.format, module.format if isinstance(module, QuantLayer) else None)
+        lq = LayerQuant(_kind(module), _weight_shape(module), lp.weight_bits, lp.act_bits, lp.group_size, format=fmt)
         if isinstance(module, QuantLayer):
             if (module.weight_bits, module.act_bits, module.group_size) != (lp.weight_bits, lp.act_bits, lp.group_size):
                 raise ValueError(f"{name}: the denoiser's layer (w={module.weight_bits}, a={module.act_bits}, "
@@ -205,12 +251,14 @@ def planned_layers(denoiser: nn.Module, plan: BitPlan | None = None,
                 if lp.rounding != "rtn":
                     raise ValueError(f"{name}: the plan rounds its weights with {lp.rounding}, which needs the "
                                      "calibration inputs; pass the quantized denoiser (its codes are read as is)")
-                lq.codes, lq.weight_scale = quantize_weight(module.weight, lp.weight_bits, lp.group_size,
-                                                            lp.weight_scale)
+                lq.codes, lq.weight_scale = (quantize_weight_fp8(module.weight) if lq.fp8 else
+                                             quantize_weight(module.weight, lp.weight_bits, lp.group_size,
+                                                             lp.weight_scale))
             if lp.act_bits is not None:
                 if not act_ranges or name not in act_ranges:
                     raise ValueError(f"{name}: activation quantization needs a calibrated range (act_ranges)")
-                lq.act_scale, lq.act_zero_point = activation_qparams(*act_ranges[name], lp.act_bits)
+                lq.act_scale, lq.act_zero_point = ((fp8_act_scale(*act_ranges[name]), 0) if lq.fp8 else
+                                                   activation_qparams(*act_ranges[name], lp.act_bits))
         out[name] = lq
     return out
 
@@ -254,7 +302,8 @@ def _amax_buffer_from_weight(quantizer, weight: torch.Tensor) -> None:
 
 def load_quant_params(model: nn.Module, layers: dict[str, LayerQuant], activations: str = "affine") -> None:
     """Set every planned quantizer's amax (and affine bias) from our scales: weights ``amax = s * qmax``
-    in the layout modelopt gave the buffer (row-major over output channel, then group); inputs per tensor."""
+    in the layout modelopt gave the buffer (row-major over output channel, then group); inputs per tensor.
+    FP8 layers: ``amax = s * 448`` on both sides (modelopt's e4m3 quantizer scales by ``448/amax``)."""
     for name, lq in layers.items():
         module = model.get_submodule(name)
         weight_q, input_q = getattr(module, "weight_quantizer", None), getattr(module, "input_quantizer", None)
@@ -262,7 +311,7 @@ def load_quant_params(model: nn.Module, layers: dict[str, LayerQuant], activatio
             quantizer = weight_q
             if quantizer.amax is None:
                 _amax_buffer_from_weight(quantizer, module.weight)
-            amax = lq.weight_scale.float() * weight_qmax(lq.weight_bits)
+            amax = lq.weight_scale.float() * (FP8_MAX if lq.fp8 else weight_qmax(lq.weight_bits))
             if quantizer.amax is None or quantizer.amax.numel() != amax.numel():
                 raise ModeloptCoverageError(f"{name}: modelopt's weight amax has shape "
                                             f"{None if quantizer.amax is None else tuple(quantizer.amax.shape)}, ours has "
@@ -272,7 +321,9 @@ def load_quant_params(model: nn.Module, layers: dict[str, LayerQuant], activatio
             quantizer = input_q
             half = 2 ** (lq.act_bits - 1)
             device = module.weight.device
-            if activations == "affine":
+            if lq.fp8:
+                quantizer.amax = torch.tensor(FP8_MAX * lq.act_scale, dtype=torch.float32, device=device)
+            elif activations == "affine":
                 quantizer.amax = torch.tensor((half - 1) * lq.act_scale, dtype=torch.float32, device=device)
                 # a 0-dim bias: x - bias keeps x's dtype, so modelopt's output dtype matches the weight's
                 quantizer.bias_value = torch.tensor((half - lq.act_zero_point) * lq.act_scale, dtype=torch.float32,
@@ -303,11 +354,11 @@ def assert_plan_quantized(model: nn.Module, layers: dict[str, LayerQuant], activ
                 continue
             if not quantizer.is_enabled:
                 problems.append(f"{name}.{side}_quantizer is disabled but the plan quantizes it to {bits} bits")
-            elif quantizer.num_bits != bits:
-                problems.append(f"{name}.{side}_quantizer has {quantizer.num_bits} bits, the plan {bits}")
+            elif quantizer.num_bits != lq.num_bits(bits):
+                problems.append(f"{name}.{side}_quantizer has {quantizer.num_bits} bits, the plan {lq.num_bits(bits)}")
             elif quantizer.amax is None:
                 problems.append(f"{name}.{side}_quantizer has no static amax (it would quantize dynamically)")
-            elif side == "input" and activations == "affine" and not hasattr(quantizer, "_bias_value"):
+            elif side == "input" and activations == "affine" and not lq.fp8 and not hasattr(quantizer, "_bias_value"):
                 problems.append(f"{name}.input_quantizer has no affine bias (zero point)")
     planned = {f"{n}.{s}_quantizer" for n, lq in layers.items()
                for s, b in (("weight", lq.weight_bits), ("input", lq.act_bits)) if b is not None}
@@ -372,6 +423,23 @@ def _layer_input(lq: LayerQuant, module: nn.Module, sample: torch.Tensor | None,
     return torch.randn(shape, generator=gen) * spread + center
 
 
+def _e4m3(v: torch.Tensor) -> torch.Tensor:
+    """The e4m3 values of ``v`` (already divided by the scale): saturated, cast, as fp32 (so -0 == 0)."""
+    return v.float().clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
+
+
+#: how close to a midpoint between two e4m3 values counts as a tie: 2^-13 relative, about 1e-3 of the
+#: e4m3 step (2^-3 relative), as the integer checks allow 1e-3 of a step; fp32 rounding is ~2^-23
+E4M3_TIE = 2.0 ** -13
+
+
+def _e4m3_tie(v: torch.Tensor) -> torch.Tensor:
+    """Where ``v`` (divided by the scale, in float64) is within :data:`E4M3_TIE` of an e4m3 midpoint, so
+    that fp32 rounding of the scaling can pick either neighbour."""
+    v = v.double()
+    return _e4m3(v * (1 - E4M3_TIE)) != _e4m3(v * (1 + E4M3_TIE))
+
+
 def _f(x) -> float:
     x = float(x)
     return x if math.isfinite(x) else float("inf")
@@ -381,7 +449,8 @@ def _f(x) -> float:
 def check_layer(name: str, reference: nn.Module, quantized: nn.Module, lq: LayerQuant, activations: str,
                 sample: torch.Tensor | None = None, seed: int = 0) -> dict:
     """One row of :func:`check_against_reference` (plain floats, ints, bools and strings)."""
-    row = {"kind": lq.kind, "weight_bits": lq.weight_bits, "act_bits": lq.act_bits, "group_size": lq.group_size}
+    row = {"kind": lq.kind, "weight_bits": lq.weight_bits, "act_bits": lq.act_bits, "group_size": lq.group_size,
+           "format": lq.format}
     reasons, match, worst = [], True, 0.0
     if lq.weight_bits is None and lq.act_bits is None:
         enabled = [s for s in ("weight", "input") if getattr(getattr(quantized, f"{s}_quantizer", None), "is_enabled", False)]
@@ -396,28 +465,59 @@ def check_layer(name: str, reference: nn.Module, quantized: nn.Module, lq: Layer
         diff = _f((mo_w.float() - ref_w.float()).abs().max())
         row["weight_max_abs_diff"] = diff
         if lq.weight_bits is not None:
-            scale = lq.weight_scale.unsqueeze(-1)
-            flat = mo_w.detach().float().reshape(lq.weight_shape[0], scale.shape[1], -1)
-            differ_mask = torch.round(flat / scale).reshape(lq.weight_shape) != lq.codes.float()
+            # the codes modelopt's weight lands on, and where the weight it quantized (the FP weight, or the
+            # artifact's dequantized one) sits on a rounding tie
+            if lq.fp8:  # e4m3 codes, one scale per output channel
+                scale = lq.weight_scale.reshape(lq.weight_shape[0], 1)
+                flat = mo_w.detach().float().reshape(lq.weight_shape[0], -1)
+                differ_mask = _e4m3(flat / scale) != lq.codes.float().reshape(flat.shape)
+                tie = _e4m3_tie(quantized.weight.detach().double().reshape(flat.shape) / scale.double())
+                label, codes, at = "weights (fp8)", "e4m3", "e4m3 midpoints"
+                how = "modelopt scales by 448/amax, we divide by s; fp32 rounding can cross a midpoint"
+            else:
+                scale = lq.weight_scale.unsqueeze(-1)
+                flat = mo_w.detach().float().reshape(lq.weight_shape[0], scale.shape[1], -1)
+                differ_mask = torch.round(flat / scale) != lq.codes.float().reshape(flat.shape)
+                src = quantized.weight.detach().double().reshape(flat.shape) / scale.double()
+                tie = ((src - src.floor()) - 0.5).abs() < 1e-3
+                label, codes, at = "weights", "integer", "rounding ties w/s = k+1/2"
+                how = ("modelopt rounds w*(qmax/amax), we round w/s; the two fp32 results can fall on either side "
+                       "of a tie")
             differ = int(differ_mask.sum())
-            # ties are judged on the weight modelopt quantized: the FP weight, or the artifact's dequantized one
-            src = quantized.weight.detach().double().reshape(flat.shape) / scale.double()
-            tie = (((src - src.floor()) - 0.5).abs() < 1e-3).reshape(lq.weight_shape)
             ties_only = differ > 0 and not bool((differ_mask & ~tie).any())
             row.update(weight_codes_differ=differ, weight_differ_only_at_ties=ties_only, weight_match=differ == 0)
             worst = max(worst, diff)
             if differ:
                 match = False
-                where = "only at rounding ties w/s = k+1/2" if ties_only else "not only at ties"
-                reasons.append(f"weights: {differ} of {differ_mask.numel()} codes differ, {where} (modelopt rounds "
-                               f"w*(qmax/amax), we round w/s; the two fp32 results can fall on either side of a tie)")
+                where = f"only at {at}" if ties_only else "not only at ties"
+                reasons.append(f"{label}: {differ} of {differ_mask.numel()} codes differ, {where} ({how})")
             else:
-                reasons.append("weights: same integer codes, values equal to float rounding")
+                reasons.append(f"{label}: same {codes} codes, values equal to float rounding")
         else:
             row.update(weight_match=diff == 0.0)
             match &= diff == 0.0
             reasons.append("weights: FP in both" if diff == 0.0 else "weights: FP but different")
-        if lq.act_bits is not None:
+        if lq.act_bits is not None and lq.fp8:  # symmetric e4m3 per tensor in both: compare the codes
+            x = (sample.reshape(-1) if sample is not None else _sample(lq)).to(quantized.weight.dtype)
+            ours = fake_quantize_activation_fp8(x, lq.act_scale)
+            theirs = quantized.input_quantizer(x)
+            adiff = _f((theirs.float() - ours.float()).abs().max())
+            # both outputs sit on the grid (to float rounding, far from any midpoint): re-quantizing gives the codes
+            differ = _e4m3(theirs.double() / lq.act_scale) != _e4m3(ours.double() / lq.act_scale)
+            off = differ.float().mean().item()
+            ties_only = bool(differ.any()) and not bool((differ & ~_e4m3_tie(x.double() / lq.act_scale)).any())
+            row.update(act_max_abs_diff=adiff, act_levels_differ=off, act_differ_only_at_ties=ties_only,
+                       act_match=off == 0.0, act_mode="fp8")
+            worst = max(worst, adiff)
+            if off == 0.0:
+                reasons.append("activations (fp8): same e4m3 codes, equal to float rounding")
+            else:
+                match = False
+                why = ("only at e4m3 midpoints: modelopt scales x by 448/amax, we divide by s; fp32 rounding can pick "
+                       "the other neighbour" if ties_only else "away from e4m3 midpoints")
+                reasons.append(f"activations (fp8): {off:.3%} of the sample on another e4m3 code, max |diff| "
+                               f"{adiff:.3g}: {why}")
+        elif lq.act_bits is not None:
             # in the layer's compute dtype: that is what reaches both quantizers in the model (bf16 matters)
             x = (sample.reshape(-1) if sample is not None else _sample(lq)).to(quantized.weight.dtype)
             ours = fake_quantize_activation(x, lq.act_scale, lq.act_zero_point, lq.act_bits)
@@ -479,7 +579,7 @@ def check_against_reference(reference: nn.Module, quantized: nn.Module | None = 
     dequantized weight is dropped after each, so the reference never holds more than one layer in FP.
 
     Each row holds: ``weight_max_abs_diff`` and ``weight_codes_differ`` (modelopt's fake-quantized weight
-    against our dequantized one, and how many integer codes differ), ``act_max_abs_diff`` and
+    against our dequantized one, and how many integer or e4m3 codes differ), ``act_max_abs_diff`` and
     ``act_levels_differ`` (the fraction of sample values landing on another level), the layer's
     ``output_max_abs_diff``/``output_rel_diff``, ``max_abs_diff`` (weights and activations), ``match``
     (identical codes and levels) and ``reason``.
@@ -522,7 +622,8 @@ def summarize(table: dict[str, dict]) -> dict:
             "act_max_abs_diff": max((r["act_max_abs_diff"] for r in acts), default=0.0),
             "act_levels_differ_max": max((r["act_levels_differ"] for r in acts), default=0.0),
             "output_rel_diff_max": max((r.get("output_rel_diff", 0.0) for r in rows), default=0.0),
-            "fp_token_layers": sum(bool(r.get("fp_token_positions")) for r in rows)}
+            "fp_token_layers": sum(bool(r.get("fp_token_positions")) for r in rows),
+            "fp8_layers": sum(r.get("format") == "fp8" for r in rows)}
 
 
 def capture_inputs(denoiser: nn.Module, names, run, max_rows: int = 512) -> dict[str, torch.Tensor]:

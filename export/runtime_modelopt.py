@@ -21,6 +21,11 @@ Activations default to ``"symmetric"`` here: what TensorRT's INT8 Q/DQ can run, 
 drops the affine bias that would reproduce our zero points (see :mod:`calibrate.modelopt_bridge`); the
 difference to the artifact's asymmetric activations is measured per layer in ``check.json``, not hidden.
 ``activations="affine"`` gives a checkpoint that reproduces the artifact in modelopt's simulation.
+
+FP8 (e4m3) layers (``--bits fp8``, alone or next to integer layers) become modelopt's FP8 quantizers
+(``num_bits=(4, 3)``; weights per output channel, activations per tensor, ``amax = scale * 448`` from the
+artifact): the same formula as ours, so they match code for code except where an activation sits on an e4m3
+midpoint (``check.json`` counts those). ``activations`` concerns the integer layers only; FP8 is symmetric.
 """
 from __future__ import annotations
 
@@ -33,10 +38,9 @@ from pathlib import Path
 import torch
 
 from qsched.core.bitplan import BitPlan
-from calibrate.modelopt_bridge import (ACTIVATION_MODES, check_against_reference, require_modelopt, summarize,
-                                       to_modelopt)
+from calibrate.modelopt_bridge import (ACTIVATION_MODES, check_against_reference, layer_format, require_modelopt,
+                                       summarize, to_modelopt)
 from qsched.core.errors import ArtifactError
-from qsched.runtime.qlayers import refuse_fp8
 
 from export.amend import add_folder
 from export.format import load_shard, read_manifest
@@ -85,7 +89,8 @@ def export_modelopt(path, activations: str = "symmetric", overwrite: bool = Fals
 
     path = Path(path)
     layers = read_manifest(path, verify=False)["layers"]  # checked before any work; verified just below
-    refuse_fp8((spec.get("format") for spec in layers.values()), "--export modelopt")
+    for name, spec in layers.items():  # a format modelopt cannot express: one line, before any work
+        layer_format(name, spec.get("format"))
     model, manifest, table = modelopt_denoiser(path, activations, verify=verify)
     attr = manifest["denoiser"]["attr"]
     checkpoint = f"{FOLDER}/{attr}.pth"

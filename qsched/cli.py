@@ -119,6 +119,9 @@ def _validate_model(model: str, init: str) -> None:
     check_model(model, init)
 
 
+#: exports that express FP8 (e4m3) layers; the others refuse `--bits fp8` before the compile
+FP8_EXPORTS = ("modelopt",)
+
 _RAY_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:(\d{1,5})$")
 
 
@@ -152,10 +155,11 @@ def _validate(args, spec) -> None:
         if args.no_cache_search:
             raise QschedError("--cache-budget picks a cache-search point, but --no-cache-search skips the search; "
                               "drop one of them")
-    if spec.format == "fp8":  # before the compile: no export has an FP8 form yet, each would refuse it after
+    if spec.format == "fp8":  # before the compile: these exports have no FP8 form, each would refuse it after
         from qsched.runtime.qlayers import refuse_fp8
         for name in args.export:
-            refuse_fp8([spec.format], f"--export {name}")
+            if name not in FP8_EXPORTS:
+                refuse_fp8([spec.format], f"--export {name}")
     if spec.is_fractional and args.uniform:
         raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; use an integer "
                           "weight width with --uniform, or drop --uniform")

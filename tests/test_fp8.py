@@ -247,7 +247,6 @@ def test_an_unknown_or_mismatched_format_in_the_manifest_is_one_artifact_error(f
 
 def test_exports_without_an_fp8_form_refuse_before_writing(fp8_artifact):
     from export.runtime_bnb import to_bnb_
-    from export.runtime_modelopt import export_modelopt
     from qsched.runtime.qlayers import refuse_fp8
 
     with pytest.raises(QschedError, match="--export onnx cannot express FP8.*runtime='native'"):
@@ -258,8 +257,7 @@ def test_exports_without_an_fp8_form_refuse_before_writing(fp8_artifact):
 
     pytest.importorskip("onnxruntime")
     pytest.importorskip("gguf")
-    pytest.importorskip("modelopt")
-    for call, folder in ((export_onnx, "onnx"), (export_gguf, "gguf"), (export_modelopt, "modelopt")):
+    for call, folder in ((export_onnx, "onnx"), (export_gguf, "gguf")):
         with pytest.raises(QschedError, match=f"--export {folder} cannot express FP8"):
             call(fp8_artifact.path)
         assert not (fp8_artifact.path / folder).exists()
@@ -279,3 +277,125 @@ def test_cli_refuses_fp8_with_onnx_or_gguf_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--uniform" in err[0]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- modelopt
+
+def test_modelopt_bridge_expresses_fp8_next_to_int_layers_code_for_code():
+    """modelopt's e4m3 quantizer (num_bits=(4, 3), amax = s * 448) is our formula: same codes on weights and on
+    activations, in fp32 and bf16; only an input exactly on a midpoint between two e4m3 values may round the
+    other way (modelopt scales by 448/amax, we divide by s), and the check says so."""
+    pytest.importorskip("modelopt")
+    import copy
+
+    from calibrate import modelopt_bridge as mb
+    from qsched.runtime.apply import quantize_
+
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 32), nn.Linear(32, 16))
+    plan = BitPlan(layers={"0": LayerPlan(8, 8, format="fp8"), "1": LayerPlan(4, 8), "2": LayerPlan(8, 8, format="fp8")})
+    ranges = {"0": ACT_RANGE, "1": (-0.5, 2.0), "2": (-1.0, 1.0)}
+    config = {e["quantizer_name"]: e.get("cfg") for e in mb.modelopt_config(mb.planned_layers(fp, plan, ranges))["quant_cfg"]}
+    assert config["0.weight_quantizer"] == {"num_bits": (4, 3), "axis": 0}
+    assert config["0.input_quantizer"] == {"num_bits": (4, 3), "axis": None}  # symmetric, no affine bias
+    for reference in (fp, quantize_(copy.deepcopy(fp), plan, ranges)):  # FP weights, then our QuantLayers
+        table = mb.check_against_reference(reference, plan=plan, act_ranges=ranges, activations="affine")
+        assert all(r["match"] for r in table.values()), {k: r["reason"] for k, r in table.items()}
+        assert [r["format"] for r in table.values()] == ["fp8", "int", "fp8"]
+        for row in (table["0"], table["2"]):
+            assert row["weight_codes_differ"] == 0 and row["act_levels_differ"] == 0.0 and row["act_mode"] == "fp8"
+            assert row["weight_max_abs_diff"] < 1e-7 and row["output_rel_diff"] < 1e-6
+        assert mb.summarize(table)["fp8_layers"] == 2
+    layer = QuantLayer.from_module(fp[0], 8, 8, ACT_RANGE, format="fp8")
+    modelopt_layer = mb.to_modelopt(nn.Sequential(layer), activations="symmetric")[0]
+    scale = float(layer.act_scale)
+    for dtype in (torch.float32, torch.bfloat16):  # a dense random sweep: identical values, not just codes
+        x = (torch.randn(200_000, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+        assert torch.equal(modelopt_layer.input_quantizer(x), fake_quantize_activation_fp8(x, scale))
+    grid = torch.arange(0, 126, dtype=torch.uint8).view(FP8_DTYPE).float()  # 0 ... 448: every positive code
+    midpoints = (grid[:-1] + grid[1:]) / 2 * scale
+    row = mb.check_layer("0", QuantLayer.from_module(fp[0], 8, 8, ACT_RANGE, format="fp8"), modelopt_layer,
+                         mb.planned_layers(nn.Sequential(layer))["0"], "symmetric", sample=midpoints)
+    assert 0 < row["act_levels_differ"] < 0.25 and row["act_differ_only_at_ties"] and "e4m3 midpoints" in row["reason"]
+
+
+@pytest.mark.filterwarnings("ignore:Could not identify the device")
+def test_export_modelopt_expresses_the_fp8_artifact(fp8_artifact, tmp_path):
+    """``--export modelopt`` of a uniform fp8 artifact: every layer an FP8 quantizer pair whose codes equal the
+    artifact's; the checkpoint restores (mto.restore and restore_modelopt) to what modelopt_denoiser computes,
+    which is the artifact's simulated denoiser to fp32 rounding."""
+    pytest.importorskip("modelopt")
+    import shutil
+
+    import modelopt.torch.opt as mto
+    from diffusers import FluxTransformer2DModel
+
+    from export.format import read_manifest
+    from export.runtime_modelopt import export_modelopt, modelopt_denoiser, restore_modelopt
+
+    path = tmp_path / "art"
+    shutil.copytree(fp8_artifact.path, path)
+    record = export_modelopt(path)
+    manifest = read_manifest(path, verify=True)
+    summary, n = record["summary"], len(manifest["layers"])
+    assert manifest["modelopt"] == record and summary["fp8_layers"] == summary["match"] == summary["layers"] == n
+    assert summary["weight_codes_differ"] == 0 and summary["act_levels_differ_max"] == 0.0
+    assert summary["output_rel_diff_max"] < 1e-5
+    check = json.loads((path / record["check"]).read_text())
+    assert all(r["format"] == "fp8" and r["act_mode"] == "fp8" for r in check.values())
+
+    config = manifest["denoiser"]["config"]
+    gen = torch.Generator().manual_seed(3)
+    inputs = dict(hidden_states=torch.randn(1, 16, config["in_channels"], generator=gen),
+                  encoder_hidden_states=torch.randn(1, 8, config["joint_attention_dim"], generator=gen),
+                  pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=gen),
+                  timestep=torch.full((1,), 0.5), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                  return_dict=False)
+    saved, _, _ = modelopt_denoiser(path, check=False)
+    restored = mto.restore(FluxTransformer2DModel.from_config(config), str(path / record["checkpoint"])).eval()
+    quantizer = restored.get_submodule(next(iter(manifest["layers"]))).input_quantizer
+    assert quantizer.num_bits == (4, 3) and quantizer.is_enabled and quantizer.amax is not None
+    with torch.no_grad():
+        expected = saved(**inputs)[0]
+        assert torch.equal(restored(**inputs)[0], expected)
+        assert torch.equal(restore_modelopt(path)(**inputs)[0], expected)
+        ours = export.load(path).transformer(**inputs)[0]
+    assert ((expected - ours).abs().max() / ours.abs().max()).item() < 1e-5
+
+
+def test_modelopt_refuses_a_format_it_cannot_express_in_one_line(fp8_artifact, tmp_path):
+    pytest.importorskip("modelopt")
+    import shutil
+
+    from calibrate.modelopt_bridge import layer_format
+    from export.runtime_modelopt import export_modelopt
+
+    assert layer_format("a", "fp8") == "fp8" and layer_format("a", None) == "int"
+    with pytest.raises(ValueError, match="has format 'fp8', the plan 'int'"):
+        layer_format("a", "int", "fp8")
+    path = tmp_path / "fp4"
+    shutil.copytree(fp8_artifact.path, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["layers"][next(iter(manifest["layers"]))]["format"] = "fp4"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(QschedError, match="modelopt bridge cannot express layer format 'fp4'") as err:
+        export_modelopt(path, verify=False)
+    assert "\n" not in str(err.value) and not (path / "modelopt").exists()
+
+
+def test_cli_fp8_with_export_modelopt_passes_validation(fp8_artifact, tmp_path, monkeypatch, capsys):
+    """``--bits fp8 --uniform --export modelopt`` is no longer refused: the compile runs, then the export."""
+    pytest.importorskip("modelopt")
+    import shutil
+
+    from qsched.artifact import Artifact
+    from qsched.cli import main
+
+    target = tmp_path / "cli"
+    shutil.copytree(fp8_artifact.path, target)
+    monkeypatch.setattr("qsched.compiler.compile",
+                        lambda **kw: Artifact(target, json.loads((target / "manifest.json").read_text())))
+    assert main(["--model", "flux-tiny", "--bits", "fp8", "--uniform", "--export", "modelopt", "--out", str(target),
+                 "--overwrite"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["exports"]["modelopt"]["summary"]["fp8_layers"] > 0

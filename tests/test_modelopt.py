@@ -6,7 +6,9 @@ artifact with checksums and restores with ``mto.restore``.
 Tolerances: weights are compared by integer codes (must be identical) and by value (float rounding:
 < 1e-6 here, weights are ~0.1). Affine activations may differ only at rounding ties (modelopt rounds
 (x - bias) * qmax/amax, we round x/s: within fp32 rounding of k + 1/2 either neighbour can win), so a
-layer's output may move by one input step there.
+layer's output may move by one input step there. FP8 (e4m3) layers compare e4m3 codes: identical on weights
+and on activations except where x/s is within fp32 rounding of a midpoint between two e4m3 values (modelopt
+scales by 448/amax, we divide by s); tests/test_fp8.py holds the FP8 cases, this file the mixed artifact.
 """
 import copy
 import hashlib
@@ -336,3 +338,41 @@ def test_cli_export_modelopt_adds_the_checkpoint(artifact, tmp_path, monkeypatch
     assert summary["exports"]["modelopt"]["checkpoint"] == "modelopt/transformer.pth"
     from export.format import read_manifest
     assert "modelopt/transformer.pth" in read_manifest(target, verify=True)["files"]
+
+
+def test_mixed_fp8_and_int_artifact_exports_and_restores(flux, tmp_path):
+    """An artifact with FP8 (e4m3) linears next to W4/W8 integer layers: one modelopt model, FP8 quantizers
+    (num_bits (4, 3)) where the plan says fp8, integer ones elsewhere; the FP8 rows match code for code, the
+    integer weights too, and the checkpoint restores to what the export computed."""
+    from export.format import read_manifest
+    from export.runtime_modelopt import export_modelopt, modelopt_denoiser, restore_modelopt
+    from export.save import save_quantized
+    from qsched.tinyworld.model import build_tiny_pipeline
+
+    from conftest import TEST_WORDS
+
+    fp, plan, ranges, _ = flux
+    mixed = BitPlan(method="test", layers=dict(plan.layers))
+    fp8 = [n for i, (n, lp) in enumerate(plan.layers.items())
+           if i % 2 == 0 and lp.weight_bits is not None and lp.act_bits is not None and lp.group_size is None]
+    for name in fp8:
+        mixed.layers[name] = LayerPlan(8, 8, format="fp8")
+    assert fp8 and len(fp8) < len(mixed.layers)
+    pipe = build_tiny_pipeline(seed=0, words=TEST_WORDS)
+    pipe.transformer = quantize_(copy.deepcopy(fp), mixed, ranges)
+    path = tmp_path / "mixed"
+    save_quantized(path, pipe, "transformer", mixed, {"bits": "w4a8", "source": {"kind": "test"}}, bundle=True)
+    record = export_modelopt(path)  # symmetric: the integer layers' activations differ, as reported
+    check = json.loads((path / record["check"]).read_text())
+    assert record["summary"]["fp8_layers"] == len(fp8)
+    for name, row in check.items():
+        assert row["format"] == ("fp8" if name in fp8 else "int") and row["weight_match"], (name, row["reason"])
+        if name in fp8:
+            assert row["match"] and row["act_mode"] == "fp8" and row["output_rel_diff"] < 1e-5, (name, row)
+    model, manifest, _ = modelopt_denoiser(path, check=False)
+    assert model.get_submodule(fp8[0]).weight_quantizer.num_bits == (4, 3)
+    assert model.get_submodule(next(n for n in check if n not in fp8 and check[n]["weight_bits"])).weight_quantizer.num_bits in (4, 8)
+    inputs = flux_inputs(manifest["denoiser"]["config"])
+    with torch.no_grad():
+        assert torch.equal(restore_modelopt(path)(**inputs)[0], model(**inputs)[0])
+    read_manifest(path, verify=True)
