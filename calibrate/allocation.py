@@ -495,15 +495,34 @@ def evaluate_assignment(table: "SensitivityTable", weight_bits: dict, act_bits: 
 def allocation_plan(result: AllocationResult, table: "SensitivityTable", *, target: str = "", method: str = "mixdq",
                     group_sizes: dict[str, int | None] | None = None, weight_scale: str = "max") -> BitPlan:
     """A BitPlan from an allocation; each reason names the width and the score that earned it.
-    ``weight_scale`` is recorded for every layer with quantized weights."""
+    ``weight_scale`` is recorded for every layer with quantized weights. An ``fp8`` table's layers are
+    FP8 W8A8 (weight width 8) or FP on both sides: see :func:`follow_weights`."""
     plan = BitPlan(method=method, target=target)
     for name in sorted(result.weight_bits):
         entry = table.layers[name]
         w, a = result.weight_bits[name], result.act_bits[name]
+        if table.format == "fp8":
+            score = _score_label(entry.weight.get(8), entry.metric)
+            reason = f"ILP: fp8 W8A8 ({score})" if w is not None else f"ILP: fp (fp8 W8A8 would score {score})"
+            plan.layers[name] = LayerPlan(w, w, entry.group, None, reason, entry.params,
+                                          format="fp8" if w is not None else "int")
+            continue
         reason = f"ILP: {_describe('w', w, entry.weight, entry.metric)}, {_describe('a', a, entry.act, entry.metric)}"
         plan.layers[name] = LayerPlan(w, a, entry.group, (group_sizes or {}).get(name), reason, entry.params,
                                       weight_scale=weight_scale if w is not None else "max")
     return plan
+
+
+def follow_weights(result: AllocationResult, table: "SensitivityTable") -> AllocationResult:
+    """An fp8 allocation's activations as the plan has them: an FP8 layer is W8A8, an FP layer FP on both sides.
+    The program decides weights only (its activations are all "FP", outside any budget), because the fp8
+    table scores each layer's W8A8 probe once, as its weight[8]; the record should say what runs."""
+    result.act_bits = {n: w for n, w in result.weight_bits.items()}
+    quantized = [n for n, w in result.weight_bits.items() if w is not None]
+    result.average_act_bits = 8.0 if quantized else None
+    result.bops = sum((table.layers[n].macs or table.layers[n].params) * width_cost(w) ** 2
+                      for n, w in result.weight_bits.items())
+    return result
 
 
 def _describe(side: str, bits, scores: dict, metric: str) -> str:
@@ -512,4 +531,10 @@ def _describe(side: str, bits, scores: dict, metric: str) -> str:
     score = scores.get(bits)
     if score is None or not math.isfinite(score):
         return f"{side}{bits}"
-    return f"{side}{bits} (SSIM {score:.5f})" if metric == "ssim" else f"{side}{bits} (SQNR {score:.1f} dB)"
+    return f"{side}{bits} ({_score_label(score, metric)})"
+
+
+def _score_label(score, metric: str) -> str:
+    if score is None or not math.isfinite(score):
+        return "no score"
+    return f"SSIM {score:.5f}" if metric == "ssim" else f"SQNR {score:.1f} dB"

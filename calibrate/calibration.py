@@ -118,10 +118,7 @@ def calibrate(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSetti
         raise ValueError(f"unknown weight rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
-    rounded = {}
-    if rounding == "gptq" and (method == "mixdq" or uses_gptq(spec.uniform_weight_bits)):
-        scope = list(config.layers) if method == "mixdq" and config.layers else None
-        rounded = _rounded_layers(adapter.quantizable_layers(denoiser), keep_fp, scope)
+    rounded = gptq_layers(adapter.quantizable_layers(denoiser), config, spec)
     # GPTQ's first group of Hessians rides on the statistics pass (same prompts, seed and batches)
     first = hessian_chunks(rounded, HESSIAN_CHUNK_BYTES)[:1] if rounded and spec.quantize_activations else []
     ranges, fp_tokens, report = {}, {}, FPTokenReport()
@@ -182,6 +179,17 @@ def gptq_weights(denoiser, plan: BitPlan, hessians: dict) -> dict:
         lp.rounding = "gptq"
         lp.reason = f"{lp.reason}; GPTQ rounding" if lp.reason else "GPTQ rounding"
     return weights
+
+
+def gptq_layers(layers: dict, config: QuantizationConfig, spec: BitSpec) -> dict:
+    """The layers GPTQ needs a Hessian for: none with ``rounding: rtn``, for an fp8 spec (e4m3 weights are
+    cast, never GPTQ-rounded: no Hessian pass for them) or when the uniform width is past GPTQ's; else the
+    layers :func:`_rounded_layers` leaves."""
+    if config.rounding != "gptq" or spec.format == "fp8" or not (
+            config.method == "mixdq" or uses_gptq(spec.uniform_weight_bits)):
+        return {}
+    scope = list(config.layers) if config.method == "mixdq" and config.layers else None
+    return _rounded_layers(layers, list(config.keep_fp), scope)
 
 
 def _rounded_layers(layers: dict, keep_fp: list[str] | None, scope: list[str] | None) -> dict:

@@ -10,16 +10,18 @@ import math
 from pathlib import Path
 from typing import Callable, Iterable
 
+from torch import nn
+
 from qsched.models.adapters import adapter_for
-from qsched.core.bits import FP8_NEEDS_UNIFORM, WEIGHT_WIDTHS, BitSpec
+from qsched.core.bits import FP8_NEEDS_FP_CONTEXT, WEIGHT_WIDTHS, BitSpec
 from qsched.core.errors import QschedError
 from qsched.runtime.generation import GenerationSettings
 
-from calibrate.allocation import AllocationResult, allocate, allocation_plan, reference_widths
+from calibrate.allocation import AllocationResult, allocate, allocation_plan, follow_weights, reference_widths
 from qsched.core.bitplan import BitPlan, LayerPlan
 from calibrate.sensitivity import SensitivityTable, analyze_sensitivity
 from calibrate.mixdq_run import MixDQRun
-from calibrate.uniform import group_size_for
+from calibrate.uniform import FP8_CONV_REASON, group_size_for
 from qsched.recipe import QuantizationConfig
 
 
@@ -64,11 +66,22 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
     be applied with (``None``: collected here first); sensitivity is measured with them. ``run`` is the run
     context (:class:`calibrate.mixdq_run.MixDQRun`); its ``fp_tokens`` mark BOS rows for sensitivity only,
     the plan itself is marked by the caller.
+
+    An ``fp8`` spec chooses per linear layer between FP8 e4m3 W8A8 and floating point (both sides: an FP
+    layer is FP on its activations too) under ``config.fp8_budget_bits``, the size-weighted average of 8
+    (FP8) and 16 (FP) bits: ``--bits fp8`` names a format, not a budget, and a budget of 8 would leave no
+    choice. Each layer is probed once at FP8 W8A8, the program is :func:`allocate`'s with candidates
+    {8, FP} and no activation side, and the plan is labelled ``mixdq-fp8``. Convolutions stay FP (FP8 is a
+    linear-layer format) outside the budget; the integer-width knobs (widths, floor, group size,
+    ``weight_scale``, ``fp_act_fraction``) and GPTQ do not apply, and ``sensitivity_context`` must be ``fp``.
     """
     from calibrate.calibration import collect_statistics
 
-    if spec.format == "fp8":
-        raise QschedError(FP8_NEEDS_UNIFORM)
+    fp8 = spec.format == "fp8"
+    if fp8 and run.max_bops is not None:
+        raise QschedError("max_bops caps integer widths' BOPs; an fp8 plan (FP8 or FP per layer) takes no BOPs cap")
+    if fp8 and config.sensitivity_context != "fp":
+        raise QschedError(FP8_NEEDS_FP_CONTEXT)
     layers, keep_fp, groups, group_size = config.layers, list(config.keep_fp), config.layer_groups, config.group_size
     weight_widths, act_widths, weight_scale = list(config.weight_widths), list(config.act_widths), config.weight_scale
     min_weight_bits = width_floor(config.min_weight_bits, config.rounding)
@@ -84,6 +97,8 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
     kept = {n: next(p for p in keep_fp or [] if fnmatch.fnmatchcase(n, p)) for n in scope
             if any(fnmatch.fnmatchcase(n, p) for p in keep_fp or [])}
     decided = [n for n in scope if n not in kept]
+    convs = [n for n in decided if fp8 and not isinstance(scope[n], nn.Linear)]  # FP8 covers linear layers
+    decided = [n for n in decided if n not in convs]
     if not decided:
         raise QschedError("every layer in scope is kept FP by the recipe: nothing for mixed precision to decide")
 
@@ -99,28 +114,46 @@ def mixdq_plan(pipe, spec: BitSpec, prompts: list[str], settings: GenerationSett
         w_ref, a_ref = reference_widths(spec.weight_bits, spec.act_bits if quantize_acts else None,
                                         list(weight_widths), list(act_widths) if quantize_acts else [None])
         context = {n: (w_ref, a_ref) for n in decided}
+    probing = dict(act_ranges=act_ranges if quantize_acts else None, layers=decided, groups=groups, seed=seed,
+                   batch_size=run.batch_size, work_dir=run.work_dir, model_digest=run.model_digest,
+                   image_metric=run.image_metric, progress=progress, ray=run.ray,
+                   pipeline_source=run.pipeline_source, fp_tokens=fp_tokens, context=context,
+                   record_bytes=int(config.sensitivity_record_gb * 1e9))
+    fixed_fp_params = sum(scope[n].weight.numel() for n in kept)  # kept layers count 16 bits in the budget
+    if fp8:
+        table = analyze_sensitivity(pipe, prompts, settings, weight_widths=(8,), act_widths=(), format="fp8",
+                                    **probing)
+        result = follow_weights(allocate(table, config.fp8_budget_bits, None, weight_widths=[8, None],
+                                         content_weight=config.content_weight,
+                                         fixed_fp_params=fixed_fp_params,
+                                         time_limit=run.time_limit, normalise=config.normalise), table)
+        plan = allocation_plan(result, table, target=str(spec), method="mixdq-fp8")
+        return _with_fp_layers(plan, adapter, scope, groups, kept, convs), table, result
     allowed = allowed_weight_widths(weight_widths, min_weight_bits, spec.weight_bits)
     # only the widths the program may choose are probed (the floor's exclusions would cost probes for nothing)
     table = analyze_sensitivity(pipe, prompts, settings, weight_widths=allowed,
-                                act_widths=act_widths if quantize_acts else (),
-                                act_ranges=act_ranges if quantize_acts else None, layers=decided, groups=groups,
-                                group_size=group_size, seed=seed, batch_size=run.batch_size, work_dir=run.work_dir,
-                                model_digest=run.model_digest, image_metric=run.image_metric, progress=progress,
-                                ray=run.ray, pipeline_source=run.pipeline_source, fp_tokens=fp_tokens,
-                                weight_scale=weight_scale, context=context, hessians=run.hessians,
-                                hessian_key=run.hessian_key, record_bytes=int(config.sensitivity_record_gb * 1e9))
+                                act_widths=act_widths if quantize_acts else (), group_size=group_size,
+                                weight_scale=weight_scale, hessians=run.hessians, hessian_key=run.hessian_key,
+                                **probing)
     max_fp = math.ceil(config.fp_act_fraction * len(decided)) if quantize_acts and config.fp_act_fraction > 0 else 0
     candidates = sorted(set(act_widths)) + ([None] if max_fp else [])
     result = allocate(table, spec.weight_bits, spec.act_bits if quantize_acts else None,
                       weight_widths=allowed, act_widths=candidates if quantize_acts else None,
                       content_weight=config.content_weight, max_fp_act=max_fp if quantize_acts else None,
-                      max_bops=run.max_bops, fixed_fp_params=sum(scope[n].weight.numel() for n in kept),
+                      max_bops=run.max_bops, fixed_fp_params=fixed_fp_params,
                       time_limit=run.time_limit, normalise=config.normalise)
     plan = allocation_plan(result, table, target=str(spec), method="mixdq",
                            group_sizes={n: group_size_for(scope[n], group_size) for n in decided},
                            weight_scale=weight_scale)
-    for name, pattern in kept.items():
-        plan.layers[name] = LayerPlan(None, None, adapter.layer_group(name, groups), None,
-                                      f"kept FP by recipe pattern {pattern!r}", scope[name].weight.numel())
+    return _with_fp_layers(plan, adapter, scope, groups, kept, ()), table, result
+
+
+def _with_fp_layers(plan: BitPlan, adapter, scope: dict, groups, kept: dict, convs) -> BitPlan:
+    """``plan`` with the layers the program did not decide, at FP and with the reason."""
+    reasons = {**{n: FP8_CONV_REASON for n in convs},
+               **{n: f"kept FP by recipe pattern {p!r}" for n, p in kept.items()}}
+    for name, reason in reasons.items():
+        plan.layers[name] = LayerPlan(None, None, adapter.layer_group(name, groups), None, reason,
+                                      scope[name].weight.numel())
     plan.layers = dict(sorted(plan.layers.items()))
-    return plan, table, result
+    return plan

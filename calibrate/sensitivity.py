@@ -28,6 +28,11 @@ scores are still taken against FP. One layer's damage measured with the rest in 
 does in a quantized model (on flux-tiny, 2-bit layers that looked almost free alone cost 5 points
 together); around the operating point the table's differences are what a change of one layer's width does
 to the model that will actually run.
+
+With ``format="fp8"`` a layer has one candidate, FP8 e4m3 on both sides (W8A8, as
+``QuantLayer.from_module(..., 8, 8, range, format="fp8")`` builds it): MixDQ then chooses between FP8 and
+floating point per layer (:func:`calibrate.mixdq.mixdq_plan`). The probe quantizes weights and activations
+together, since an FP8 layer is FP8 on both sides, and its score is stored as the layer's ``weight[8]``.
 """
 from __future__ import annotations
 
@@ -99,17 +104,22 @@ class SensitivityTable:
     act_widths: list[int] = field(default_factory=list)
     key: str = ""
     stats: dict = field(default_factory=dict)
+    #: "int", or "fp8": each layer's ``weight[8]`` is its FP8 W8A8 score (weights and activations together)
+    format: str = "int"
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "weight_widths": list(self.weight_widths), "act_widths": list(self.act_widths),
+        data = {"key": self.key, "weight_widths": list(self.weight_widths), "act_widths": list(self.act_widths),
                 "layers": {n: l.to_dict() for n, l in sorted(self.layers.items())}, "stats": dict(self.stats)}
+        if self.format != "int":  # omitted when unused, as in LayerPlan.to_dict
+            data["format"] = self.format
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "SensitivityTable":
         return cls(layers={n: LayerSensitivity.from_dict(l) for n, l in data.get("layers", {}).items()},
                    weight_widths=[int(w) for w in data.get("weight_widths", [])],
                    act_widths=[int(a) for a in data.get("act_widths", [])],
-                   key=data.get("key", ""), stats=dict(data.get("stats", {})))
+                   key=data.get("key", ""), stats=dict(data.get("stats", {})), format=data.get("format", "int"))
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary sibling, then rename): a killed run never leaves half a table."""
@@ -148,7 +158,7 @@ def model_state_digest(pipe) -> str:
 
 def _cache_key(model_digest, prompts, weight_widths, act_widths, settings, seed, batch_size, group_size,
                groups, act_ranges, momentum, image_metric, fp_tokens=None, weight_scale="max", context=None,
-               rounding_key=None) -> str:
+               rounding_key=None, format="int") -> str:
     ranges = ({k: [float(v) for v in r] for k, r in sorted(act_ranges.items())} if act_ranges is not None
               else f"observed(momentum={momentum})")
     inputs = {"version": CACHE_VERSION, "model": model_digest, "prompts": list(prompts),
@@ -165,6 +175,8 @@ def _cache_key(model_digest, prompts, weight_widths, act_widths, settings, seed,
         inputs["context"] = {n: list(w) for n, w in sorted(context.items())}
     if rounding_key:  # likewise
         inputs["rounding"] = rounding_key
+    if format != "int":  # likewise
+        inputs["format"] = format
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -505,7 +517,8 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
                         image_metric: Callable | None = None, progress: bool = True, ray=None,
                         pipeline_source=None, fp_tokens: dict | None = None,
                         weight_scale: str = "max", context: dict | None = None, hessians: dict | None = None,
-                        hessian_key: str | None = None, record_bytes: int | None = None) -> SensitivityTable:
+                        hessian_key: str | None = None, record_bytes: int | None = None,
+                        format: str = "int") -> SensitivityTable:
     """Score every selected layer at every candidate width, one layer at a time.
 
     ``layers``: module paths or glob patterns (default: every quantizable layer). ``act_ranges``: static
@@ -525,8 +538,15 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     the final model will have them; ``hessian_key`` names where the Hessians came from (for the cache key).
     ``record_bytes``: host memory for the block outputs quality probes return instead of recomputing the blocks
     before the probed layer (:class:`_BlockPrefix`; ``None``: no limit, ``0``: none). The scores are identical
-    either way, so it is not part of the cache key.
+    either way, so it is not part of the cache key. ``format="fp8"``: each (linear) layer is probed once at
+    FP8 e4m3 W8A8, weights and activations together, and scored as ``weight[8]`` (``weight_widths`` must be
+    ``(8,)``, ``act_widths`` empty, no ``context``: with every other layer at FP8, a layer probed at FP8 is
+    the operating point itself, so every layer would score the same). The ranges are observed in the FP run
+    when ``act_ranges`` is ``None``.
     """
+    if format == "fp8" and (sorted(set(weight_widths)) != [8] or list(act_widths) or context):
+        raise QschedError("an fp8 sensitivity analysis probes FP8 W8A8 only, around FP: weight_widths (8,), "
+                          "no act_widths, no context")
     adapter = adapter_for(pipe)
     denoiser = adapter.denoiser(pipe)
     all_layers = adapter.quantizable_layers(denoiser)
@@ -539,13 +559,13 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     prompts = list(prompts)
     batch_size = batch_size or len(prompts)
 
-    table = SensitivityTable(weight_widths=weight_widths, act_widths=act_widths)
+    table = SensitivityTable(weight_widths=weight_widths, act_widths=act_widths, format=format)
     cache_path = None
     if work_dir is not None:
         table.key = _cache_key(model_digest or model_state_digest(pipe), prompts, weight_widths, act_widths, settings,
                                seed, batch_size, group_size, groups, act_ranges, momentum, image_metric, fp_tokens,
                                weight_scale, context,
-                               _gptq_key(hessians, hessian_key))
+                               _gptq_key(hessians, hessian_key), format)
         cache_path = Path(work_dir) / f"sensitivity-{table.key[:16]}.json"
         if cache_path.is_file():
             cached = SensitivityTable.load(cache_path)
@@ -559,7 +579,8 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
         options = dict(prompts=prompts, settings=settings, layers=todo, groups=groups, weight_widths=weight_widths,
                        act_widths=act_widths, act_ranges=act_ranges, group_size=group_size, seed=seed,
                        batch_size=batch_size, momentum=momentum, image_metric=image_metric, fp_tokens=fp_tokens,
-                       weight_scale=weight_scale, context=context, hessians=hessians, record_bytes=record_bytes)
+                       weight_scale=weight_scale, context=context, hessians=hessians, record_bytes=record_bytes,
+                       format=format)
         bar = tqdm(total=len(todo), desc="sensitivity", unit="layer", disable=not progress, leave=False)
         if ray is None:
             with _eval_mode(pipe):
@@ -580,7 +601,8 @@ def analyze_sensitivity(pipe, prompts: list[str], settings: GenerationSettings, 
     for kind in ("", "content_", "quality_"):
         secs = stats[f"{kind}seconds"]
         stats[f"{kind}evaluations_per_second"] = stats[f"{kind}evaluations"] / secs if secs else None
-    return SensitivityTable({n: table.layers[n] for n in selected}, weight_widths, act_widths, table.key, stats)
+    return SensitivityTable({n: table.layers[n] for n in selected}, weight_widths, act_widths, table.key, stats,
+                            format)
 
 
 def _record(results, table: SensitivityTable, cache_path, bar) -> dict:
@@ -603,14 +625,15 @@ class LayerAnalysis:
 
     def __init__(self, pipe, prompts, settings, layers, groups, weight_widths, act_widths, act_ranges, group_size,
                  seed, batch_size, momentum, image_metric, fp_tokens=None, weight_scale="max", context=None,
-                 hessians=None, record_bytes=None):
+                 hessians=None, record_bytes=None, format="int"):
         self.adapter = adapter_for(pipe)
         denoiser = self.adapter.denoiser(pipe)
         all_layers = self.adapter.quantizable_layers(denoiser)
         self.layers = {n: all_layers[n] for n in layers}
         self.groups, self.weight_widths, self.act_widths = groups, weight_widths, act_widths
         self.group_size, self.fp_tokens, self.weight_scale = group_size, dict(fp_tokens or {}), weight_scale
-        need_ranges = bool(act_widths) and act_ranges is None
+        self.format = format
+        need_ranges = (bool(act_widths) or format == "fp8") and act_ranges is None
         self.ref = _fp_reference(pipe, denoiser, prompts, settings, seed, batch_size, self.layers, need_ranges,
                                  momentum, {n: t.positions for n, t in self.fp_tokens.items()})
         self.ranges = self.ref.ranges if need_ranges else (act_ranges or {})
@@ -648,7 +671,7 @@ class LayerAnalysis:
             entry = _analyze_layer(self.probe, name, self.layers[name], self.adapter.layer_group(name, self.groups),
                                    self.weight_widths, self.act_widths, self.ranges, self.group_size,
                                    self.fp_tokens.get(name), self.weight_scale, self.context.get(name, (None, None)),
-                                   self.hessians.get(name))
+                                   self.hessians.get(name), self.format)
         return entry.to_dict(), {k: self.probe.stats[k] - before[k] for k in before}
 
 
@@ -668,19 +691,26 @@ class _LayerAnalysisBuilder:
 
 def _analyze_layer(probe: _Probe, name: str, module: nn.Module, group: str, weight_widths, act_widths, ranges,
                    group_size, fp_tokens=None, weight_scale="max", own_context=(None, None),
-                   hessian=None) -> LayerSensitivity:
+                   hessian=None, format="int") -> LayerSensitivity:
     """Weights and activations separately, each at every candidate width, the rest of the model as it is
     (FP, or the context's widths); the side not probed stays at ``own_context`` (a BOS-aware layer keeps
-    its FP rows, as it will in the final model)."""
+    its FP rows, as it will in the final model). ``format="fp8"``: one probe, the layer at FP8 W8A8 (both
+    sides at once: an FP8 layer is never FP8 on one side only), scored as ``weight[8]``."""
     metric = metric_for_group(group)
     entry = LayerSensitivity(group=group, params=module.weight.numel(), metric=metric,
                              macs=float(probe.ref.macs[name]))
-    if act_widths and name not in ranges:
+    if (act_widths or format == "fp8") and name not in ranges:
         raise QschedError(f"no activation range for layer {name}: the calibration runs never reached it")
+    here = probe.denoiser.get_submodule(name)  # the context's layer (or the FP module) goes back after each probe
+    if format == "fp8":
+        if not isinstance(module, nn.Linear):
+            raise QschedError(f"{name} is not a linear layer: FP8 covers linear layers only")
+        entry.weight[8] = probe.score(name, here, QuantLayer.from_module(
+            module, 8, 8, ranges[name], None, fp_tokens, format="fp8"), metric)
+        return entry
     width = group_size_for(module, group_size)
     w_ctx, a_ctx = own_context
     a_range = ranges.get(name) if a_ctx is not None else None
-    here = probe.denoiser.get_submodule(name)  # the context's layer (or the FP module) goes back after each probe
     for bits in weight_widths:
         entry.weight[bits] = probe.score(name, here, QuantLayer.from_module(
             module, bits, a_ctx, a_range, width, fp_tokens, weight_scale, _rounded(module, bits, width, hessian, weight_scale)), metric)

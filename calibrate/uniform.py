@@ -11,6 +11,9 @@ from qsched.core.bits import BitSpec
 
 from qsched.core.bitplan import BitPlan, LayerPlan
 
+#: why an fp8 plan (uniform or MixDQ's) keeps a convolution FP
+FP8_CONV_REASON = "FP8 covers linear layers; convolutions stay FP"
+
 
 def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int | None = None,
                  keep_fp: list[str] | None = None, groups: dict[str, str] | None = None,
@@ -30,8 +33,7 @@ def uniform_plan(denoiser, adapter: ModelAdapter, spec: BitSpec, group_size: int
         elif spec.format == "fp8" and isinstance(module, nn.Linear):
             plan.layers[name] = LayerPlan(8, 8, group, None, "uniform fp8", module.weight.numel(), format="fp8")
         elif spec.format == "fp8":
-            plan.layers[name] = LayerPlan(None, None, group, None, "FP8 covers linear layers; convolutions stay FP",
-                                          module.weight.numel())
+            plan.layers[name] = LayerPlan(None, None, group, None, FP8_CONV_REASON, module.weight.numel())
         else:
             plan.layers[name] = LayerPlan(spec.uniform_weight_bits, act_bits, group, width, f"uniform {spec}",
                                           module.weight.numel(),

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   qcompile --model ./my-local-pipeline --bits w8a8 --uniform --bundle
   qcompile --model flux-schnell --init random --bits w4a8 --device cuda
   qcompile --model flux-tiny --bits fp8 --uniform           # FP8 e4m3 W8A8 (torch._scaled_mm on sm89+ GPUs)
+  qcompile --model flux-tiny --bits fp8                     # MixDQ: FP8 or FP per layer (quantization.fp8_budget_bits)
   qcompile --model flux-schnell --bits w3.5a8 --device cuda --ray auto   # sensitivity and cache search on Ray
   qcompile --model flux-schnell --init random --bits w4a8 --plan --plan-device h100   # cost it, compile nothing
   qcompile --model flux-schnell --init random --width-scale 0.0625 --bits w4a8 --scorer ./tiny-clip   # rehearse it

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qsched.artifact import Artifact
-from qsched.core.bits import FP8_NEEDS_UNIFORM, WEIGHT_WIDTHS, BitSpec, parse_bits
+from qsched.core.bits import FP8_NEEDS_FP_CONTEXT, WEIGHT_WIDTHS, BitSpec, parse_bits
 from qsched.core.errors import QschedError
 from qsched.models.profiles import default_scorer, no_scorer_message
 from qsched.recipe import Recipe, find_recipe, load_recipe
@@ -93,8 +93,6 @@ def plan_job(model: str, bits: str | BitSpec, out, recipe, *, uniform: bool = Fa
     if spec.is_fractional and uniform:
         raise QschedError(f"--bits {spec} is a fractional budget, which needs mixed precision; "
                           f"use an integer weight width ({', '.join(map(str, WEIGHT_WIDTHS))}) with --uniform")
-    if spec.format == "fp8" and not uniform and base.quantization.method != "uniform":
-        raise QschedError(FP8_NEEDS_UNIFORM)
     overrides = {}
     if uniform:
         overrides["quantization.method"] = "uniform"
@@ -109,6 +107,8 @@ def plan_job(model: str, bits: str | BitSpec, out, recipe, *, uniform: bool = Fa
     if scorer is not None:
         overrides["scorer"] = scorer
     final = base.override(overrides)
+    if spec.format == "fp8" and final.quantization.method == "mixdq" and final.quantization.sensitivity_context != "fp":
+        raise QschedError(FP8_NEEDS_FP_CONTEXT)
     scorer_source = final.scorer or default_scorer(model)
     if scorer_source is None and (final.coefficients.enabled or final.cache_search.enabled):
         raise QschedError(no_scorer_message(model))

@@ -131,6 +131,11 @@ class QuantizationConfig(_Config):
     #: mixdq: only these layer globs are decided by the program (null: every quantizable layer); the budget
     #: applies to that part, the rest stays FP
     layers: tuple[str, ...] | None = None
+    #: mixdq at ``--bits fp8``: the size-weighted average weight bits the program may spend, a linear layer
+    #: costing 8 at FP8 (W8A8 e4m3) and 16 kept in floating point (``keep_fp`` layers count 16 too). 8 puts
+    #: every layer at FP8; 9.0 lets the most sensitive eighth of the weights stay FP. ``--bits fp8`` itself
+    #: says only the format, so the budget is this key
+    fp8_budget_bits: float = 9.0
 
     def validate(self) -> None:
         self._require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
@@ -151,6 +156,8 @@ class QuantizationConfig(_Config):
         self._require(self.group_size is None or self.group_size >= 1,
                       f"group_size must be a positive number of channels or null; got {self.group_size!r}")
         self._require(self.layers is None or len(self.layers) > 0, "layers must name at least one glob, or be null")
+        self._require(8.0 <= self.fp8_budget_bits <= 16.0,
+                      f"fp8_budget_bits must lie in [8, 16] (8: every layer FP8, 16: all FP); got {self.fp8_budget_bits!r}")
         self._require(self.objective in ("decoupled", "sqnr"), f"objective must be decoupled or sqnr; got {self.objective!r}")
         self._require(self.objective == "decoupled" or not self.groups,
                       "groups has no effect with objective: sqnr (every layer is scored by SQNR); remove one")

@@ -273,9 +273,9 @@ def test_cli_refuses_fp8_with_onnx_or_gguf_before_any_work(tmp_path, capsys):
     assert main(["--model", "flux-tiny", "--bits", "fp8", "--uniform", "--export", "gguf", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qcompile: error: --export gguf cannot express FP8")
-    assert main(["--model", "flux-tiny", "--bits", "fp8", "--out", str(out)]) == 2  # MixDQ's FP8 choice: not yet
+    assert main(["--model", "flux-tiny", "--bits", "fp8", "--export", "onnx", "--out", str(out)]) == 2  # MixDQ too
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--uniform" in err[0]
+    assert len(err) == 1 and err[0].startswith("qcompile: error: --export onnx cannot express FP8")
     assert not out.exists()
 
 

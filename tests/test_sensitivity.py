@@ -14,7 +14,7 @@ from qsched.core.errors import QschedError
 from qsched.runtime.generation import generate
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 
-from conftest import TEST_WORDS
+from conftest import TEST_WORDS, tiny_eval_pipeline
 
 PROMPTS = ["a red circle on the left", "a blue square above the green triangle"]
 SETTINGS = replace(TINY_SETTINGS, steps=2)
@@ -31,11 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = build_tiny_pipeline(0, TEST_WORDS)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    return pipe
+    return tiny_eval_pipeline()
 
 
 @pytest.fixture(scope="module")

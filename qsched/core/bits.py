@@ -4,8 +4,9 @@ An integer weight width is a uniform target; a fractional one is a size-weighted
 only mixed precision can meet. ``a16`` means activations stay in floating point. ``fp8`` is W8A8 in the
 e4m3 floating-point format instead of integers (per-channel weight scales, static per-tensor activation
 scales; :mod:`qsched.runtime.quantizers`): what Hopper and Ada GPUs multiply at the int8 rate with
-``torch._scaled_mm``. Its budget is 8 bits per weight, so MixDQ may keep some layers floating point and
-put the rest at FP8.
+``torch._scaled_mm``. ``fp8`` names a format, not a budget: with ``--uniform`` every linear layer is FP8;
+otherwise MixDQ keeps the most sensitive layers floating point and puts the rest at FP8, under the recipe's
+``quantization.fp8_budget_bits`` (:func:`calibrate.mixdq.mixdq_plan`).
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ ACT_WIDTHS = (4, 8, 16)
 _PATTERN = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+)$")
 #: the number formats a spec (and a planned layer) can use: integer codes, or FP8 e4m3 weights and activations
 FORMATS = ("int", "fp8")
-#: MixDQ's per-layer choice between FP8 and floating point is not built yet, so an fp8 compile is uniform
-FP8_NEEDS_UNIFORM = ("--bits fp8 compiles uniformly for now (MixDQ's per-layer FP8-or-FP choice is not implemented); "
-                     "add --uniform (or the recipe's quantization.method: uniform)")
+#: MixDQ's FP8 probe is the layer at FP8 with the rest in FP: around an all-FP8 model it would change nothing
+FP8_NEEDS_FP_CONTEXT = ("--bits fp8 probes each layer with the rest in FP; quantization.sensitivity_context: uniform "
+                        "has no FP8 form (every layer would score the same): use fp, or --uniform")
 VALID_FORMS = ("w{2,3,4,5,6,8}a{4,8,16} (e.g. w4a8, w8a8, w4a16), a fractional weight budget between 2 and 8 "
                "such as w3.5a8, or fp8 (FP8 e4m3 weights and activations)")
 

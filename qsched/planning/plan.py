@@ -213,17 +213,14 @@ class _Planner:
                 "tokens": self.shape.tokens, "scheduler": self.arch.scheduler_class}
 
     def _calibrate(self) -> dict:
-        from calibrate.calibration import _rounded_layers
-        from calibrate.gptq import HESSIAN_CHUNK_BYTES, hessian_chunks, uses_gptq
+        from calibrate.calibration import gptq_layers
+        from calibrate.gptq import HESSIAN_CHUNK_BYTES, hessian_chunks
         from calibrate.sensitivity import metric_for_group
 
         q, cal, spec = self.recipe.quantization, self.recipe.calibration, self.spec
         C, method = cal.prompts, q.method
         keep_fp = list(q.keep_fp)
-        rounded = {}
-        if q.rounding == "gptq" and (method == "mixdq" or uses_gptq(spec.uniform_weight_bits)):
-            scope = list(q.layers) if method == "mixdq" and q.layers else None
-            rounded = _rounded_layers(self.layers, keep_fp, scope)
+        rounded = gptq_layers(self.layers, q, spec)
         chunks = hessian_chunks(rounded, HESSIAN_CHUNK_BYTES)
         leader = self.shape.input_leader  # layers fed one tensor share one Hessian (calibrate.gptq.SharedInputs)
         distinct = [{leader.get(n, n) if leader.get(n, n) in c else n for n in c} for c in chunks]
@@ -249,18 +246,23 @@ class _Planner:
         if not scope:
             raise QschedError(f"no quantizable layer matches {list(q.layers or [])}")
         decided = [n for n in scope if not any(fnmatch.fnmatchcase(n, p) for p in keep_fp)]
+        if spec.format == "fp8":  # FP8 covers linear layers: MixDQ decides those (calibrate.mixdq.mixdq_plan)
+            decided = [n for n in decided if isinstance(self.layers[n], nn.Linear)]
         if not decided:
             raise QschedError("every layer in scope is kept FP by the recipe: nothing for mixed precision to decide")
         n_s = min(q.sensitivity_prompts, C)
         from calibrate.mixdq import allowed_weight_widths, width_floor
 
-        probed = allowed_weight_widths(q.weight_widths, width_floor(q.min_weight_bits, q.rounding),
-                                       self.spec.weight_bits)
-        per_layer = len(probed) + (len(set(q.act_widths)) if stats else 0)
+        if spec.format == "fp8":  # one probe per layer: FP8 on both sides at once (calibrate.sensitivity)
+            per_layer, widths = 1, "(FP8 W8A8, weights and activations together)"
+        else:
+            probed = allowed_weight_widths(q.weight_widths, width_floor(q.min_weight_bits, q.rounding),
+                                           self.spec.weight_bits)
+            per_layer = len(probed) + (len(set(q.act_widths)) if stats else 0)
+            widths = f"({len(probed)} weight" + (f" + {len(set(q.act_widths))} activation" if stats else "") \
+                + " widths)"
         content = sum(metric_for_group(self.adapter.layer_group(n, q.layer_groups)) == "ssim" for n in decided)
         quality = len(decided) - content
-        widths = f"({len(probed)} weight" + (f" + {len(set(q.act_widths))} activation" if stats else "") \
-            + " widths)"
         self.add("calibrate", "MixDQ sensitivity: FP reference run (records the trajectory)", self.rows(n_s), EXACT,
                  f"{n_s} sensitivity prompts × {self.steps} steps")
         quality_layers = [n for n in decided if metric_for_group(self.adapter.layer_group(n, q.layer_groups)) != "ssim"]
@@ -278,13 +280,13 @@ class _Planner:
                      EXACT, f"{n_s} sensitivity prompts × {self.steps} steps", REPLAY)
         self.add("calibrate", "MixDQ sensitivity: replayed probes (quality layers, SQNR)",
                  quality * per_layer * self.rows(n_s), EXACT,
-                 f"{quality} layers × {per_layer} probes {widths} × {n_s} prompts × {self.steps} steps"
+                 f"{quality} layers × {per_layer} probe{'s' * (per_layer != 1)} {widths} × {n_s} prompts × {self.steps} steps"
                  + (f"; each computes {share:.2f} of the denoiser on average (the first {depth} of "
                     f"{len(order.finished)} blocks are recorded and skipped where they precede the layer)"
                     if share < 1.0 else ""), REPLAY, share)
         self.add("calibrate", "MixDQ sensitivity: full-sampler probes (content layers, SSIM)",
                  content * per_layer * self.rows(n_s), EXACT,
-                 f"{content} layers × {per_layer} probes {widths} × {n_s} prompts × {self.steps} steps")
+                 f"{content} layers × {per_layer} probe{'s' * (per_layer != 1)} {widths} × {n_s} prompts × {self.steps} steps")
         record.update(decided_layers=len(decided), sensitivity_prompts=n_s, probes_per_layer=per_layer,
                       content_layers=content, quality_layers=quality, sensitivity_evaluations=len(decided) * per_layer)
         if q.sensitivity_context == "uniform":
@@ -500,7 +502,9 @@ class _Planner:
         scales = 4 * sum(m.weight.shape[0] for m in quantized)
         rest = (total - weights) * self.dtype_bytes
         per_code = 0.5 if self.spec.weight_bits <= 4 else 1.0
-        return weights + scales + rest, int(weights * per_code) + scales + rest
+        if self.spec.format == "fp8" and q.method == "mixdq":  # FP8 or FP per layer: the budget bounds the bytes
+            per_code = q.fp8_budget_bits / 8
+        return int(weights * max(per_code, 1.0)) + scales + rest, int(weights * per_code) + scales + rest
 
     # --- time ------------------------------------------------------------------------------------------
 
