@@ -16,6 +16,7 @@ calibration. Fuse into the floating-point model and compile that instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 import warnings
 
@@ -44,8 +45,9 @@ FUSE_REFUSED = ("fuse_lora is not supported on a qsched-compressed model: its we
                 "into the floating-point model and compile that with qcompile")
 
 
+@functools.cache
 def _lora_linear_class():
-    """peft's LoRA ``Linear`` specialised for a quantized base layer (built on first use: peft is optional)."""
+    """peft's LoRA ``Linear`` specialised for a quantized base layer (built once, on first use: peft is optional)."""
     from peft.tuners.lora.layer import Linear
 
     class QuantizedLoraLinear(Linear):

@@ -195,7 +195,8 @@ def test_diffusers_from_pretrained_loads_the_fp8_denoiser(fp8_artifact):
     """diffusers' own call (export.diffusers_quantizer) gives export.load's fp8 denoiser, codes and all."""
     from diffusers import FluxTransformer2DModel
 
-    theirs = FluxTransformer2DModel.from_pretrained(fp8_artifact.path, subfolder="transformer").state_dict()
+    theirs = FluxTransformer2DModel.from_pretrained(fp8_artifact.path, subfolder="transformer",
+                                                    local_files_only=True).state_dict()
     ours = export.load(fp8_artifact.path).transformer.state_dict()
     assert theirs.keys() == ours.keys() and all(_same(theirs[k], v) for k, v in ours.items())
 

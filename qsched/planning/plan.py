@@ -678,7 +678,8 @@ class _BlockOrder:
         from calibrate.sensitivity import repeated_blocks
 
         self.den, self.layers = den, layers
-        self.blocks = {id(b): name for name, b in den.named_modules() if any(b is r for r in repeated_blocks(den))}
+        ids = {id(b) for b in repeated_blocks(den)}
+        self.blocks = {id(b): name for name, b in den.named_modules() if id(b) in ids}
         self.finished: list[str] = []
         self.elements: list[int] = []  # each finished block's output elements (batch 1)
         self.before: dict[str, int] = {}
