@@ -30,7 +30,9 @@ Provenance of out/tiny-v2 (seed 0, CPU, one thread, 2026-12-03): VAE steps 0-500
 ``--vae-steps 3000/1500`` and 500-1000 under ``--vae-steps 1000``; the LR is constant until the
 cool-down (last third), and resumes are exact, so this equals one ``--vae-steps 1000`` run. ``vaedec``
 ran 0-750 under ``--vaedec-steps 750`` then 750-2000 under 2000 (a warm restart of its LR); ``text`` 600
-steps; ``flow`` from defaults, extended by rerunning.
+steps; ``flow`` from defaults (constant LR) to step 16,500, extended by rerunning, then
+``--flow-steps 18000 --flow-cooldown 1500`` (the cool-down starts at 16,500, so this equals one run with
+those flags). Step 18,000 is the shipped flux-tiny (``model.export_weights``).
 """
 from __future__ import annotations
 
