@@ -5,7 +5,9 @@ artifact and runtime generates held-out world prompts (test split, seeds 0..) fo
 compressed and compressed + LoRA (``pipe.load_lora_weights``). The compressed pipeline is taken twice:
 as ``export.load`` returns it (``pipeline``: Q-Sched scheduler and cache schedule included) and as its
 quantized denoiser alone (``denoiser``: the base scheduler, no cache), since the scheduler coefficients were
-learned for the base model (``psnr_fp_lora_with_qsched_vs_fp_lora_db``: those coefficients on FP + LoRA). Reports mean PSNR of compressed vs FP (the
+learned for the base model (``psnr_fp_lora_with_qsched_vs_fp_lora_db``: those coefficients on FP + LoRA), and
+on the simulated runtime a third time with its activation quantizers off (``denoiser-wa16``: the static
+activation ranges were calibrated without the LoRA). Reports mean PSNR of compressed vs FP (the
 plain figure), of compressed + LoRA vs FP + LoRA (which should stay close to it) and of each pipeline with
 and without the LoRA (how much the adapter moves the images).
 
@@ -24,6 +26,7 @@ import torch
 import export
 from qsched.metrics import psnr
 from qsched.runtime.generation import GenerationSettings, generate
+from qsched.runtime.qlayers import QuantLayer
 from qsched.tinyworld.lora import save_style_lora, train_style_lora
 from qsched.tinyworld.model import load_embedded
 from qsched.tinyworld.world import sample_batch
@@ -39,6 +42,12 @@ def _denoiser_only(pipe) -> None:
         pipe.qsched_cache = None
     if hasattr(pipe.scheduler, "unwrap"):
         pipe.scheduler = pipe.scheduler.unwrap()
+
+
+def _weights_only(pipe) -> None:
+    for m in pipe.transformer.modules():
+        if isinstance(m, QuantLayer):
+            m.act_bits = None
 
 
 def main(argv=None) -> None:
@@ -64,10 +73,15 @@ def main(argv=None) -> None:
             fp_plain = generate(fp, prompts, settings, seed=0)
             fp.load_lora_weights(lora, adapter_name="style")
             fp_lora = generate(fp, prompts, settings, seed=0)
-            for runtime, variant in [(r, v) for r in args.runtimes for v in ("pipeline", "denoiser")]:
+            variants = [(r, v) for r in args.runtimes for v in ("pipeline", "denoiser")]
+            if "simulated" in args.runtimes:
+                variants.append(("simulated", "denoiser-wa16"))
+            for runtime, variant in variants:
                 pipe = export.load(art, runtime=runtime)
-                if variant == "denoiser":  # the quantized denoiser alone: the base scheduler, every step computed
+                if variant.startswith("denoiser"):  # the quantized denoiser alone: the base scheduler, every step computed
                     _denoiser_only(pipe)
+                if variant == "denoiser-wa16":  # its activation quantizers off: separates the activation ranges
+                    _weights_only(pipe)  # (calibrated without the LoRA) from the quantized weights
                 plain = generate(pipe, prompts, settings, seed=0)
                 t0 = time.perf_counter()
                 pipe.load_lora_weights(lora, adapter_name="style")

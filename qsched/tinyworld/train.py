@@ -1,4 +1,7 @@
-"""Train flux-tiny on the shape world, on the CPU, reproducibly from a seed.
+"""Train flux-tiny v1 (the previous generation; the shipped v2 comes from ``train_v2.py``) on the CPU.
+
+v1 is a 4×-downsampling VAE (16 image tokens of 8×8 px) and frozen random text encoders; its judged
+accuracy plateaued at about 33 % (issue #19). Its weights are in the git history before the v2 switch.
 
 Three phases, each checkpointed in ``--work`` so a killed run resumes:
 
@@ -12,7 +15,7 @@ Three phases, each checkpointed in ``--work`` so a killed run resumes:
 ``python -m qsched.tinyworld.train --out out/flux-tiny-weights`` trains with the shipped budgets;
 ``qsched.tinyworld.model.export_weights(out)`` then writes them into the package as fp16.
 
-Provenance of the shipped weights (seed 0, CPU): the run was resumed from its checkpoints three times
+Provenance of the v1 weights (seed 0, CPU): the run was resumed from its checkpoints three times
 with changed budgets to fit the sessions (VAE: steps 0-1000 on a 2000-step cosine schedule, 1000-1500 on a
 1500-step one; flow: steps 0-2000 on a 4000-step schedule, 2000-3000 on a 3000-step one, 3000-9000 on a
 9000-step one, then 9000-15000 on a 15000-step one, each resume with a fresh optimiser state and
@@ -36,6 +39,14 @@ from tqdm.auto import tqdm
 
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 from qsched.tinyworld.world import sample_batch
+
+TRANSFORMER_CONFIG_V1 = dict(patch_size=1, in_channels=32, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                             num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
+                             guidance_embeds=False, axes_dims_rope=[8, 12, 12])
+VAE_CONFIG_V1 = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                     up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64], latent_channels=8,
+                     layers_per_block=1, norm_num_groups=16, sample_size=TINY_SETTINGS.height, use_quant_conv=False,
+                     use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -238,7 +249,7 @@ def main(argv=None) -> None:
         logf.flush()
 
     t0 = time.perf_counter()
-    pipe = build_tiny_pipeline(seed=args.seed)
+    pipe = build_tiny_pipeline(seed=args.seed, transformer_config=TRANSFORMER_CONFIG_V1, vae_config=VAE_CONFIG_V1)
     pipe.text_encoder.requires_grad_(False)
     pipe.text_encoder_2.requires_grad_(False)
     train_vae(pipe.vae, args.vae_steps, args.vae_batch, 1e-3, args.seed, work, log)

@@ -30,7 +30,9 @@ Provenance of out/tiny-v2 (seed 0, CPU, one thread, 2026-12-03): VAE steps 0-500
 ``--vae-steps 3000/1500`` and 500-1000 under ``--vae-steps 1000``; the LR is constant until the
 cool-down (last third), and resumes are exact, so this equals one ``--vae-steps 1000`` run. ``vaedec``
 ran 0-750 under ``--vaedec-steps 750`` then 750-2000 under 2000 (a warm restart of its LR); ``text`` 600
-steps; ``flow`` from defaults, extended by rerunning.
+steps; ``flow`` from defaults (constant LR) to step 16,500, extended by rerunning, then
+``--flow-steps 18000 --flow-cooldown 1500`` (the cool-down starts at 16,500, so this equals one run with
+those flags). Step 18,000 is the shipped flux-tiny (``model.export_weights``).
 """
 from __future__ import annotations
 
@@ -49,48 +51,19 @@ from qsched.runtime.generation import generate
 from qsched.tinyworld import world
 from qsched.tinyworld.judge import confidence_interval, judge
 from qsched.tinyworld.model import (
-    CLIP_CONFIG,
-    SCHEDULER_CONFIG,
-    SPECIAL_TOKENS,
-    T5_CONFIG,
     TINY_SETTINGS,
-    build_tokenizer,
+    TRANSFORMER_CONFIG,
+    build_tiny_pipeline,
 )
 from qsched.tinyworld.train import _load_ckpt, _save_ckpt, to_tensor
 
-VAE_CONFIG_V2 = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
-                 "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [32, 32], "latent_channels": 4,
-                 "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32, "use_quant_conv": False,
-                 "use_post_quant_conv": False, "mid_block_add_attention": False, "shift_factor": 0.0,
-                 "scaling_factor": 1.0}
-TRANSFORMER_CONFIG_V2 = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 4,
-                         "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": 64,
-                         "pooled_projection_dim": 64, "guidance_embeds": False, "axes_dims_rope": [8, 12, 12]}
 SETTINGS_V2 = TINY_SETTINGS  # same 32×32, 4 steps, 16 text tokens: only the weights change
 
 
 def build_pipeline_v2(seed: int = 0, transformer_config: dict | None = None):
-    """A randomly initialised v2 pipeline (deterministic in ``seed``); components in eval mode."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    words = world.VOCAB
-    torch.manual_seed(seed)
-    vocab_size = len(SPECIAL_TOKENS) + len(set(words) - set(SPECIAL_TOKENS))
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=AutoencoderKL(**VAE_CONFIG_V2),
-        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **CLIP_CONFIG)),
-        tokenizer=build_tokenizer(words, with_bos=True),
-        text_encoder_2=T5EncoderModel(T5Config(vocab_size=vocab_size, dropout_rate=0.0, **T5_CONFIG)),
-        tokenizer_2=build_tokenizer(words, with_bos=False),
-        transformer=FluxTransformer2DModel(**(transformer_config or TRANSFORMER_CONFIG_V2)),
-    )
+    """A randomly initialised v2 pipeline (deterministic in ``seed``; the shipped flux-tiny's configs,
+    ``transformer_config`` for an ablation); components in eval mode."""
+    pipe = build_tiny_pipeline(seed, transformer_config=transformer_config)
     pipe.set_progress_bar_config(disable=True)
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
         getattr(pipe, name).eval().requires_grad_(False)
@@ -322,7 +295,7 @@ def parse_args(argv=None):
 
 def transformer_config(args) -> dict:
     double, single = (int(v) for v in args.depth.split(","))
-    return {**TRANSFORMER_CONFIG_V2, "num_attention_heads": args.width, "num_layers": double,
+    return {**TRANSFORMER_CONFIG, "num_attention_heads": args.width, "num_layers": double,
             "num_single_layers": single}
 
 
