@@ -22,11 +22,11 @@ def test_weights_ship_small_and_load_offline(pipe):
 
 
 def test_shipped_weights_are_the_architecture_model_py_builds(pipe):
-    """``build_tiny_pipeline`` (what train_v2 trains and the tests build at random init) and the shipped
-    weights describe one model: same parameter names and shapes in every component."""
+    """``build_tiny_pipeline(shipped=True)`` (what train_v2 trains) and the shipped weights describe one
+    model: same parameter names and shapes in every component."""
     from qsched.tinyworld.model import build_tiny_pipeline
 
-    fresh = build_tiny_pipeline(seed=0)
+    fresh = build_tiny_pipeline(seed=0, shipped=True)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         shapes = {k: v.shape for k, v in getattr(fresh, name).state_dict().items()}
         assert shapes == {k: v.shape for k, v in getattr(pipe, name).state_dict().items()}, name
@@ -46,10 +46,12 @@ def test_follows_held_out_prompts_at_four_steps(pipe):
 
 
 def test_compile_records_judged_fidelity(tmp_path):
-    recipe = qsched.recipe.parse_recipe({"calibration": {"prompts": 16, "batch_size": 16},
-                                         "quantization": {"method": "uniform"},
-                                         "coefficients": {"budget": 6, "prompts": 4, "heldout_prompts": 4},
-                                         "cache_search": {"population": 8, "generations": 1, "prompts": 4}})
+    from qsched.recipe import parse_recipe
+
+    recipe = parse_recipe({"calibration": {"prompts": 16, "batch_size": 16},
+                           "quantization": {"method": "uniform"},
+                           "coefficients": {"budget": 6, "prompts": 4, "heldout_prompts": 4},
+                           "cache_search": {"population": 8, "generations": 1, "prompts": 4}})
     art = qsched.compile("flux-tiny", "w4a8", out=tmp_path / "a", recipe=recipe, eval_prompts=16, progress=False)
     fid = art.metrics["fidelity"]
     assert fid["psnr_vs_fp"] > 15 and 0 <= fid["accuracy"] <= 1 and fid["fp_score"] > 0.2  # prompt-following, see docs/results.md

@@ -3,8 +3,9 @@
 Same architecture family as FLUX.1-schnell (double- and single-stream blocks, joint attention, rotary
 positions, CLIP pooled + T5 sequence conditioning, flow-matching Euler sampler), scaled down for the
 32×32 shape world. Tokenizers are word-level over the world's vocabulary and built in code, so nothing is
-downloaded. ``train_v2.py`` trains it (the configs below are its v2 shape: a 2×-downsampling VAE, 64 image
-tokens); the trained weights ship in ``weights/``. ``train.py`` trained the previous generation (v1).
+downloaded. ``train_v2.py`` trains it (``SHIPPED_*_CONFIG``: a 2×-downsampling VAE, 64 image tokens); the
+trained weights ship in ``weights/``. ``train.py`` trained the previous generation (v1) at the compact shape
+the tests build.
 """
 from __future__ import annotations
 
@@ -20,16 +21,25 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]  # eos id 3: CLIP's poolin
 IMAGE_SIZE = 32
 TEXT_LENGTH = 16
 
-TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
+# The compact shape (4x-downsampling VAE, 16 image tokens): what the test suite and smoke runs build at random
+# init (a quarter of the shipped model's tokens keeps the suite fast), and what v1 was trained at.
+TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=32, num_layers=2, num_single_layers=4, attention_head_dim=32,
                           num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
                           guidance_embeds=False, axes_dims_rope=[8, 12, 12])
-VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                  up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 32], latent_channels=4,
-                  layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE, use_quant_conv=False,
-                  use_post_quant_conv=False, mid_block_add_attention=False, shift_factor=0.0, scaling_factor=1.0)
+VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                  up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64], latent_channels=8,
+                  layers_per_block=1, norm_num_groups=16, sample_size=IMAGE_SIZE, use_quant_conv=False,
+                  use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
+# The shipped model (v2, train_v2.py): 2x-downsampling VAE, 64 image tokens of 2x2 latent patches (4x4 px each).
+SHIPPED_TRANSFORMER_CONFIG = dict(TRANSFORMER_CONFIG, in_channels=16)
+SHIPPED_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                          up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 32], latent_channels=4,
+                          layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE, use_quant_conv=False,
+                          use_post_quant_conv=False, mid_block_add_attention=False, shift_factor=0.0,
+                          scaling_factor=1.0)
 CLIP_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                    max_position_embeddings=TEXT_LENGTH, projection_dim=64, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-T5_CONFIG = dict(d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2, dropout_rate=0.0, pad_token_id=0, eos_token_id=3,
+T5_CONFIG = dict(d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2, pad_token_id=0, eos_token_id=3,
                  decoder_start_token_id=0, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
                  is_gated_act=True, relative_attention_num_buckets=8, relative_attention_max_distance=16)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
@@ -52,10 +62,11 @@ def build_tokenizer(words: list[str], with_bos: bool):
                                    eos_token="<eos>", model_max_length=TEXT_LENGTH, padding_side="right")
 
 
-def build_tiny_pipeline(seed: int = 0, words: list[str] | None = None, transformer_config: dict | None = None,
-                        vae_config: dict | None = None):
-    """A randomly initialised flux-tiny pipeline (deterministic in ``seed``); the configs default to the
-    shipped model's."""
+def build_tiny_pipeline(seed: int = 0, words: list[str] | None = None, shipped: bool = False,
+                        transformer_config: dict | None = None):
+    """A randomly initialised flux-tiny pipeline (deterministic in ``seed``): the compact shape, or with
+    ``shipped`` the shipped model's architecture (T5 without dropout, since train_v2 trains it);
+    ``transformer_config`` replaces the transformer's (train_v2's width/depth ablations)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -65,12 +76,14 @@ def build_tiny_pipeline(seed: int = 0, words: list[str] | None = None, transform
     vocab_size = len(SPECIAL_TOKENS) + len(set(words) - set(SPECIAL_TOKENS))
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=AutoencoderKL(**(vae_config or VAE_CONFIG)),
+        vae=AutoencoderKL(**(SHIPPED_VAE_CONFIG if shipped else VAE_CONFIG)),
         text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **CLIP_CONFIG)),
         tokenizer=build_tokenizer(words, with_bos=True),
-        text_encoder_2=T5EncoderModel(T5Config(vocab_size=vocab_size, **T5_CONFIG)),
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=vocab_size, **T5_CONFIG,
+                                                **({"dropout_rate": 0.0} if shipped else {}))),
         tokenizer_2=build_tokenizer(words, with_bos=False),
-        transformer=FluxTransformer2DModel(**(transformer_config or TRANSFORMER_CONFIG)),
+        transformer=FluxTransformer2DModel(**(transformer_config
+                                              or (SHIPPED_TRANSFORMER_CONFIG if shipped else TRANSFORMER_CONFIG))),
     )
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
         getattr(pipe, name).eval()  # inference mode, as from_pretrained gives (T5 has dropout); training opts in

@@ -1,7 +1,6 @@
-"""Train flux-tiny v1 (the previous generation; the shipped v2 comes from ``train_v2.py``) on the CPU.
-
-v1 is a 4×-downsampling VAE (16 image tokens of 8×8 px) and frozen random text encoders; its judged
-accuracy plateaued at about 33 % (issue #19). Its weights are in the git history before the v2 switch.
+"""Train flux-tiny v1 (the previous generation, at the compact shape; the shipped v2 comes from
+``train_v2.py``) on the shape world, on the CPU, reproducibly from a seed. v1 plateaued at about 33 %
+judged accuracy (issue #19); its weights are in the git history before the v2 switch.
 
 Three phases, each checkpointed in ``--work`` so a killed run resumes:
 
@@ -39,14 +38,6 @@ from tqdm.auto import tqdm
 
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 from qsched.tinyworld.world import sample_batch
-
-TRANSFORMER_CONFIG_V1 = dict(patch_size=1, in_channels=32, num_layers=2, num_single_layers=4, attention_head_dim=32,
-                             num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
-                             guidance_embeds=False, axes_dims_rope=[8, 12, 12])
-VAE_CONFIG_V1 = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-                     up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64], latent_channels=8,
-                     layers_per_block=1, norm_num_groups=16, sample_size=TINY_SETTINGS.height, use_quant_conv=False,
-                     use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -249,7 +240,7 @@ def main(argv=None) -> None:
         logf.flush()
 
     t0 = time.perf_counter()
-    pipe = build_tiny_pipeline(seed=args.seed, transformer_config=TRANSFORMER_CONFIG_V1, vae_config=VAE_CONFIG_V1)
+    pipe = build_tiny_pipeline(seed=args.seed)
     pipe.text_encoder.requires_grad_(False)
     pipe.text_encoder_2.requires_grad_(False)
     train_vae(pipe.vae, args.vae_steps, args.vae_batch, 1e-3, args.seed, work, log)

@@ -52,7 +52,7 @@ from qsched.tinyworld import world
 from qsched.tinyworld.judge import confidence_interval, judge
 from qsched.tinyworld.model import (
     TINY_SETTINGS,
-    TRANSFORMER_CONFIG,
+    SHIPPED_TRANSFORMER_CONFIG,
     build_tiny_pipeline,
 )
 from qsched.tinyworld.train import _load_ckpt, _save_ckpt, to_tensor
@@ -63,7 +63,7 @@ SETTINGS_V2 = TINY_SETTINGS  # same 32×32, 4 steps, 16 text tokens: only the we
 def build_pipeline_v2(seed: int = 0, transformer_config: dict | None = None):
     """A randomly initialised v2 pipeline (deterministic in ``seed``; the shipped flux-tiny's configs,
     ``transformer_config`` for an ablation); components in eval mode."""
-    pipe = build_tiny_pipeline(seed, transformer_config=transformer_config)
+    pipe = build_tiny_pipeline(seed, shipped=True, transformer_config=transformer_config)
     pipe.set_progress_bar_config(disable=True)
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
         getattr(pipe, name).eval().requires_grad_(False)
@@ -295,7 +295,7 @@ def parse_args(argv=None):
 
 def transformer_config(args) -> dict:
     double, single = (int(v) for v in args.depth.split(","))
-    return {**TRANSFORMER_CONFIG, "num_attention_heads": args.width, "num_layers": double,
+    return {**SHIPPED_TRANSFORMER_CONFIG, "num_attention_heads": args.width, "num_layers": double,
             "num_single_layers": single}
 
 
