@@ -31,9 +31,12 @@ def _images(pipe) -> np.ndarray:
 
 
 def _with_qsched_and_cache(pipe):
-    """What ``export.load`` installs when the compile chose them (the small fixture compile kept neither): a
-    Q-Sched scheduler and a FORA-style cache schedule."""
+    """What ``export.load`` installs when the compile chose them (the small fixture compile may keep either or
+    neither): a Q-Sched scheduler and a FORA-style cache schedule."""
     if not isinstance(pipe.scheduler, QSchedScheduler):
+        if getattr(pipe, "qsched_cache", None) is not None:  # a cache is tied to its scheduler: re-enable below
+            pipe.qsched_cache.disable()
+            pipe.qsched_cache = None
         pipe.scheduler = QSchedScheduler.wrap(pipe.scheduler, SchedulerCoefficients.linear_ramp(4, 0.97, 1.03))
     if getattr(pipe, "qsched_cache", None) is None:
         pipe.qsched_cache = enable_cache(pipe, CacheSchedule.fora(4, block_layout(pipe), 2))
