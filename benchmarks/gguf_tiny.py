@@ -24,7 +24,7 @@ import export
 from export.gguf_export import export_gguf, load_gguf_denoiser
 from qsched.metrics import psnr
 from qsched.runtime.generation import GenerationSettings, generate
-from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.qlayers import float_activations_
 
 
 def main(argv=None) -> None:
@@ -47,9 +47,7 @@ def main(argv=None) -> None:
         if getattr(pipe, "qsched_cache", None) is not None:
             pipe.qsched_cache.disable()
         ours_wa = generate(pipe, prompts, settings, seed=0)
-        for m in pipe.transformer.modules():
-            if isinstance(m, QuantLayer):
-                m.act_bits = None  # W*A16: the same weights, activations in floating point
+        float_activations_(pipe.transformer)  # W*A16: the same weights, activations in floating point
         ours_a16 = generate(pipe, prompts, settings, seed=0)
         t0 = time.perf_counter()
         pipe.transformer = load_gguf_denoiser(art, compute_dtype=torch.float32)

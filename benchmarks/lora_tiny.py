@@ -26,7 +26,7 @@ import torch
 import export
 from qsched.metrics import psnr
 from qsched.runtime.generation import GenerationSettings, generate
-from qsched.runtime.qlayers import QuantLayer
+from qsched.runtime.qlayers import float_activations_
 from qsched.tinyworld.lora import save_style_lora, train_style_lora
 from qsched.tinyworld.model import load_embedded
 from qsched.tinyworld.world import sample_batch
@@ -42,12 +42,6 @@ def _denoiser_only(pipe) -> None:
         pipe.qsched_cache = None
     if hasattr(pipe.scheduler, "unwrap"):
         pipe.scheduler = pipe.scheduler.unwrap()
-
-
-def _weights_only(pipe) -> None:
-    for m in pipe.transformer.modules():
-        if isinstance(m, QuantLayer):
-            m.act_bits = None
 
 
 def main(argv=None) -> None:
@@ -81,7 +75,7 @@ def main(argv=None) -> None:
                 if variant.startswith("denoiser"):  # the quantized denoiser alone: the base scheduler, every step computed
                     _denoiser_only(pipe)
                 if variant == "denoiser-wa16":  # its activation quantizers off: separates the activation ranges
-                    _weights_only(pipe)  # (calibrated without the LoRA) from the quantized weights
+                    float_activations_(pipe.transformer)  # (calibrated without the LoRA) from the weights
                 plain = generate(pipe, prompts, settings, seed=0)
                 t0 = time.perf_counter()
                 pipe.load_lora_weights(lora, adapter_name="style")

@@ -11,18 +11,6 @@ import torch  # noqa: E402
 TEST_WORDS = "a red blue green circle square triangle on the left right above below".split()
 
 
-def tiny_eval_pipeline():
-    """The tiny random FLUX pipeline (seed 0, :data:`TEST_WORDS`) with every component in eval mode, as the
-    sensitivity tests sample it."""
-    from qsched.tinyworld.model import build_tiny_pipeline
-
-    pipe = build_tiny_pipeline(0, TEST_WORDS)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    return pipe
-
-
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A randomly initialised flux-tiny-architecture pipeline saved as a local diffusers directory."""

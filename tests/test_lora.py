@@ -5,7 +5,9 @@ artifact's Q-Sched scheduler and cache schedule in place.
 The LoRA is made here for flux-tiny with peft (:mod:`qsched.tinyworld.lora`: a colour-inverting style, a few
 Adam steps on the world), so its effect is large: it must move the quantized pipeline's images the way it
 moves the FP model's, i.e. LoRA-on-quantized against LoRA-on-FP stays close to the plain quantized-vs-FP
-figure (measured: within 1 dB; the test allows 3).
+figure. Here that figure is dominated by the pipeline's FORA-2 cache (about 16 dB); the quantized denoiser
+alone does carry its own extra error under this LoRA on the v2 weights (7.5 dB, benchmarks/lora_tiny.py,
+docs/results.md), which this test does not claim away.
 """
 import numpy as np
 import pytest
@@ -71,8 +73,8 @@ def test_lora_moves_the_compressed_images_as_it_moves_fp(tiny_report_artifact, s
     with_lora = _images(pipe)
 
     assert _psnr(fp, fp_lora) < 15  # the adapter changes the FP images a lot...
-    assert _psnr(plain, with_lora) < 20  # ...and the compressed ones too (4-step FORA-2 cache: ~16 dB from FP)
-    assert _psnr(with_lora, fp_lora) > _psnr(plain, fp) - 3  # ...the same way: LoRA adds no error of its own
+    assert _psnr(plain, with_lora) < 20  # ...and the compressed ones too (about 16 dB here; FP: about 9)
+    assert _psnr(with_lora, fp_lora) > _psnr(plain, fp) - 3  # ...the same way, within this pipeline's own error
     assert isinstance(pipe.scheduler, QSchedScheduler)  # Q-Sched and the cache schedule still drive the sampler
     assert pipe.qsched_cache.counts()["reused"] > 0
     lora_keys = [k for k in pipe.transformer.state_dict() if "lora_" in k]

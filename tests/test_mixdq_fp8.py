@@ -15,9 +15,9 @@ from qsched.core.errors import QschedError, RecipeError
 from qsched.metrics import ssim as SSIM
 from qsched.recipe import QuantizationConfig, parse_recipe
 from qsched.runtime.generation import GenerationSettings, generate
-from qsched.tinyworld.model import TINY_SETTINGS
+from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 
-from conftest import TEST_WORDS, tiny_eval_pipeline
+from conftest import TEST_WORDS
 
 PROMPTS = ["a red circle on the left", "a blue square above the green triangle"]
 SETTINGS = replace(TINY_SETTINGS, steps=2)
@@ -27,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def table():
-    return analyze_sensitivity(tiny_eval_pipeline(), PROMPTS, SETTINGS, weight_widths=(8,), act_widths=(), format="fp8",
-                               image_metric=SSIM, progress=False)
+    return analyze_sensitivity(build_tiny_pipeline(0, TEST_WORDS), PROMPTS, SETTINGS, weight_widths=(8,), act_widths=(),
+                               format="fp8", image_metric=SSIM, progress=False)
 
 
 def test_the_fp8_table_has_one_w8a8_probe_per_layer(table):

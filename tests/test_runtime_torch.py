@@ -424,3 +424,17 @@ def test_streamed_native_load_refuses_corrupt_tensors(tmp_path):
     manifest["layers"]["proj_out"]["has_bias"] = False  # the shard's proj_out.bias is now unexpected
     with pytest.raises(ArtifactError, match="do not match its manifest"):
         build_native_denoiser(manifest, path)
+
+
+def test_float_activations_keeps_the_weights_and_drops_the_activation_quantizer():
+    from qsched.runtime.qlayers import float_activations_
+
+    model = nn.Sequential(random_layer(seed=1), nn.GELU(), random_layer(shape=(96, 64), seed=2))
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(0)) * 3
+    quantized = model(x)
+    layers = [m for m in model if isinstance(m, QuantLayer)]
+    codes = [layer.qweight.clone() for layer in layers]
+    assert float_activations_(model) == 2
+    assert all(layer.act_bits is None for layer in layers)
+    assert all(torch.equal(c, layer.qweight) for c, layer in zip(codes, layers))
+    assert not torch.allclose(model(x), quantized)  # the 8-bit activation rounding is gone

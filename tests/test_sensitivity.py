@@ -14,7 +14,7 @@ from qsched.core.errors import QschedError
 from qsched.runtime.generation import generate
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline
 
-from conftest import TEST_WORDS, tiny_eval_pipeline
+from conftest import TEST_WORDS
 
 PROMPTS = ["a red circle on the left", "a blue square above the green triangle"]
 SETTINGS = replace(TINY_SETTINGS, steps=2)
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pipe():
-    return tiny_eval_pipeline()
+    return build_tiny_pipeline(0, TEST_WORDS)  # components in eval mode, as sampling needs
 
 
 @pytest.fixture(scope="module")

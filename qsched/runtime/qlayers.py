@@ -198,6 +198,16 @@ class QuantLayer(CastableQuantized):
         return f"{self.kind}, shape={tuple(self.qweight.shape if self.weight_bits else self.weight.shape)}, w={w}, a={a}{rows}"
 
 
+def float_activations_(module: nn.Module) -> int:
+    """Switch off the activation quantizer of every simulated ``QuantLayer`` in ``module`` (the same weights,
+    activations in floating point: W*A16). What diagnoses separate from the weights, and what GGUF computes.
+    Returns how many layers changed."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLayer)]
+    for layer in layers:
+        layer.act_bits = None
+    return len(layers)
+
+
 def format_labels(layer) -> tuple[str, str]:
     """How a layer's weights and activations are written in reprs: ``fp``, ``int<bits>`` or ``fp8``."""
     kind = "fp8" if getattr(layer, "format", "int") == "fp8" else None
