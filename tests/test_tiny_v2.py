@@ -68,3 +68,11 @@ def test_resume_reaches_the_same_state(straight, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (phase, k)
+
+
+@pytest.mark.parametrize("item", ["relation", "relation=x", "relaton=2"])
+def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_v2.main(["--work", str(tmp_path / "w"), "--kind-weight", item])
+    assert exit_.value.code == 2 and not (tmp_path / "w").exists()
+    assert "kind" in capsys.readouterr().err.splitlines()[-1]

@@ -153,3 +153,19 @@ def test_variety_many_images_per_prompt():
         assert len({g.tobytes() for g in group}) == len(group)
     kinds = collections.Counter(w.parse_prompt(c).kind for c in caps)
     assert set(kinds) == set(w.TEMPLATES) and min(kinds.values()) > 100
+
+
+def test_reweighted_kinds_shift_the_caption_mix():
+    probs = w.reweighted_kinds({"relation": 3.0})
+    assert probs["relation"] == pytest.approx(0.5) and sum(probs.values()) == pytest.approx(1.0)
+    assert probs["single"] / probs["count"] == pytest.approx(w.KIND_PROBS["single"] / w.KIND_PROBS["count"])
+    caps = w.sample_batch(11, 2000, split="all", kind_probs=probs)[1]
+    share = sum(w.parse_prompt(c).kind == "relation" for c in caps) / len(caps)
+    assert 0.45 < share < 0.55  # 0.25 without the weight
+    assert w.sample_batch(11, 64)[1] == w.sample_batch(11, 64, kind_probs=dict(w.KIND_PROBS))[1]
+
+
+@pytest.mark.parametrize("weights", [{"relaton": 2.0}, {"relation": -1.0}, {k: 0.0 for k in w.KIND_PROBS}])
+def test_reweighted_kinds_reject_bad_weights(weights):
+    with pytest.raises(ValueError, match="kind"):
+        w.reweighted_kinds(weights)

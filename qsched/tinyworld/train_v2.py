@@ -108,6 +108,20 @@ def _unpack(ckpt: dict, modules: dict, opt=None) -> dict:
     return ckpt["meta"]
 
 
+def _kind_weights(items: list[str]) -> dict[str, float]:
+    """``["relation=2", ...]`` → ``{"relation": 2.0}``; bad items raise ValueError naming the form."""
+    out = {}
+    for item in items:
+        kind, sep, weight = item.partition("=")
+        try:
+            out[kind.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--kind-weight wants KIND=W (e.g. relation=2), got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--kind-weight wants KIND=W (e.g. relation=2), got {item!r}")
+    return out
+
+
 def _lr_factor(step: int, warmup: int, total: int, cooldown: int) -> float:
     """Linear warm-up, constant, then (optionally) a linear cool-down to 10% over the last ``cooldown``
     steps: constant LR lets a run be extended by raising its step budget."""
@@ -282,6 +296,8 @@ def parse_args(argv=None):
     p.add_argument("--flow-warmup", type=int, default=300)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--freeze-text", action="store_true", help="ablation: keep the text encoders frozen")
+    p.add_argument("--kind-weight", action="append", default=[], metavar="KIND=W",
+                   help="flow/reflow batches: multiply a caption kind's share by W (repeatable; e.g. relation=2)")
     p.add_argument("--width", type=int, default=4, help="attention heads (×32 dims) of the transformer")
     p.add_argument("--depth", default="2,4", help="double,single stream blocks")
     p.add_argument("--eval-every", type=int, default=500)
@@ -290,7 +306,12 @@ def parse_args(argv=None):
     p.add_argument("--reflow-steps", type=int, default=0)
     p.add_argument("--reflow-lr", type=float, default=3e-4)
     p.add_argument("--teacher-steps", type=int, default=8)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # bad input: one line, status 2, before any work
+        world.reweighted_kinds(_kind_weights(args.kind_weight))
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def transformer_config(args) -> dict:
@@ -462,6 +483,7 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     pipe.vae.to(dev)
     _opt_to(opt, dev)
     eval_prompts = world.sample_batch(seed=123, n=args.eval_prompts, split="test")[1] if args.eval_every else []
+    kind_probs = world.reweighted_kinds(_kind_weights(args.kind_weight)) if args.kind_weight else None
     curve = work / "curve.jsonl"
     gen = torch.Generator()
     t0, running = time.perf_counter(), None
@@ -469,7 +491,7 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         _set_lr(opt, base, _lr_factor(step, args.flow_warmup, steps, args.flow_cooldown))
         gen.manual_seed(args.seed * 7919 + step + (0 if teacher is None else 10**8))
         images, captions = world.sample_batch(seed=args.seed * 1_000_003 + 500_000 + step, n=args.flow_batch,
-                                              split="train")
+                                              split="train", kind_probs=kind_probs)
         x0, img_ids = encode_images(pipe, images, dev)
         with torch.set_grad_enabled(train_text_too):
             cond = (*encode_text(pipe, captions, dev), img_ids)

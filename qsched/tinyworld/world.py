@@ -342,9 +342,9 @@ def _random_group(rng: np.random.Generator, count: int = 1, exclude: ObjectSpec 
     return ObjectSpec(color, shape, size, count)
 
 
-def _sample_spec(rng: np.random.Generator) -> PromptSpec:
-    kinds = list(KIND_PROBS)
-    kind = kinds[int(rng.choice(len(kinds), p=list(KIND_PROBS.values())))]
+def _sample_spec(rng: np.random.Generator, kind_probs: dict[str, float]) -> PromptSpec:
+    kinds = list(kind_probs)
+    kind = kinds[int(rng.choice(len(kinds), p=list(kind_probs.values())))]
     if kind == "single":
         return PromptSpec(kind, (_random_group(rng),))
     if kind == "position":
@@ -387,9 +387,9 @@ def _sample_layout(rng: np.random.Generator, spec: PromptSpec) -> tuple[Obj, ...
     return None
 
 
-def _sample_scene(rng: np.random.Generator) -> Scene:
+def _sample_scene(rng: np.random.Generator, kind_probs: dict[str, float]) -> Scene:
     while True:
-        spec = _sample_spec(rng)
+        spec = _sample_spec(rng, kind_probs)
         objects = _sample_layout(rng, spec)
         if objects is not None:
             break
@@ -399,14 +399,30 @@ def _sample_scene(rng: np.random.Generator) -> Scene:
     return Scene(spec, objects, background)
 
 
-def sample_scenes(rng: np.random.Generator, n: int, split: str = "train") -> list[Scene]:
+def reweighted_kinds(weights: dict[str, float]) -> dict[str, float]:
+    """:data:`KIND_PROBS` with each named caption kind's share multiplied by its weight, renormalised
+    (a training ablation: more of the kinds the model gets wrong, e.g. ``{"relation": 2.0}``)."""
+    unknown = set(weights) - set(KIND_PROBS)
+    if unknown or any(w < 0 for w in weights.values()):
+        raise ValueError(f"kind weights must be >= 0 for kinds among {', '.join(KIND_PROBS)}; got {weights}")
+    raw = {k: p * weights.get(k, 1.0) for k, p in KIND_PROBS.items()}
+    total = sum(raw.values())
+    if total <= 0:
+        raise ValueError("kind weights leave no caption kind to sample")
+    return {k: v / total for k, v in raw.items()}
+
+
+def sample_scenes(
+    rng: np.random.Generator, n: int, split: str = "train", kind_probs: dict[str, float] | None = None
+) -> list[Scene]:
     """``n`` random scenes whose captions are in ``split``: "train", "test" (held-out captions only)
-    or "all"."""
+    or "all"; caption kinds drawn from ``kind_probs`` (default :data:`KIND_PROBS`)."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    probs = KIND_PROBS if kind_probs is None else kind_probs
     scenes: list[Scene] = []
     while len(scenes) < n:
-        scene = _sample_scene(rng)
+        scene = _sample_scene(rng, probs)
         if split == "all" or is_held_out(caption(scene)) == (split == "test"):
             scenes.append(scene)
     return scenes
@@ -454,8 +470,10 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def sample_batch(seed: int, n: int, size: int = 32, split: str = "train") -> tuple[np.ndarray, list[str]]:
+def sample_batch(
+    seed: int, n: int, size: int = 32, split: str = "train", kind_probs: dict[str, float] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """``n`` images (uint8 [n, size, size, 3]) and their captions, deterministic from ``seed``."""
-    scenes = sample_scenes(np.random.default_rng(seed), n, split)
+    scenes = sample_scenes(np.random.default_rng(seed), n, split, kind_probs)
     images = np.stack([render(s, size) for s in scenes]) if scenes else np.zeros((0, size, size, 3), np.uint8)
     return images, [caption(s) for s in scenes]
