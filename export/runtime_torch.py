@@ -108,6 +108,15 @@ def _act_qparams(layer: QuantLayer) -> tuple[float, int]:
     return float(layer.act_scale), int(layer.act_zero_point)
 
 
+def _register_act_qparams(module: nn.Module, scale: float, zero_point: int, device: torch.device) -> None:
+    """The activation scale (fp32) and zero point (int32) as 0-dim buffers, not Python numbers: dynamo guards
+    on a module's Python constants, so blocks whose layers differ only in their calibrated ranges would each
+    compile their own graph (and past ``recompile_limit``, 8, fall back to eager); tensors are graph inputs,
+    so a regional compile gives same-shaped blocks one graph. Reading them needs no device sync either."""
+    module.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32, device=device))
+    module.register_buffer("act_zero_point", torch.tensor(zero_point, dtype=torch.int32, device=device))
+
+
 class NativeInt8Linear(CastableQuantized):
     """Static W8A8 (weights 5-8 bits, activations ≤8 bits) linear on ``torch._int_mm``.
 
@@ -123,7 +132,7 @@ class NativeInt8Linear(CastableQuantized):
             raise ArtifactError(f"layer ({layer.extra_repr()}) cannot run on the int8 matmul; use NativeDequantLayer")
         self.kind, self.weight_bits, self.act_bits, self.group_size = "linear", layer.weight_bits, layer.act_bits, layer.group_size
         self.compute_dtype = layer.compute_dtype
-        self.act_scale, self.act_zero_point = _act_qparams(layer)
+        scale, zero_point = _act_qparams(layer)
         codes = layer.qweight.detach().contiguous()
         n, k = codes.shape
         self.in_features, self.out_features = k, n
@@ -131,8 +140,11 @@ class NativeInt8Linear(CastableQuantized):
         self.groups, self.group_width = groups, k // groups
         wsum = codes.reshape(n, groups, -1).sum(dim=-1, dtype=torch.int32)
         self.register_buffer("qweight", codes)
-        self.register_buffer("correction", (wsum * (_ACT_OFFSET - self.act_zero_point)).to(torch.int32))
-        self.register_buffer("out_scale", layer.weight_scale.detach().float() * self.act_scale)
+        _register_act_qparams(self, scale, zero_point, codes.device)
+        # what quantize_input adds to the rounded input: the zero point, less the int8 offset
+        self.register_buffer("code_offset", torch.tensor(zero_point - _ACT_OFFSET, dtype=torch.int32, device=codes.device))
+        self.register_buffer("correction", (wsum * (_ACT_OFFSET - zero_point)).to(torch.int32))
+        self.register_buffer("out_scale", layer.weight_scale.detach().float() * scale)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         self.register_buffer("bias", bias)
 
@@ -144,7 +156,7 @@ class NativeInt8Linear(CastableQuantized):
         instead of six, and the compiler sees one pointwise chain it fuses with the producer of ``x``.
         """
         codes = torch.div(x.float(), self.act_scale).round_()
-        codes.add_(self.act_zero_point - _ACT_OFFSET).clamp_(-_ACT_OFFSET, 2**self.act_bits - 1 - _ACT_OFFSET)
+        codes.add_(self.code_offset).clamp_(-_ACT_OFFSET, 2**self.act_bits - 1 - _ACT_OFFSET)
         return codes.to(torch.int8)
 
     def _rescale(self, acc: torch.Tensor, group: int) -> torch.Tensor:
@@ -153,7 +165,7 @@ class NativeInt8Linear(CastableQuantized):
         return acc.add_(self.correction[:, group]) * self.out_scale[:, group]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Static shapes and Python constants only (no .item(), no data-dependent branch): torch.compile traces
+        # Static shapes, scales as buffers (no .item(), no data-dependent branch): torch.compile traces
         # it as one graph and fuses the quantization and the rescale + bias with the neighbouring ops.
         lead = x.shape[:-1]
         q = self.quantize_input(x.reshape(-1, self.in_features))
@@ -215,17 +227,16 @@ class NativeFP8Linear(CastableQuantized):
         self.format, self.compute_dtype = "fp8", layer.compute_dtype
         codes = layer.qweight.detach().contiguous()
         self.out_features, self.in_features = codes.shape
-        self.scale = float(layer.act_scale)  # a Python constant for the input quantization (no sync per call)
         self.register_buffer("qweight", codes)
         self.register_buffer("weight_scale", layer.weight_scale.detach().float().reshape(-1, 1).clone())
-        self.register_buffer("act_scale", torch.tensor(self.scale, dtype=torch.float32, device=codes.device))
+        self.register_buffer("act_scale", torch.tensor(float(layer.act_scale), dtype=torch.float32, device=codes.device))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         # the kernel's shape rules (fp8_matmul); a layer that misses them runs the emulation on any device
         self.kernel_shapes = self.in_features % 16 == 0 and self.out_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        q = quantize_activation_fp8(x.reshape(-1, self.in_features), self.scale)
+        q = quantize_activation_fp8(x.reshape(-1, self.in_features), self.act_scale)
         kernel = self.kernel_shapes and x.is_cuda and fp8_kernel_available(x.device)
         y = fp8_matmul(q, self.qweight, self.act_scale, self.weight_scale, kernel)
         if self.bias is not None:
@@ -250,7 +261,8 @@ class NativeDequantLayer(CastableQuantized):
         self.conv_args = dict(layer.conv_args)
         self.compute_dtype, self.format = layer.compute_dtype, layer.format
         if layer.act_bits is not None:
-            self.act_scale, self.act_zero_point = _act_qparams(layer)
+            held = next(t for t in (getattr(layer, k, None) for k in ("qweight", "packed", "weight")) if t is not None)
+            _register_act_qparams(self, *_act_qparams(layer), held.device)
         packed = getattr(layer, "packed", None)  # a StoredLayer's bytes, already in pack_int's layout
         if layer.weight_bits is None:
             self.weight_shape = tuple(layer.weight.shape)
@@ -290,7 +302,7 @@ class NativeDequantLayer(CastableQuantized):
         return _dequantize(self.codes(), self.weight_scale, self.weight_shape, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_forward(self, x, getattr(self, "act_scale", 0.0), getattr(self, "act_zero_point", 0))
+        return quantized_forward(self, x, getattr(self, "act_scale", None), getattr(self, "act_zero_point", None))
 
     def extra_repr(self) -> str:
         w, a = format_labels(self)

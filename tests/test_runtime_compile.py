@@ -146,8 +146,40 @@ def test_regional_compile_compiles_the_repeated_blocks(native_flux):
         got = denoiser(**flux_inputs())[0]
     blocks = [m for m in denoiser.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert len(blocks) == len(denoiser.transformer_blocks) + len(denoiser.single_transformer_blocks)
-    # blocks share a graph only when their layers match (paths, bits, activation ranges); here none do
+    # blocks share a graph only when their layers take the same paths and bits; here (cycled configs) few do
     assert 2 <= counter.graphs <= len(blocks) and not counters["graph_break"]
+    assert torch.equal(got, expected)
+
+
+def test_regional_compile_shares_one_graph_across_blocks_with_different_ranges():
+    """Uniform W8A8 over more single blocks than dynamo's recompile limit, each layer with its own calibrated
+    range: the scales are buffers (graph inputs), not guarded constants, so each block class compiles once and
+    no block falls back to eager."""
+    from diffusers import FluxTransformer2DModel
+    from torch._dynamo.utils import counters
+
+    from qsched.runtime.apply import set_submodule
+    from qsched.runtime.qlayers import QuantLayer
+    from qsched.tinyworld.model import TRANSFORMER_CONFIG
+    from export.runtime_torch import to_native_
+
+    singles = torch._dynamo.config.recompile_limit + 2
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**dict(TRANSFORMER_CONFIG, num_layers=2, num_single_layers=singles)).eval()
+    gen = torch.Generator().manual_seed(0)
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        lo, hi = -0.5 - float(torch.rand((), generator=gen)), 2.0 + float(torch.rand((), generator=gen))
+        set_submodule(model, name, QuantLayer.from_module(m, 8, 8, (lo, hi), None))
+    assert set(to_native_(model)) == {"int8_mm"}
+    counter = GraphCounter()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        expected = model(**flux_inputs())[0]
+        compile_denoiser(model, "regional", backend=counter)
+        got = model(**flux_inputs())[0]
+    assert counter.graphs <= 3  # a double block, a single block (and at most one more frame); not one per block
+    assert counters["frames"]["total"] == counters["frames"]["ok"] and not counters["graph_break"]
     assert torch.equal(got, expected)
 
 
