@@ -216,7 +216,27 @@ def _other_components(manifest: dict, path: Path, denoiser):
                                 "corrupt or from an incompatible qsched; re-export it") from e
     source = manifest["source"]
     from qsched.models.registry import load_source_pipeline
+    check_source_matches(manifest, path)
     return load_source_pipeline(source, manifest["pipeline_class"], **{attr: denoiser})
+
+
+def check_source_matches(manifest: dict, path: Path) -> None:
+    """Refuse, in one line, to put the artifact's denoiser into a source pipeline whose denoiser has since changed
+    shape (an upgraded embedded model, an edited local directory): its other components (VAE, text encoders)
+    would no longer fit, and the pipeline would fail deep inside a call or draw nonsense."""
+    from qsched.models.registry import source_denoiser_config
+
+    recorded = manifest["denoiser"].get("config") or {}
+    current = source_denoiser_config(manifest["source"], manifest["denoiser"]["attr"])
+    if not recorded or current is None:
+        return
+    changed = sorted(k for k in set(recorded) | set(current)
+                     if not k.startswith("_") and recorded.get(k) != current.get(k))
+    if changed:
+        shown = ", ".join(f"{k} {recorded.get(k)!r} → {current.get(k)!r}" for k in changed[:3])
+        raise ArtifactError(f"{path} was compiled from a {manifest['source']['model']} whose denoiser differs from "
+                            f"the one there now ({shown}{', ...' if len(changed) > 3 else ''}); recompile it, or compile "
+                            "with --bundle so the artifact carries every component")
 
 
 def build_scheduler(record: dict):

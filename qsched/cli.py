@@ -26,6 +26,10 @@ EXAMPLES = """examples:
   qcompile --model flux-schnell --init random --bits w4a8 --plan --plan-device h100   # cost it, compile nothing
   qcompile --model flux-schnell --init random --width-scale 0.0625 --bits w4a8 --scorer ./tiny-clip   # rehearse it
 
+drawing with an artifact (export.load: its scheduler, cache schedule and sampler settings; one PNG per prompt):
+  qcompile generate out/flux-tiny-w4a8 --prompt "a red circle above a blue square" --out images
+  qcompile generate out/flux-schnell-w4a8 --prompts-file prompts.txt --device cuda --compile regional
+
 the artifact's report (report.html, written by every compile):
   qcompile report out/flux-tiny-w4a8           regenerate it
   qcompile view out/flux-tiny-w4a8 [--port P]  serve it on http://127.0.0.1:P/ (prints the URL, opens nothing)"""
@@ -92,28 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _validate_device(device: str, available: bool = True) -> None:
-    """A valid device name and, unless ``available`` is False (a plan for another machine), one this machine has."""
-    import torch
-
-    from qsched.core.errors import QschedError
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index not in (None, 0)):
-        raise QschedError(f"invalid --device {device!r}: expected cpu, cuda, cuda:N or mps")
-    if not available:
-        return
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QschedError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise QschedError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                          f"numbered from 0; pick one of those or use --device cuda")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise QschedError(f"--device {device} requested but MPS (Apple GPU) is not available; use --device cpu")
-
-
 def _validate_model(model: str, init: str) -> None:
     """The checks :func:`qsched.models.registry.load_pipeline` makes, without loading anything."""
     from qsched.models.registry import check_model
@@ -139,7 +121,8 @@ def _validate(args, spec) -> None:
     _validate_model(args.model, args.init)
     from qsched.models.width_scale import check_width_scale
     check_width_scale(args.width_scale, args.init, args.model)
-    _validate_device(args.device, available=not args.plan)
+    from qsched.core.cli_support import check_device
+    check_device(args.device, available=not args.plan)
     if not 0 <= args.seed < 2**32:  # numpy's RandomState (the Q-Sched search) takes 32-bit seeds
         raise QschedError(f"--seed {args.seed} is out of range: use an integer from 0 to {2**32 - 1}")
     if args.eval_prompts < 0:
@@ -202,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("report", "view"):  # subcommands; every compile command line starts with a flag
         from qsched.report.cli import main as report_main
         return report_main(argv)
+    if argv and argv[0] == "generate":
+        from export.generate import main as generate_main
+        return generate_main(argv[1:])
     args = build_parser().parse_args(argv)
     from qsched.core.errors import QschedError
     try:

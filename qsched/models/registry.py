@@ -9,6 +9,7 @@ fall back to, so a pipeline without safetensors is an error naming the fix.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -225,6 +226,23 @@ def state_digest(module: torch.nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def source_denoiser_config(source: dict, attr: str) -> dict | None:
+    """The denoiser config the artifact's source has *now*, where it can be read without loading weights or the
+    network (the embedded model, a local directory); None for a hub source (its revision pins it)."""
+    kind, model = source["kind"], source["model"]
+    if kind == "embedded":
+        from qsched.tinyworld.model import WEIGHTS_DIR
+        folder = WEIGHTS_DIR
+    elif kind == "local":
+        folder = Path(model)
+    else:
+        return None
+    try:
+        return json.loads((folder / attr / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # missing or unreadable: load_source_pipeline says so in its own words
 
 
 def load_source_pipeline(source: dict, pipeline_class: str, **components):

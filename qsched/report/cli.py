@@ -9,15 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qsched.core.cli_support import OneLineParser as _Parser
 from qsched.core.errors import QschedError
 
 COMMANDS = ("report", "view")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other qcompile error
-        print(f"qcompile: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
