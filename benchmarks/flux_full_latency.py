@@ -16,7 +16,10 @@ Memory: bytes of the model's tensors, and the peak CUDA memory of one timed roun
 against BF16 in the same run.
 
     python benchmarks/flux_full_latency.py --device cuda --out bench-out/flux-full-latency.json
-    python benchmarks/flux_full_latency.py --device cuda --compile       # torch.compile each variant
+    python benchmarks/flux_full_latency.py --device cuda --compile off regional   # eager, then compiled
+    # issue 18's GPU table (BF16 eager/compiled against W8A8 int8, FP8, W4A8), in one run:
+    python benchmarks/flux_full_latency.py --device cuda --variants bf16 w8a8 fp8 w4a8 --compile off regional \
+        --repeat 3 --warmup 1 --out bench-out/flux-full-latency.json
     # CPU smoke test (2 double + 2 single blocks, 128x128):
     python benchmarks/flux_full_latency.py --device cpu --double-blocks 2 --single-blocks 2 \\
         --height 128 --width 128 --text-tokens 16 --repeat 1 --warmup 0 --out /tmp/flux-full-smoke.json
@@ -37,11 +40,14 @@ from torch import nn
 from qsched.runtime.apply import set_submodule
 from qsched.runtime.qlayers import QuantLayer
 from calibrate.statistics import observe_inputs
+from export.loader import compile_denoiser
 from export.runtime_torch import to_native_
 from qsched.models.adapters import adapter_for
 from qsched.models.shipped_configs import build_denoiser, load_component_config
 
-VARIANTS = {"bf16": (None, None), "w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, None)}
+#: variant -> (weight bits, activation bits, format); fp8 is e4m3 W8A8 (``torch._scaled_mm`` on sm89+)
+VARIANTS = {"bf16": (None, None, "int"), "w8a8": (8, 8, "int"), "fp8": (8, 8, "fp8"), "w4a8": (4, 8, "int"),
+            "w4a16": (4, None, "int")}
 
 
 def _sync(device: torch.device) -> None:
@@ -102,11 +108,13 @@ def activation_ranges(denoiser: nn.Module, inputs: dict) -> dict[str, tuple[floa
     return {n: o.range for n, o in observers.items()}
 
 
-def quantize_native_(denoiser: nn.Module, weight_bits: int, act_bits: int | None, ranges: dict) -> dict[str, int]:
+def quantize_native_(denoiser: nn.Module, weight_bits: int, act_bits: int | None, ranges: dict,
+                     format: str = "int") -> dict[str, int]:
     """Uniform RTN then the native runtime, one layer at a time (peak: one layer's simulated FP copy)."""
     paths: dict[str, int] = {}
     for name, module in adapter_for(denoiser).quantizable_layers(denoiser).items():
-        quant = QuantLayer.from_module(module, weight_bits, act_bits, ranges.get(name) if act_bits else None)
+        quant = QuantLayer.from_module(module, weight_bits, act_bits, ranges.get(name) if act_bits else None,
+                                       format=format)
         set_submodule(denoiser, name, quant)
         for path, count in to_native_(denoiser.get_submodule(name.rpartition(".")[0]) if "." in name else denoiser).items():
             paths[path] = paths.get(path, 0) + count
@@ -118,6 +126,8 @@ def state_bytes(model: nn.Module) -> int:
 
 
 def time_variant(model, inputs: dict, steps: int, repeat: int, warmup: int, device: torch.device) -> dict:
+    """Median of ``repeat`` rounds of ``steps`` calls, after one untimed-for-the-median first call (timed
+    apart as ``first_call_s``: it includes any compilation) and ``warmup`` more rounds."""
     def run():
         out = None
         for _ in range(steps):
@@ -125,6 +135,10 @@ def time_variant(model, inputs: dict, steps: int, repeat: int, warmup: int, devi
         return out
 
     with torch.inference_mode():
+        start = time.perf_counter()
+        model(**inputs, return_dict=False)
+        _sync(device)
+        first = time.perf_counter() - start
         for _ in range(warmup):
             run()
         _sync(device)
@@ -138,7 +152,7 @@ def time_variant(model, inputs: dict, steps: int, repeat: int, warmup: int, devi
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "peak_bytes": peak, "output": out.float().cpu()}
+            "first_call_s": round(first, 3), "peak_bytes": peak, "output": out.float().cpu()}
 
 
 def main(argv=None) -> dict:
@@ -153,12 +167,17 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=4, help="denoiser calls per timed round")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="torch.compile each variant before timing")
+    p.add_argument("--compile", nargs="+", default=["off"], choices=("off", "full", "regional"),
+                   help="time each variant in each of these modes, in order, on the same weights (export.load's "
+                        "compile modes; e.g. --compile off regional)")
     p.add_argument("--double-blocks", type=int, default=None, help="keep only the first N double blocks (smoke tests)")
     p.add_argument("--single-blocks", type=int, default=None, help="keep only the first N single blocks (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-out/flux-full-latency.json")
     args = p.parse_args(argv)
+    compiled = [m for m in args.compile if m != "off"]
+    if len(compiled) > 1 or ("off" in args.compile and args.compile[0] != "off") or len(set(args.compile)) < len(args.compile):
+        p.error("--compile takes off and at most one of full / regional, off first (a compile is applied in place)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU; pass --device cpu for a smoke test")
@@ -171,26 +190,29 @@ def main(argv=None) -> dict:
 
     ranges, reference = None, None
     for variant in args.variants:
-        weight_bits, act_bits = VARIANTS[variant]
+        weight_bits, act_bits, form = VARIANTS[variant]
         t0 = time.perf_counter()
         model = build_random(args.model, device, args.seed, args.double_blocks, args.single_blocks)
         if ranges is None and any(VARIANTS[v][1] for v in args.variants):
             ranges = activation_ranges(model, inputs)
-        paths = quantize_native_(model, weight_bits, act_bits, ranges) if weight_bits else {}
+        paths = quantize_native_(model, weight_bits, act_bits, ranges, form) if weight_bits else {}
         build_s = time.perf_counter() - t0
-        if args.compile:
-            model = torch.compile(model)
-        timing = time_variant(model, inputs, args.steps, args.repeat, args.warmup, device)
-        out = timing.pop("output")
-        if reference is None:
-            reference = out
-        rel = float((out - reference).abs().max() / reference.abs().max())
-        row = {"variant": variant, "state_bytes": state_bytes(model), "build_s": round(build_s, 1),
-               "layer_paths": paths, "max_rel_diff_vs_first": rel, **timing}
-        report["rows"].append(row)
-        peak = f"{row['peak_bytes'] / 2**30:6.2f} GiB peak" if row["peak_bytes"] else ""
-        print(f"  {variant:<6} {row['median_s'] * 1000:9.1f} ms  weights {row['state_bytes'] / 2**30:6.2f} GiB  "
-              f"{peak}  max|Δ|/max vs {report['rows'][0]['variant']} {rel:.3f}  paths {paths}", flush=True)
+        for mode in args.compile:  # modes in order on the same weights; off must come before a compile
+            torch._dynamo.reset()
+            if mode != "off":
+                compile_denoiser(model, mode)
+            timing = time_variant(model, inputs, args.steps, args.repeat, args.warmup, device)
+            out = timing.pop("output")
+            if reference is None:
+                reference = out
+            rel = float((out - reference).abs().max() / reference.abs().max())
+            row = {"variant": variant, "compile": mode, "state_bytes": state_bytes(model), "build_s": round(build_s, 1),
+                   "layer_paths": paths, "max_rel_diff_vs_first": rel, **timing}
+            report["rows"].append(row)
+            peak = f"{row['peak_bytes'] / 2**30:6.2f} GiB peak" if row["peak_bytes"] else ""
+            print(f"  {variant:<6} {mode:<8} {row['median_s'] * 1000:9.1f} ms  first call {row['first_call_s']:7.1f} s  "
+                  f"weights {row['state_bytes'] / 2**30:6.2f} GiB  {peak}  max|Δ|/max vs first row {rel:.3f}  "
+                  f"paths {paths}", flush=True)
         del model
         gc.collect()
         if device.type == "cuda":
@@ -199,9 +221,9 @@ def main(argv=None) -> dict:
     for row in report["rows"]:
         row["speedup_vs_first"] = round(base["median_s"] / row["median_s"], 3)
         row["memory_ratio_vs_first"] = round(base["state_bytes"] / row["state_bytes"], 3)
-    print("\nvariant   speed-up  smaller-by")
+    print(f"\nvariant  compile   speed-up vs {base['variant']} {base['compile']}  smaller-by")
     for row in report["rows"]:
-        print(f"{row['variant']:<8} {row['speedup_vs_first']:8.2f}x {row['memory_ratio_vs_first']:9.2f}x")
+        print(f"{row['variant']:<8} {row['compile']:<9} {row['speedup_vs_first']:8.2f}x {row['memory_ratio_vs_first']:9.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
