@@ -221,13 +221,22 @@ def _other_components(manifest: dict, path: Path, denoiser):
 
 
 def check_source_matches(manifest: dict, path: Path) -> None:
-    """Refuse, in one line, to put the artifact's denoiser into a source pipeline whose denoiser has since changed
-    shape (an upgraded embedded model, an edited local directory): its other components (VAE, text encoders)
-    would no longer fit, and the pipeline would fail deep inside a call or draw nonsense."""
+    """Refuse, in one line, to put the artifact's denoiser into a source pipeline that has changed since the
+    compile: an embedded model whose weights were retrained (checked by digest), or a source whose denoiser
+    changed shape (an edited local directory). Its other components (VAE, text encoders) would no longer match,
+    and the pipeline would fail deep inside a call or draw nonsense."""
     from qsched.models.registry import source_denoiser_config
 
+    source = manifest["source"]
+    if source.get("kind") == "embedded" and source.get("denoiser_sha256"):
+        from qsched.models.registry import embedded_denoiser_digests
+        if source["denoiser_sha256"] not in embedded_denoiser_digests():
+            raise ArtifactError(f"{path} was compiled from an earlier {source['model']}: the embedded model's weights "
+                                "have changed since (its text encoders and VAE would no longer match the compressed "
+                                "denoiser); recompile it, or compile with --bundle so the artifact carries every "
+                                "component")
     recorded = manifest["denoiser"].get("config") or {}
-    current = source_denoiser_config(manifest["source"], manifest["denoiser"]["attr"])
+    current = source_denoiser_config(source, manifest["denoiser"]["attr"])
     if not recorded or current is None:
         return
     changed = sorted(k for k in set(recorded) | set(current)

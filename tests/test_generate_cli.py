@@ -98,3 +98,17 @@ def test_an_artifact_whose_source_denoiser_changed_is_refused_in_one_line(tiny_r
     edited["denoiser"]["config"]["in_channels"] *= 2
     with pytest.raises(ArtifactError, match="in_channels .*recompile it, or compile with --bundle"):
         check_source_matches(edited, tiny_report_artifact.path)
+
+
+def test_an_artifact_compiled_from_earlier_embedded_weights_is_refused(tiny_report_artifact):
+    """Retrained embedded weights keep the architecture, so the config check cannot see them: the recorded
+    digest of the source denoiser must match the installed one."""
+    from export.format import read_manifest
+    from export.loader import check_source_matches
+    from qsched.core.errors import ArtifactError
+
+    edited = copy.deepcopy(read_manifest(tiny_report_artifact.path, verify=False))
+    assert edited["source"]["kind"] == "embedded"
+    edited["source"]["denoiser_sha256"] = "0" * 64
+    with pytest.raises(ArtifactError, match="compiled from an earlier flux-tiny"):
+        check_source_matches(edited, tiny_report_artifact.path)

@@ -8,6 +8,7 @@ fall back to, so a pipeline without safetensors is an error naming the fix.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -243,6 +244,19 @@ def source_denoiser_config(source: dict, attr: str) -> dict | None:
         return json.loads((folder / attr / "config.json").read_text())
     except (OSError, ValueError):
         return None  # missing or unreadable: load_source_pipeline says so in its own words
+
+
+@functools.lru_cache(maxsize=1)
+def embedded_denoiser_digests() -> frozenset[str]:
+    """:func:`state_digest` of the embedded flux-tiny denoiser as installed now, in each dtype a compile may
+    load it in: what an artifact compiled from it recorded, unless the shipped weights have changed since.
+    (Cheap: the embedded denoiser is a few MB. A hub source is pinned by its revision instead.)"""
+    from diffusers import FluxTransformer2DModel
+
+    from qsched.tinyworld.model import WEIGHTS_DIR
+    return frozenset(state_digest(FluxTransformer2DModel.from_pretrained(
+        str(WEIGHTS_DIR), subfolder="transformer", local_files_only=True, use_safetensors=True, torch_dtype=dtype))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def load_source_pipeline(source: dict, pipeline_class: str, **components):

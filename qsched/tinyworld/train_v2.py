@@ -32,7 +32,13 @@ cool-down (last third), and resumes are exact, so this equals one ``--vae-steps 
 ran 0-750 under ``--vaedec-steps 750`` then 750-2000 under 2000 (a warm restart of its LR); ``text`` 600
 steps; ``flow`` from defaults (constant LR) to step 16,500, extended by rerunning, then
 ``--flow-steps 18000 --flow-cooldown 1500`` (the cool-down starts at 16,500, so this equals one run with
-those flags). Step 18,000 is the shipped flux-tiny (``model.export_weights``).
+those flags). Step 18,000 was shipped on 2026-12-03 (``model.export_weights``).
+
+Continued in a copy, out/tiny-v2-rel (2026-12-04, tenth session): from step 18,000 with
+``--flow-lr 5e-4 --kind-weight relation=2`` (relation captions 25 % -> 40 %), first under
+``--flow-steps 26000 --flow-cooldown 7000`` to step 19,500, then under ``--flow-steps 22000 --flow-cooldown
+3000`` to step 22,000 (the cool-down starts at 19,000 under both; the LR over 19,000-19,500 follows the first
+budget). Step 22,000 is the shipped flux-tiny since 2026-12-04.
 """
 from __future__ import annotations
 
