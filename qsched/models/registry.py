@@ -254,9 +254,11 @@ def embedded_denoiser_digests() -> frozenset[str]:
     from diffusers import FluxTransformer2DModel
 
     from qsched.tinyworld.model import WEIGHTS_DIR
-    return frozenset(state_digest(FluxTransformer2DModel.from_pretrained(
-        str(WEIGHTS_DIR), subfolder="transformer", local_files_only=True, use_safetensors=True, torch_dtype=dtype))
-        for dtype in (torch.float32, torch.bfloat16, torch.float16))
+    denoiser = FluxTransformer2DModel.from_pretrained(str(WEIGHTS_DIR), subfolder="transformer", local_files_only=True,
+                                                      use_safetensors=True, torch_dtype=torch.float32)
+    # .to() casts in place: fp32 and then fp16 are exact for the stored fp16 values, so bf16 comes last and
+    # each cast equals loading in that dtype
+    return frozenset(state_digest(denoiser.to(dtype)) for dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
 def load_source_pipeline(source: dict, pipeline_class: str, **components):
