@@ -71,6 +71,8 @@ def compile(model: str = "flux-tiny", bits: str | BitSpec = "w4a8", out: str | P
         raise
     finally:
         bar.close()
+        if c.text_cache is not None:  # the pipeline handed back encodes its prompts itself again
+            c.text_cache.remove()
     return c.artifact
 
 

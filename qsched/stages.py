@@ -82,6 +82,7 @@ class Compilation:
     cache_record: dict = field(default_factory=lambda: {"schedule": None, "pareto_front": None})
     cache_handle: object = None
     search_prompts: list[str] = field(default_factory=list)
+    text_cache: object = None
     records: dict[str, StageRecord] = field(default_factory=dict)
     artifact: Artifact | None = None
 
@@ -131,17 +132,51 @@ def load(c: Compilation) -> StageRecord:
     c.profile = ModelProfile(job.model, generation_settings(job.model, c.pipe, job.recipe), job.scorer_source, scorer)
     c.fp_params = sum(p.numel() for p in denoiser.parameters())
     c.source = {**source.to_dict(), "denoiser_sha256": state_digest(denoiser)}
-    if job.eval_prompts:
-        c.eval_set = c.profile.prompts("evaluation", job.eval_prompts, job.seed)
-        c.reference = generate(c.pipe, c.eval_set, c.settings, seed=job.seed,
-                               progress=job.progress and "FP reference")
+    c.eval_set = c.profile.prompts("evaluation", job.eval_prompts, job.seed)
     cal = job.recipe.calibration
     c.calibration_prompts = c.profile.prompts("calibration", cal.prompts, cal.seed)
+    text = embed_prompts_once(c)
+    if job.eval_prompts:
+        c.reference = generate(c.pipe, c.eval_set, c.settings, seed=job.seed,
+                               progress=job.progress and "FP reference")
     report = job.recipe.report
     fp_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
     c.report_probe = ReportProbe.begin(c.pipe, c.denoiser_attr, c.settings, c.calibration_prompts[:report.samples],
                                        report, fp_bytes <= report.fp_copy_max_gb * 1e9, job.seed)
-    return StageRecord(details={"source": source.model, "scorer": scorer.spec() if scorer is not None else None})
+    return StageRecord(details={"source": source.model, "scorer": scorer.spec() if scorer is not None else None,
+                                "text_embeddings": text})
+
+
+def compile_prompts(c: Compilation) -> list[str]:
+    """Every prompt the compile's own pipeline samples, by the recipe: evaluation and calibration (the
+    sensitivity probes and the report draw from these), and Q-Sched's and the cache search's when they run.
+    One the stages draw beyond this list is still served, only encoded later."""
+    job, recipe = c.job, c.job.recipe
+    prompts = [*c.eval_set, *c.calibration_prompts]
+    if recipe.coefficients.enabled:
+        prompts += c.profile.prompts("qsched_train", recipe.coefficients.prompts, job.seed)
+        prompts += c.profile.prompts("qsched_guard", recipe.coefficients.heldout_prompts, job.seed)
+    if recipe.cache_search.enabled:
+        prompts += c.profile.prompts("cache_train", recipe.cache_search.prompts, job.seed)
+        prompts += c.profile.prompts("cache_guard", recipe.cache_search.guard_prompts, job.seed)
+    return list(dict.fromkeys(prompts))
+
+
+def embed_prompts_once(c: Compilation) -> dict:
+    """Encode every prompt of the compile once, keep the embeddings in host memory and, on an accelerator,
+    move the text encoders off it for the rest of the compile (:mod:`qsched.runtime.text_embeddings`).
+    :func:`qsched.compiler.compile` removes the cache and puts the encoders back when it ends."""
+    from qsched.runtime.generation import call_arguments
+    from qsched.runtime.text_embeddings import cache_text_embeddings, release_text_encoders
+
+    c.text_cache = cache_text_embeddings(c.pipe)
+    prompts = compile_prompts(c)
+    c.text_cache.precompute(prompts, call_arguments(c.pipe, c.settings))
+    on_host = torch.device(c.job.device).type == "cpu"
+    moved = 0 if on_host else release_text_encoders(c.pipe, c.text_cache, "cpu")
+    return {"prompts": len(prompts), "bytes": c.text_cache.stats.stored_bytes,
+            "text_encoders": "in host memory with the rest (the compile runs on the CPU)" if on_host else
+                             f"moved to host memory ({moved / 1e9:.2f} GB) once the prompts were encoded"}
 
 
 def calibrate(c: Compilation) -> StageRecord:
@@ -229,6 +264,8 @@ def export(c: Compilation) -> StageRecord:
     report_files = c.report_probe.finish(c.pipe, job.spec, result.act_ranges, c.cache_record,
                                          c.records["cache_search"].details.get("chosen"), c.cache_handle, c.scorer,
                                          c.search_prompts)
+    if c.text_cache is not None:  # what the cache did over the whole compile, beside what load embedded
+        c.records["load"].details["text_embeddings"].update(c.text_cache.stats.to_dict())
     manifest = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": c.source, "bits": str(job.spec), "recipe": {"path": job.recipe_path, **job.recipe.to_dict()},

@@ -398,6 +398,13 @@ class _Planner:
         arch, recipe, b = self.arch, self.recipe, self.dtype_bytes
         pipeline = sum(arch.component_bytes.values())
         den = arch.component_bytes.get(arch.denoiser_attr, module_bytes(arch.denoiser))
+        gpu = self.target.is_gpu
+        # every prompt is encoded once at load (qsched.runtime.text_embeddings); on a GPU the text encoders then
+        # wait in host memory, so every later phase holds the pipeline without them
+        text = sum(v for k, v in arch.component_bytes.items() if k.startswith("text_encoder"))
+        prompts = self._compile_prompts()
+        embeddings = prompts * self.shape.text_elements * b * self.cfg
+        resident = pipeline - text if gpu else pipeline
         quantized, packed = self._quantized_bytes()
         fp_copy = self.fp_param_bytes if self.fp_copy else 0
         act_row = self.shape.activation_elements * ACTIVATION_FACTOR * b
@@ -414,7 +421,6 @@ class _Planner:
         in_flight = max(groups, default=0)
         # on a CPU the accumulators and their results meet the groups already stored at the end of each pass
         collect_peak = max((sum(groups[:i]) + 2 * g for i, g in enumerate(groups)), default=0)
-        gpu = self.target.is_gpu
         held = 0 if gpu else total_h
         gptq = max((8 * (4 * m.in_features ** 2 + 2 * m.in_features * m.out_features)
                     for m in self.layers.values() if isinstance(m, nn.Linear)), default=0) if total_h else 0
@@ -426,11 +432,14 @@ class _Planner:
         prefix_record = (calibrate.get("sensitivity_record") or {}).get("bytes", 0)
         context = quantized if calibrate.get("sensitivity_context_copy") else 0
         phases = {
-            "calibrate: Hessian collection": pipeline + fp_copy + (in_flight if gpu else collect_peak) + act(cal_rows),
-            "calibrate: sensitivity and GPTQ": pipeline + fp_copy + held + gptq + act(max(sens_rows, cal_rows))
-                                                 + record + context + (0 if gpu else prefix_record),
+            "load: text embeddings": pipeline,
+            "calibrate: Hessian collection": resident + fp_copy + (in_flight if gpu else collect_peak) + act(cal_rows),
+            # a probe's GPTQ rounding returns (and frees its workspace) before the probe's sampler pass starts
+            "calibrate: sensitivity and GPTQ": resident + fp_copy + held + max(gptq, act(max(sens_rows, cal_rows))
+                                                                                   + record)
+                                                 + context + (0 if gpu else prefix_record),
         }
-        rest = pipeline - den + quantized + fp_copy
+        rest = resident - den + quantized + fp_copy
         co = recipe.coefficients
         if "train_runs" in coefficients:
             phases["coefficients"] = rest + act(max(co.prompts, co.heldout_prompts) * self.cfg)
@@ -449,10 +458,11 @@ class _Planner:
         working = max(phases.values())
         staging = 0 if (self.job.init == "random" and arch.source.startswith("the shipped")) else pipeline
         export_host = packed + (pipeline - den if self.job.bundle else 0)
-        if self.target.is_gpu:
-            device_peak, host_peak = working, max(staging, export_host, total_h + prefix_record)
+        if gpu:
+            device_peak = working
+            host_peak = max(staging, text + embeddings + max(export_host, total_h + prefix_record))
         else:
-            device_peak, host_peak = 0, max(working, rest + export_host)
+            device_peak, host_peak = 0, max(working, rest + export_host) + embeddings
         if self.target.memory_gb and device_peak > self.target.memory_gb * 1e9:
             worst = max(phases, key=phases.get)
             fix = ""
@@ -471,6 +481,9 @@ class _Planner:
                          "collection_peak_bytes": in_flight if gpu else collect_peak,
                          "shared_inputs": calibrate.get("shared_input_layers", 0),
                          "gptq_workspace_bytes": gptq},
+            "text_encoder_bytes": text,
+            "text_embeddings": {"prompts": prompts, "bytes": embeddings, "held_in": "host memory",
+                                "text_encoders": "host memory after load" if gpu else "host memory"},
             "fp_copy_bytes": fp_copy,
             "fp_copy": ("kept: the FP denoiser is within report.fp_copy_max_gb" if self.fp_copy else
                         f"not kept: the FP denoiser ({_gb(self.fp_param_bytes)}) exceeds report.fp_copy_max_gb "
@@ -483,12 +496,23 @@ class _Planner:
             "sensitivity_prefix_in": "host memory", "phases": phases,
             "device_peak_bytes": device_peak, "host_peak_bytes": host_peak,
             "where": (f"the compile runs on the {self.target.label} (--device cuda): the pipeline and the "
-                      "activations live in device memory; the host holds "
-                      + ("the pipeline while it loads, then " if staging else "")
-                      + "the packed artifact while it is written, and during calibration the GPTQ Hessians and "
-                      "the sensitivity record") if self.target.is_gpu else
+                      "activations live in device memory, the text encoders only until every prompt is encoded; "
+                      "the host holds " + ("the pipeline while it loads, then " if staging else "")
+                      + "the text encoders and embeddings, the packed artifact while it is written, and during "
+                      "calibration the GPTQ Hessians and the sensitivity record") if gpu else
                      "the compile runs on the CPU: everything is host memory",
         }
+
+    def _compile_prompts(self) -> int:
+        """How many prompts the compile encodes at load (:func:`qsched.stages.compile_prompts`, before
+        duplicates are dropped: an upper bound)."""
+        r = self.recipe
+        n = self.job.eval_prompts + r.calibration.prompts
+        if r.coefficients.enabled:
+            n += r.coefficients.prompts + r.coefficients.heldout_prompts
+        if r.cache_search.enabled:
+            n += r.cache_search.prompts + r.cache_search.guard_prompts
+        return n
 
     def _quantized_bytes(self) -> tuple[int, int]:
         """The denoiser after ``quantize_`` in memory (int8 codes, one byte per weight, fp32 per-channel scales,
@@ -561,6 +585,7 @@ class _MetaShapes:
     activation_elements: int = 0
     store_elements: int = 0
     call_elements: int = 0
+    text_elements: int = 0  # one prompt's text embeddings as the denoiser reads them (sequence and pooled)
     input_leader: dict = field(default_factory=dict)  # layer -> the layer whose input (and Hessian) it shares
     block_order: object = None  # the repeated blocks in the order they finish (:class:`_BlockOrder`), with MACs
     error: str = ""
@@ -598,6 +623,8 @@ class _MetaShapes:
             out.activation_elements = elements.widest
             out.store_elements = sum(elements.slots.values())
             out.call_elements = sum(t.numel() for t in _tensors(inputs)) + elements.output
+            out.text_elements = sum(t.numel() for t in _tensors({k: v for k, v in _flat(inputs).items()
+                                                                 if k in _TEXT_INPUTS}))
             if not out.analytic:
                 out.tokens = {"image": seen.image, "text": seen.text or text}
                 out.macs = _split_macs(den, measured)
@@ -652,6 +679,17 @@ def _meta_inputs(den: nn.Module, settings, arch: Architecture, tokens: dict) -> 
             kw["timestep_cond"] = z(1, c.time_cond_proj_dim)
         return kw, text
     raise ValueError(f"no meta-device call for {name}")
+
+
+#: the denoiser inputs that carry a prompt's text embeddings, in the three families' call signatures
+_TEXT_INPUTS = ("encoder_hidden_states", "pooled_projections", "text_embeds")
+
+
+def _flat(inputs: dict) -> dict:
+    out = {}
+    for k, v in inputs.items():
+        out.update(_flat(v) if isinstance(v, dict) else {k: v})
+    return out
 
 
 def _call(den: nn.Module, inputs: dict):

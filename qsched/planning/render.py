@@ -68,6 +68,9 @@ def render_text(plan) -> str:
             *([f"  sensitivity record    {_gb(m['sensitivity_prefix_bytes'])} of block outputs, kept in "
                f"{m['sensitivity_prefix_in']} (the probes' skipped blocks return them)"]
               if m.get("sensitivity_prefix_bytes") else []),
+            *([f"  text embeddings       {m['text_embeddings']['prompts']} prompts encoded once at load, "
+               f"{_gb(m['text_embeddings']['bytes'])}; the text encoders ({_gb(m['text_encoder_bytes'])}) then wait in "
+               f"{m['text_embeddings']['text_encoders']}"] if m.get("text_embeddings") else []),
             f"  report FP copy        {m['fp_copy']}",
             f"  per sample row        activations ~{_gb(m['activation_bytes_per_row'])}, cache store "
             f"≤ {_gb(m['cache_store_bytes_per_row'])}; rows per call: "
