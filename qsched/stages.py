@@ -169,12 +169,15 @@ def embed_prompts_once(c: Compilation) -> dict:
     from qsched.runtime.generation import call_arguments
     from qsched.runtime.text_embeddings import cache_text_embeddings, release_text_encoders
 
+    if not callable(getattr(type(c.pipe), "encode_prompt", None)):
+        return {"status": f"not cached: {type(c.pipe).__name__} has no encode_prompt; the pipeline encodes "
+                          "every call itself and its text encoders stay on the device"}
     c.text_cache = cache_text_embeddings(c.pipe)
     prompts = compile_prompts(c)
     c.text_cache.precompute(prompts, call_arguments(c.pipe, c.settings))
     on_host = torch.device(c.job.device).type == "cpu"
     moved = 0 if on_host else release_text_encoders(c.pipe, c.text_cache, "cpu")
-    return {"prompts": len(prompts), "bytes": c.text_cache.stats.stored_bytes,
+    return {"prompts": len(prompts),
             "text_encoders": "in host memory with the rest (the compile runs on the CPU)" if on_host else
                              f"moved to host memory ({moved / 1e9:.2f} GB) once the prompts were encoded"}
 
