@@ -29,6 +29,11 @@ Per layer form (:func:`layer_form`, recorded per layer in the manifest; nothing 
   ``MatMul``) for ≤4 bits, ``int8-cast-mul`` (int8 codes, ``Cast``, ``Mul`` by the group scales) for 5-8.
 * convolutions: ``DequantizeLinear`` (int8 codes, or int4 for ≤4 bits; per output channel, or blocked over
   the flattened kernel and reshaped) → ``Conv``. Layers with FP weights keep their float weight.
+* FP8 layers (``--bits fp8``: e4m3 weights per output channel, a static per-tensor e4m3 activation scale):
+  ``QuantizeLinear``/``DequantizeLinear`` to ``float8e4m3fn`` with zero point 0 (saturating, so an input past
+  the range lands on ±448 as in the simulation), and the artifact's e4m3 codes ``[K, N]`` →
+  ``DequantizeLinear(axis=1)`` → ``MatMul`` (``qdq-e4m3``, ``dq-e4m3``). onnxruntime's CPU kernels compute this
+  exactly as the simulation does (tested); on GPUs the FP8 Q/DQ pair is what TensorRT fuses into an FP8 GEMM.
 * FP token rows (MixDQ's BOS rows) are the simulation's own elementwise selection, traced as is.
 
 The graph computes in float32 whatever the artifact's compute dtype: onnxruntime's CPU kernels are fp32, and
@@ -53,6 +58,7 @@ from torch import nn
 
 from qsched.runtime.apply import set_submodule
 from qsched.runtime.qlayers import QuantLayer, substitute_fp_tokens
+from qsched.runtime.quantizers import FP8_DTYPE, fake_quantize_activation_fp8
 
 OPSET = 21  # blocked DequantizeLinear and int4 tensors
 NBITS_BLOCKS = (128, 64, 32, 16)  # MatMulNBits block sizes tried, largest first (the CPU kernel takes 16..256)
@@ -78,6 +84,16 @@ def quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
 
 @quantize_activation.register_fake
 def _(x, scale, zero_point, lo, hi):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qsched_onnx::quantize_activation_fp8", mutates_args=())
+def quantize_activation_fp8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return fake_quantize_activation_fp8(x.float(), scale).to(x.dtype)
+
+
+@quantize_activation_fp8.register_fake
+def _(x, scale, zero_point):
     return torch.empty_like(x)
 
 
@@ -155,6 +171,9 @@ def _translations() -> dict:
             x = op.Clip(x, lo, hi)
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
 
+    def t_quantize_activation_fp8(x, scale, zero_point):  # saturate=1: past ±448 clamps, as the simulation's
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point, saturate=1), scale, zero_point)
+
     def _dq(codes, scale, zero_point, axis_per_channel, block_axis, block_size):
         args = (codes, scale) if zero_point is None else (codes, scale, zero_point)
         if block_size == 0:
@@ -186,7 +205,8 @@ def _translations() -> dict:
                        group=groups)
 
     ops = torch.ops.qsched_onnx
-    return {ops.quantize_activation.default: t_quantize_activation, ops.dq_matmul.default: t_dq_matmul,
+    return {ops.quantize_activation.default: t_quantize_activation,
+            ops.quantize_activation_fp8.default: t_quantize_activation_fp8, ops.dq_matmul.default: t_dq_matmul,
             ops.matmul_nbits.default: t_matmul_nbits, ops.dq_conv2d.default: t_dq_conv2d}
 
 
@@ -207,6 +227,11 @@ def layer_form(spec: dict) -> dict:
     """How one layer (a manifest layer spec) is carried in the graph: ``weight`` form, ``act`` form, the
     ONNX ``op`` that does the arithmetic, and for MatMulNBits its ``bits`` and ``block_size``."""
     kind, wbits, abits, group = spec["kind"], spec["weight_bits"], spec["act_bits"], spec["group_size"]
+    if spec.get("format") == "fp8":  # W8A8 e4m3 linear, per channel (qsched.runtime.qlayers.check_format)
+        form = {"act": "qdq-e4m3", "op": "MatMul", "weight": "dq-e4m3"}
+        if spec.get("fp_tokens"):
+            form["fp_tokens"] = list(spec["fp_tokens"])
+        return form
     act = None if abits is None else ("qdq-u8" if abits == 8 else "clip-qdq-u8")
     form = {"act": act, "op": "Conv" if kind == "conv2d" else "MatMul"}
     k = int(np.prod(spec["weight_shape"][1:]))
@@ -233,7 +258,7 @@ def layer_form(spec: dict) -> dict:
 def _spec_of(layer: QuantLayer) -> dict:
     shape = tuple((layer.qweight if layer.weight_bits is not None else layer.weight).shape)
     return {"kind": layer.kind, "weight_bits": layer.weight_bits, "act_bits": layer.act_bits,
-            "group_size": layer.group_size, "weight_shape": list(shape),
+            "group_size": layer.group_size, "weight_shape": list(shape), "format": getattr(layer, "format", "int"),
             "fp_tokens": list(getattr(layer, "fp_token_positions", ()))}
 
 
@@ -254,7 +279,10 @@ class OnnxLayer(nn.Module):
         self.accuracy_level = int(accuracy_level)
         self.block_size = 0
         with torch.no_grad():
-            if layer.act_bits is not None:
+            if self.form["act"] == "qdq-e4m3":  # zero point 0, typed e4m3 so QuantizeLinear emits e4m3
+                self.register_buffer("act_scale", torch.tensor(float(layer.act_scale), dtype=torch.float32))
+                self.register_buffer("act_zero_point", torch.zeros((), dtype=FP8_DTYPE))
+            elif layer.act_bits is not None:
                 scale, zp = float(layer.act_scale), int(layer.act_zero_point)
                 levels = 2 ** layer.act_bits - 1
                 self.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32))
@@ -309,13 +337,15 @@ class OnnxLayer(nn.Module):
         # session.x64quantprecision (export.runtime_onnx.session_settings) onnxruntime rewrites int8 weights
         # as uint8 + 128 and gives a DequantizeLinear without a zero point a scalar one, which per-axis and
         # blocked DequantizeLinear reject (onnxruntime 1.31 and 1.32).
-        self.register_buffer("zero_point", torch.zeros_like(self.scale, dtype=torch.int8)
-                             if self.form["weight"] == "dq-int8" else None)
+        zero = {"dq-int8": torch.int8, "dq-e4m3": FP8_DTYPE}.get(self.form["weight"])
+        self.register_buffer("zero_point", None if zero is None else torch.zeros(self.scale.shape, dtype=zero))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp = x
         x = x.float()
-        if self.act_bits is not None:
+        if self.form["act"] == "qdq-e4m3":
+            x = torch.ops.qsched_onnx.quantize_activation_fp8(x, self.act_scale, self.act_zero_point)
+        elif self.act_bits is not None:
             x = torch.ops.qsched_onnx.quantize_activation(x, self.act_scale, self.act_zero_point,
                                                           getattr(self, "act_lo", None), getattr(self, "act_hi", None))
         weight = self.form["weight"]

@@ -131,7 +131,6 @@ def export_onnx(path, overwrite: bool = False, verify: bool = True, dynamic: boo
     import onnx_ir as ir
 
     from qsched.runtime.cache_schedule import CacheSchedule, _denoiser
-    from qsched.runtime.qlayers import refuse_fp8
 
     from export.amend import add_folder
     from export.format import read_manifest
@@ -142,7 +141,6 @@ def export_onnx(path, overwrite: bool = False, verify: bool = True, dynamic: boo
     manifest = read_manifest(path, verify=verify)
     if (KEY in manifest or (path / FOLDER).exists()) and not overwrite:
         raise ArtifactError(f"{path} already has an ONNX export; pass overwrite=True to replace it")
-    refuse_fp8((spec.get("format") for spec in manifest["layers"].values()), "--export onnx")
     pipe = load(path, verify=False)
     if getattr(pipe, "qsched_cache", None) is not None:
         pipe.qsched_cache.disable()  # the graph is traced uncached; the schedule is applied by graph variants

@@ -103,7 +103,7 @@ def _validate_model(model: str, init: str) -> None:
 
 
 #: exports that express FP8 (e4m3) layers; the others refuse `--bits fp8` before the compile
-FP8_EXPORTS = ("modelopt",)
+FP8_EXPORTS = ("modelopt", "onnx")
 
 _RAY_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:(\d{1,5})$")
 

@@ -262,6 +262,7 @@ def test_layer_form_rules():
     assert layer_form(spec(8, 8, 8))["weight"] == "int8-cast-mul"
     assert layer_form(spec(None, 4))["act"] == "clip-qdq-u8"
     assert layer_form(spec(4, 8, kind="conv2d"))["weight"] == "dq-int4"
+    assert layer_form({**spec(8, 8), "format": "fp8"}) == {"act": "qdq-e4m3", "op": "MatMul", "weight": "dq-e4m3"}
 
 
 def test_every_form_matches_torch_in_onnxruntime(zoo):
