@@ -102,6 +102,10 @@ class QuantizationConfig(_Config):
     #: (calibrate.sensitivity._BlockPrefix): blocks are recorded from the first until it is full; 0 = none.
     #: FLUX.1-schnell at 1024² with 8 prompts needs 48.8 GB for every block; the plan shows what a value buys
     sensitivity_record_gb: float = 32.0
+    #: memory (GB, on the compile's device) the quantized denoiser may keep its dequantized weights in between
+    #: calls, for the stages after calibration; the layers beyond it dequantize on every call (same numbers,
+    #: slower). Every weight at FLUX.1 size is 23.8 GB in BF16: a second copy of the denoiser
+    dequantized_cache_gb: float = 8.0
     #: mixdq: no layer narrower than this many weight bits (lowered to the widest candidate within the
     #: budget when above it, so w2.5 may still use 2; 2 = no floor). null (default) = automatic, see
     #: calibrate.mixdq.width_floor: 3 with ``rounding: rtn`` (round-to-nearest 2-bit layers cost flux-tiny
@@ -153,6 +157,7 @@ class QuantizationConfig(_Config):
         self._require(0.0 <= self.fp_act_fraction < 1.0, "fp_act_fraction must lie in [0, 1)")
         self._require(self.sensitivity_prompts >= 1, "sensitivity_prompts must be >= 1")
         self._require(self.sensitivity_record_gb >= 0, "sensitivity_record_gb must be >= 0 (0: no block record)")
+        self._require(self.dequantized_cache_gb >= 0, "dequantized_cache_gb must be >= 0 (0: dequantize every call)")
         self._require(self.group_size is None or self.group_size >= 1,
                       f"group_size must be a positive number of channels or null; got {self.group_size!r}")
         self._require(self.layers is None or len(self.layers) > 0, "layers must name at least one glob, or be null")

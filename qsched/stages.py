@@ -20,6 +20,7 @@ from qsched.models.profiles import ModelProfile
 from qsched.models.registry import default_settings, load_pipeline, state_digest, torch_dtype
 from qsched.recipe import Recipe
 from qsched.runtime.generation import GenerationSettings, generate
+from qsched.runtime.qlayers import limit_dequantized_cache
 from qsched.scoring.fidelity import fidelity_metrics
 
 
@@ -197,7 +198,9 @@ def calibrate(c: Compilation) -> StageRecord:
     result = run_calibration(c.pipe, job.spec, c.calibration_prompts, c.settings, job.recipe.quantization,
                              calibration=job.recipe.calibration, run=run, progress=job.progress and "calibration")
     c.calibration = result
-    details = {"method": result.plan.method, "prompts": len(c.calibration_prompts),
+    cache = limit_dequantized_cache(adapter_for(c.pipe).denoiser(c.pipe),
+                                    job.recipe.quantization.dequantized_cache_gb * 1e9)
+    details = {"method": result.plan.method, "prompts": len(c.calibration_prompts), "dequantized_cache": cache,
                "average_weight_bits": round(result.plan.average_weight_bits(), 4),
                "fp_tokens": result.fp_tokens.to_dict()}
     if result.allocation:

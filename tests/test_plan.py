@@ -172,6 +172,8 @@ def test_flux_schnell_plans_on_the_meta_device(monkeypatch):
     assert macs["attention"] == 57 * 2 * 4352 ** 2 * 3072  # joint attention of every block at 4096 + 256 tokens
     assert plan.time["seconds"] > 0 and "h100" == plan.time["device"]
     assert not memory["fp_copy_bytes"]  # 23.8 GB > report.fp_copy_max_gb
+    # after calibration the simulated layers keep 6 GB of dequantized weights (the recipe's budget), not 23.8
+    assert memory["dequantized_cache"]["bytes"] == 6e9 and memory["dequantized_cache"]["all_bytes"] > 23e9
     # the shipped recipe fits one 80 GB GPU within 1.5x the BF16 transformer (issue 17's goal)
     assert memory["device_peak_bytes"] <= 1.5 * memory["denoiser_bytes"] and not plan.warnings
     # the cache search's stored outputs do not fit in 80 GB at 64 rows a call; the warning names the knob

@@ -89,3 +89,31 @@ def test_range_observer_averages_or_keeps_the_envelope():
         envelope.update(x)
     assert envelope.range == (-3.0, 5.0)
     assert ema.range == pytest.approx((-1.0, 3.25))  # (-1, 2) -> (-2, 1.5) -> (-1, 3.25)
+
+
+def test_dequantized_cache_budget_keeps_the_numbers_and_drops_the_copies():
+    """limit_dequantized_cache: layers within the budget keep their dequantized weight between calls, the
+    others dequantize on every call; every output is the same either way."""
+    from conftest import random_quant_layer
+    from qsched.runtime.qlayers import limit_dequantized_cache
+
+    model = nn.Sequential(*(random_quant_layer(shape=(96, 96), seed=i) for i in range(3)))
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        unlimited = model(x)
+    assert all(layer._dequantized is not None for layer in model)
+    one = 96 * 96 * 4  # fp32 compute dtype
+    record = limit_dequantized_cache(model, one * 1.5)
+    assert record == {"cached_bytes": one, "dequantized_bytes": 3 * one, "cached_layers": 1, "layers": 3}
+    with torch.no_grad():
+        limited = model(x)
+    assert torch.equal(limited, unlimited)
+    assert [layer._dequantized is not None for layer in model] == [True, False, False]
+    assert limit_dequantized_cache(model, 0)["cached_layers"] == 0 and model[0]._dequantized is None
+    assert limit_dequantized_cache(model, None)["cached_bytes"] == 3 * one
+
+
+def test_a_compile_records_its_dequantized_cache(tiny_report_artifact):
+    record = tiny_report_artifact.manifest["stages"]["calibrate"]["dequantized_cache"]
+    assert record["layers"] > 0 and record["cached_layers"] == record["layers"]  # flux-tiny: far under 8 GB
+    assert record["cached_bytes"] == record["dequantized_bytes"] > 0

@@ -406,6 +406,10 @@ class _Planner:
         embeddings = prompts * self.shape.text_elements * b * self.cfg
         resident = pipeline - text if gpu else pipeline
         quantized, packed = self._quantized_bytes()
+        # the simulated layers keep dequantized weights between calls, within the recipe's budget
+        # (qsched.runtime.qlayers.limit_dequantized_cache): after calibration the denoiser holds those too
+        dequantized = self._quantized_weight_count() * b
+        dq_cache = int(min(dequantized, recipe.quantization.dequantized_cache_gb * 1e9))
         fp_copy = self.fp_param_bytes if self.fp_copy else 0
         act_row = self.shape.activation_elements * ACTIVATION_FACTOR * b
         store_row = self.shape.store_elements * b
@@ -439,7 +443,7 @@ class _Planner:
                                                                                    + record)
                                                  + context + (0 if gpu else prefix_record),
         }
-        rest = resident - den + quantized + fp_copy
+        rest = resident - den + quantized + dq_cache + fp_copy
         co = recipe.coefficients
         if "train_runs" in coefficients:
             phases["coefficients"] = rest + act(max(co.prompts, co.heldout_prompts) * self.cfg)
@@ -476,6 +480,8 @@ class _Planner:
         return {
             "dtype": _dtype_name(arch.dtype), "components": dict(arch.component_bytes), "pipeline_bytes": pipeline,
             "denoiser_bytes": den, "quantized_denoiser_bytes": quantized, "packed_denoiser_bytes": packed,
+            "dequantized_cache": {"bytes": dq_cache, "all_bytes": dequantized,
+                                  "budget_gb": recipe.quantization.dequantized_cache_gb},
             "hessians": {"groups": len(groups), "largest_group_bytes": max(groups, default=0),
                          "total_bytes": total_h, "held_bytes": total_h, "held_in": "host memory",
                          "collection_peak_bytes": in_flight if gpu else collect_peak,
@@ -514,14 +520,21 @@ class _Planner:
             n += r.cache_search.prompts + r.cache_search.guard_prompts
         return n
 
+    def _quantized_layers(self) -> list[nn.Module]:
+        q = self.recipe.quantization
+        return [m for n, m in self.layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in q.keep_fp)
+                and (q.method != "mixdq" or q.layers is None or any(fnmatch.fnmatchcase(n, p) for p in q.layers))]
+
+    def _quantized_weight_count(self) -> int:
+        return sum(m.weight.numel() for m in self._quantized_layers())
+
     def _quantized_bytes(self) -> tuple[int, int]:
         """The denoiser after ``quantize_`` in memory (int8 codes, one byte per weight, fp32 per-channel scales,
         the rest at its dtype) and packed in the artifact (two codes per byte at ≤ 4 bits), at the target widths."""
         q = self.recipe.quantization
         den = self.arch.denoiser
         total = sum(p.numel() for p in den.parameters())
-        quantized = [m for n, m in self.layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in q.keep_fp)
-                     and (q.method != "mixdq" or q.layers is None or any(fnmatch.fnmatchcase(n, p) for p in q.layers))]
+        quantized = self._quantized_layers()
         weights = sum(m.weight.numel() for m in quantized)
         scales = 4 * sum(m.weight.shape[0] for m in quantized)
         rest = (total - weights) * self.dtype_bytes

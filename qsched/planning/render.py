@@ -61,6 +61,10 @@ def render_text(plan) -> str:
                                                   sorted(m["components"].items(), key=lambda kv: -kv[1])),
             (f"  denoiser              {_gb(m['denoiser_bytes'])} FP; {_gb(m['quantized_denoiser_bytes'])} quantized in "
             f"memory; ~{_gb(m['packed_denoiser_bytes'])} packed in the artifact"),
+            *([f"  dequantized weights   {_gb(m['dequantized_cache']['bytes'])} of {_gb(m['dequantized_cache']['all_bytes'])} "
+               f"kept between calls after calibration (quantization.dequantized_cache_gb "
+               f"{m['dequantized_cache']['budget_gb']:g}); the rest dequantize on every call"]
+              if m.get("dequantized_cache") else []),
             (f"  GPTQ Hessians         {m['hessians']['groups']} group{'' if m['hessians']['groups'] == 1 else 's'}, largest {_gb(m['hessians']['largest_group_bytes'])}, "
             f"all {_gb(m['hessians']['total_bytes'])}, kept in {m['hessians']['held_in']} "
             f"({m['hessians']['shared_inputs']} layers share their input's); "

@@ -3,8 +3,9 @@
 It holds exactly what the artifact stores (integer codes, scales, activation scale and zero point, bias; or,
 in the ``fp8`` format, e4m3 codes, per-channel scales and a per-tensor activation scale whose zero point is 0),
 so the model in memory after calibration and the model rebuilt from disk compute the same numbers bit for
-bit. The dequantized weight is cached (not saved): simulation trades memory for speed; the packed
-runtimes in ``export`` keep weights packed.
+bit. The dequantized weight is cached (not saved): simulation trades memory for speed, within a budget a
+compile sets (:func:`limit_dequantized_cache`: at FLUX.1 size every cached weight together is a second,
+BF16 copy of the denoiser); the packed runtimes in ``export`` keep weights packed.
 
 A layer may also hold FP token rows (MixDQ's BOS-aware text handling, :mod:`calibrate.fp_tokens`): the
 output rows of fixed token positions, precomputed in floating point, which replace the quantized rows
@@ -111,6 +112,7 @@ class QuantLayer(CastableQuantized):
             self.register_buffer("fp_token_outputs", torch.empty((n, weight_shape[0]), dtype=dtype, device=device))
         self._dequantized: torch.Tensor | None = None
         self._act_qparams: tuple[float, int] | None = None
+        self.cache_dequantized = True  # keep the dequantized weight between calls (limit_dequantized_cache)
 
     @classmethod
     def from_module(cls, module: nn.Module, weight_bits: int | None, act_bits: int | None,
@@ -169,9 +171,12 @@ class QuantLayer(CastableQuantized):
     def dequantized_weight(self) -> torch.Tensor:
         if self.weight_bits is None:
             return self.weight
-        if self._dequantized is None or self._dequantized.device != self.qweight.device:
-            self._dequantized = dequantize_weight(self.qweight, self.weight_scale, self.compute_dtype, self.group_size)
-        return self._dequantized
+        if self._dequantized is not None and self._dequantized.device == self.qweight.device:
+            return self._dequantized
+        weight = dequantize_weight(self.qweight, self.weight_scale, self.compute_dtype, self.group_size)
+        if getattr(self, "cache_dequantized", True):
+            self._dequantized = weight
+        return weight
 
     def _apply(self, fn, recurse=True):
         self._dequantized = self._act_qparams = None  # device or dtype moves invalidate the caches
@@ -196,6 +201,24 @@ class QuantLayer(CastableQuantized):
         w, a = format_labels(self)
         rows = f", fp_tokens={list(self.fp_token_positions)}" if self.fp_token_positions else ""
         return f"{self.kind}, shape={tuple(self.qweight.shape if self.weight_bits else self.weight.shape)}, w={w}, a={a}{rows}"
+
+
+def limit_dequantized_cache(module: nn.Module, max_bytes: float | None) -> dict:
+    """Let the simulated layers of ``module`` keep their dequantized weights between calls up to ``max_bytes``
+    in all (None: no limit), in module order; the others dequantize on every call, the same numbers without a
+    second copy. Returns what is cached: bytes and layers against the whole."""
+    kept = total = cached = layers = 0
+    for layer in module.modules():
+        if not isinstance(layer, QuantLayer) or layer.weight_bits is None:
+            continue
+        size = layer.qweight.numel() * torch.empty((), dtype=layer.compute_dtype).element_size()
+        total, layers = total + size, layers + 1
+        layer.cache_dequantized = max_bytes is None or kept + size <= max_bytes
+        if layer.cache_dequantized:
+            kept, cached = kept + size, cached + 1
+        else:
+            layer._dequantized = None
+    return {"cached_bytes": kept, "dequantized_bytes": total, "cached_layers": cached, "layers": layers}
 
 
 def float_activations_(module: nn.Module) -> int:
