@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-device", metavar="DEVICE",
                    help="with --plan: the device to price the compile on: h100, h200, a100, l40s, 4090 or cpu "
                         "(default: cpu for --device cpu, else h100)")
+    p.add_argument("--plan-measure", action="store_true",
+                   help="with --plan: time one denoiser call on --device (random weights, the compile's calibration "
+                        "batch and resolution) and price every evaluation at it instead of a datasheet figure; the "
+                        "denoiser is built for real, so this needs its memory on --device")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON object")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -114,15 +118,16 @@ def _validate(args, spec) -> None:
     (Ray, modelopt, onnx, gguf) installed, and a writable ``--out``."""
     from qsched.core.errors import QschedError
     if not args.plan:
-        for flag, given in (("--plan-device", args.plan_device is not None), ("--json", args.json)):
+        for flag, given in (("--plan-device", args.plan_device is not None), ("--json", args.json),
+                            ("--plan-measure", args.plan_measure)):
             if given:
-                raise QschedError(f"{flag} goes with --plan (a compile always prints its JSON summary); add --plan "
-                                  f"or drop {flag}")
+                why = " (a compile always prints its JSON summary)" if flag == "--json" else ""
+                raise QschedError(f"{flag} goes with --plan{why}; add --plan or drop {flag}")
     _validate_model(args.model, args.init)
     from qsched.models.width_scale import check_width_scale
     check_width_scale(args.width_scale, args.init, args.model)
     from qsched.core.cli_support import check_device
-    check_device(args.device, available=not args.plan)
+    check_device(args.device, available=not args.plan or args.plan_measure)  # a measured plan runs on it
     if not 0 <= args.seed < 2**32:  # numpy's RandomState (the Q-Sched search) takes 32-bit seeds
         raise QschedError(f"--seed {args.seed} is out of range: use an integer from 0 to {2**32 - 1}")
     if args.eval_prompts < 0:
@@ -246,7 +251,8 @@ def _plan(args, spec, ray) -> int:
                         dtype=args.dtype, uniform=args.uniform,
                         coefficients=not args.no_qsched, cache_search=not args.no_cache_search,
                         cache_budget=args.cache_budget, scorer=args.scorer, seed=args.seed, device=args.device,
-                        eval_prompts=args.eval_prompts, bundle=args.bundle, ray=ray, plan_device=args.plan_device)
+                        eval_prompts=args.eval_prompts, bundle=args.bundle, ray=ray, plan_device=args.plan_device,
+                        measure=args.plan_measure)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else render_text(plan))
     return 0
 

@@ -265,15 +265,36 @@ def test_plan_text_on_the_cli(capsys):
     (["--plan", "--plan-device", ""], ["unknown --plan-device"]),
     (["--plan-device", "h100"], ["--plan-device goes with --plan"]),
     (["--json"], ["--json goes with --plan"]),
+    (["--plan-measure"], ["--plan-measure goes with --plan"]),
     (["--plan", "--bits", "w7a8"], ["w7a8"]),
     (["--plan", "--model", "org/not-in-the-registry", "--no-qsched", "--no-cache-search"],
      ["cannot plan", "without downloading"]),
     (["--plan", "--model", "flux-schnell", "--bits", "w3.5a8", "--uniform"], ["fractional"]),
     (["--plan", "--cache-budget", "0.5", "--no-cache-search"], ["--no-cache-search"]),
-], ids=["unknown-device", "empty-device", "device-without-plan", "json-without-plan", "bad-bits", "hub-id",
+], ids=["unknown-device", "empty-device", "device-without-plan", "json-without-plan", "measure-without-plan",
+         "bad-bits", "hub-id",
         "fractional-uniform", "budget-without-search"])
 def test_bad_plan_input_is_one_line_and_status_2(argv, needles, tmp_path, capsys):
     check_rejected(argv, tmp_path, capsys, needles)
+
+
+def test_a_measured_plan_prices_evaluations_at_one_real_denoiser_call(capsys):
+    """--plan-measure: one real call of the compile's calibration batch (random weights) sets the seconds per
+    sample row; every line is its rows × its share × that figure, and the counts do not change."""
+    plain = plan_compile("flux-tiny", "w4a8")
+    plan = plan_compile("flux-tiny", "w4a8", measure=True)
+    measured = plan.time["measured"]
+    assert measured["rows"] == 8 and measured["device"] == "cpu" and measured["seconds_per_row"] > 0
+    assert [e.sample_rows for e in plan.evaluations] == [e.sample_rows for e in plain.evaluations]
+    for e in plan.evaluations:
+        assert e.seconds == pytest.approx(e.sample_rows * e.share * measured["seconds_per_row"])
+    assert plan.time["seconds"] == pytest.approx(sum(e.seconds for e in plan.evaluations))
+    assert plan.memory == plain.memory
+    assert any("one measured denoiser call" in a for a in plan.assumptions)
+    with pytest.raises(QschedError, match="not both"):
+        plan_compile("flux-tiny", "w4a8", measure=True, tflops=10.0)
+    assert main(["--model", "flux-tiny", "--plan", "--plan-measure"]) == 0
+    assert "(measured)" in capsys.readouterr().out
 
 
 def test_plan_api_validates_like_a_compile():

@@ -106,14 +106,16 @@ def plan_compile(model: str = "flux-tiny", bits="w4a8", out=None, recipe=None, s
                  bundle: bool = False, eval_prompts: int = 8, overwrite: bool = False, progress: bool = True,
                  cache_budget: float | None = None, ray=None, scorer: str | None = None, *,
                  plan_device: str | None = None, achieved_fraction: float = DEFAULT_ACHIEVED_FRACTION,
-                 tflops: float | None = None) -> CompilePlan:
+                 tflops: float | None = None, measure: bool = False) -> CompilePlan:
     """The :class:`CompilePlan` of ``qsched.compile`` called with the same arguments (in the same order): no
     weights are loaded and nothing runs. ``out``, ``overwrite`` and ``progress`` are accepted and not used (a
     plan writes nothing, so ``out`` is not checked). ``plan_device`` names the device the time and memory are
     for (a key of :data:`qsched.planning.devices.DEVICES`; default ``cpu`` for a CPU ``device``, else ``h100``);
     ``achieved_fraction`` is the share of its dense throughput the compile is assumed to reach, ``tflops``
-    replaces the table's figure (e.g. your own ``benchmarks/matmul_throughput.py`` result). Bad input raises
-    the :class:`qsched.core.errors.QschedError` a compile would."""
+    replaces the table's figure (e.g. your own ``benchmarks/matmul_throughput.py`` result). ``measure`` times
+    one denoiser call on ``device`` instead (:mod:`qsched.planning.measure`: random weights, the compile's
+    calibration batch and resolution) and prices every evaluation at the measured seconds per row. Bad input
+    raises the :class:`qsched.core.errors.QschedError` a compile would."""
     del out, overwrite, progress  # a plan writes nothing and shows no progress
     job = plan_job(model, bits, None, recipe, check_output=False, uniform=uniform, coefficients=coefficients,
                    cache_search=cache_search, cache_budget=cache_budget, ray=ray, scorer=scorer, seed=seed,
@@ -126,18 +128,22 @@ def plan_compile(model: str = "flux-tiny", bits="w4a8", out=None, recipe=None, s
         raise QschedError(f"achieved_fraction {achieved_fraction} must lie in (0, 1]")
     if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
         raise QschedError(f"tflops {tflops} must be a positive number")
+    if measure and tflops is not None:
+        raise QschedError("give either tflops (a throughput figure) or measure (time the denoiser here), not both")
     arch = resolve(job.model, job.init, job.width_scale, job.dtype)
-    return _Planner(job, arch, target, achieved_fraction, tflops).plan()
+    return _Planner(job, arch, target, achieved_fraction, tflops, measure).plan()
 
 
 class _Planner:
     """One plan's working state; :meth:`plan` assembles the :class:`CompilePlan`."""
 
-    def __init__(self, job, arch: Architecture, target: Device, fraction: float, tflops: float | None):
+    def __init__(self, job, arch: Architecture, target: Device, fraction: float, tflops: float | None,
+                 measure: bool = False):
         from qsched.models.adapters import adapter_for
         from qsched.stages import generation_settings
 
         self.job, self.arch, self.target, self.fraction, self.tflops_override = job, arch, target, fraction, tflops
+        self.measure = measure
         self.recipe, self.spec = job.recipe, job.spec
         self.settings = generation_settings(job.model, arch.settings_pipe, job.recipe)
         self.steps = int(self.settings.steps)
@@ -547,6 +553,8 @@ class _Planner:
 
     def _time(self) -> dict:
         macs = self.shape.macs
+        if self.measure:
+            return self._measured_time()
         tflops = self.tflops_override or self.target.tflops(_dtype_name(self.arch.dtype))
         rate = tflops * 1e12 * self.fraction  # FLOP/s
         self.lines_timed = [dataclasses.replace(e, seconds=(2 * e.sample_rows * e.share * macs["total"] / rate)
@@ -560,15 +568,44 @@ class _Planner:
                 "macs_per_evaluation": macs, "seconds_by_stage": by_stage if macs else {},
                 "seconds": total, "human": _duration(total) if total is not None else "unknown"}
 
+    def _measured_time(self) -> dict:
+        """Every evaluation at the seconds per sample row of one real denoiser call on the compile's device, at
+        the calibration batch (the rows most calls of a compile carry)."""
+        from qsched.planning.measure import measure_row_seconds
+
+        cal = self.recipe.calibration
+        rows = max(1, min(cal.batch_size, cal.prompts)) * self.cfg
+        inputs, _ = _meta_inputs(self.arch.denoiser, self.settings, self.arch, self.shape.tokens)
+        measured = measure_row_seconds(self.arch.denoiser, inputs, self.job.device, rows)
+        per_row = measured["seconds_per_row"]
+        self.lines_timed = [dataclasses.replace(e, seconds=e.sample_rows * e.share * per_row) for e in self.lines]
+        by_stage: dict[str, float] = {}
+        for e in self.lines_timed:
+            by_stage[e.stage] = by_stage.get(e.stage, 0.0) + e.seconds
+        total = sum(by_stage.values())
+        macs = self.shape.macs
+        effective = 2 * macs["total"] / per_row / 1e12 if macs else None
+        return {"device": str(self.job.device), "label": f"this machine's {self.job.device} (measured)",
+                "source": (f"measured: one denoiser call of {rows} sample rows with random weights took "
+                           f"{measured['seconds_per_call']:.3g} s (median of {measured['repeats']} after a warm-up)"),
+                "dtype": _dtype_name(self.arch.dtype), "tflops": effective, "achieved_fraction": 1.0,
+                "measured": measured, "macs_per_evaluation": macs, "seconds_by_stage": by_stage,
+                "seconds": total, "human": _duration(total)}
+
     def _assumptions(self, cache: dict | None) -> None:
         a = self.assumptions
         a.append(f"the compile runs in process on one {self.target.label}" +
                  (" (--device cuda)" if self.target.is_gpu else "") + "; with --ray the counts are the same, and each "
                  "Ray worker also runs its own sensitivity FP reference and search reference")
         a.append("a cold work folder: no sensitivity table or cache-search checkpoint in .qsched-work to resume")
-        a.append(f"time = 2 × MACs per evaluation × sample rows / ({self.tflops_override or self.target.tflops(_dtype_name(self.arch.dtype)):g} "
-                 f"TFLOPS × {self.fraction:g} achieved); it counts the denoiser only: text encoders, VAE decodes, "
-                 "CLIP or judge scoring, GPTQ rounding (fp64), the integer program and the artifact write are left out")
+        left_out = ("it counts the denoiser only: text encoders, VAE decodes, CLIP or judge scoring, GPTQ rounding "
+                    "(fp64), the integer program and the artifact write are left out")
+        if self.measure:
+            a.append(f"time = sample rows × the seconds per row of one measured denoiser call on {self.job.device} "
+                     f"(× each probe's share of the denoiser); {left_out}")
+        else:
+            a.append(f"time = 2 × MACs per evaluation × sample rows / ({self.tflops_override or self.target.tflops(_dtype_name(self.arch.dtype)):g} "
+                     f"TFLOPS × {self.fraction:g} achieved); {left_out}")
         a.append("MACs per evaluation at no cache reuse (" + self.shape.macs_source + "); cache-search candidates "
                  "reuse components and cost less, so their time is an upper bound")
         a.append(f"activations ≈ {ACTIVATION_FACTOR} × (input + output) of the widest layer per sample row, attention in "

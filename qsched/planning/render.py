@@ -87,8 +87,10 @@ def render_text(plan) -> str:
             f"  ({m['where']})"]
     mac = t["macs_per_evaluation"]
     out += ["", f"time on {t['label']}",
-            (f"  throughput            {t['tflops']:g} TFLOPS dense {t['dtype']} × {t['achieved_fraction']:g} achieved"
-            f"  ({t['source']})")]
+            (f"  throughput            {t['tflops']:.3g} TFLOPS effective {t['dtype']}  ({t['source']})"
+             if t.get("measured") else
+             f"  throughput            {t['tflops']:g} TFLOPS dense {t['dtype']} × {t['achieved_fraction']:g} achieved"
+             f"  ({t['source']})")]
     if mac:
         out.append(f"  MACs per evaluation   {_macs(mac['total'])} ({_macs(mac['linear'])} linear + "
                    f"{_macs(mac['attention'])} attention)")
