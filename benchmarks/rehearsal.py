@@ -172,9 +172,13 @@ def rehearse(width: float, args, scorer: Path) -> dict:
     import qsched
 
     overrides = dict(args.override)
+    if args.measure:  # the plan's timed call uses the compile's thread count
+        import torch
+        torch.set_num_threads(args.threads)
     plan = qsched.plan(model=args.model, bits=args.bits, recipe=_recipe(str(args.recipe), overrides), init="random",
                        width_scale=width, dtype=args.dtype, uniform=args.uniform, scorer=str(scorer),
-                       eval_prompts=args.eval_prompts, device=args.device, plan_device=args.plan_device)
+                       eval_prompts=args.eval_prompts, device=args.device, plan_device=args.plan_device,
+                       measure=args.measure)
     run_dir = Path(args.work) / f"w{width:g}"
     if run_dir.exists():  # a cold work folder, as the plan assumes (no sensitivity table to resume)
         import shutil
@@ -194,23 +198,25 @@ def rehearse(width: float, args, scorer: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| width × | denoiser params | stage | evaluations plan | measured | ratio | seconds measured | "
+    lines = ["| width × | denoiser params | stage | evaluations plan | measured | ratio | seconds plan | seconds measured | "
              "peak host above baseline: plan | measured | ratio | peak / bf16 denoiser |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p, m = r["plan"], r["measured"]
         params = p["architecture"]["denoiser_parameters"]
         by_stage = p["totals"]["by_stage"]
         pred_mem = p["memory"]["host_peak_bytes"]
         meas_mem = m["peak_rss"] - m["baseline_rss"]
+        planned_seconds = p["time"].get("seconds_by_stage") or {}
         for stage, s in m["stages"].items():
             pr = by_stage.get(stage, 0)
             ratio = f"{s['rows'] / pr:.2f}" if pr else "-"
             lines.append(f"| {r['width_scale']:g} | {params / 1e6:.1f} M | {stage} | {pr:,} | {s['rows']:,} | {ratio} | "
-                         f"{(s['seconds'] or 0):.1f} | | | | |")
+                         f"{planned_seconds.get(stage, 0):.1f} | {(s['seconds'] or 0):.1f} | | | | |")
         total_p, total_m = p["totals"]["sample_rows"], sum(s["rows"] for s in m["stages"].values())
         lines.append(f"| {r['width_scale']:g} | {params / 1e6:.1f} M | **total** | {total_p:,} | {total_m:,} | "
-                     f"{total_m / max(total_p, 1):.2f} | {m['seconds']:.1f} | {pred_mem / 1e6:,.0f} MB | "
+                     f"{total_m / max(total_p, 1):.2f} | {p['time'].get('seconds') or 0:.1f} | {m['seconds']:.1f} | "
+                     f"{pred_mem / 1e6:,.0f} MB | "
                      f"{meas_mem / 1e6:,.0f} MB | {meas_mem / max(pred_mem, 1):.2f} | "
                      f"{meas_mem / (2 * params):.2f} |")
     return "\n".join(lines)
@@ -255,6 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--uniform", action="store_true", help="compile with --uniform (no MixDQ sensitivity)")
     ap.add_argument("--override", action="append", default=[], type=_override, metavar="KEY=JSON",
                     help="a recipe override, e.g. quantization.layers='[\"transformer_blocks.0.*\"]' (repeatable)")
+    ap.add_argument("--measure", action="store_true",
+                    help="price the plan's time by one timed denoiser call here (qcompile --plan --plan-measure)")
     ap.add_argument("--json", type=Path, help="write every plan and measurement here")
     args = ap.parse_args(argv)
     if args.child:
