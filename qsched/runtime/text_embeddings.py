@@ -87,6 +87,8 @@ class TextEmbeddingCache:
         if prompt is None or given.get("num_images_per_prompt", 1) != 1 or not _keyable(options) or (
                 not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
             self.stats.bypassed_calls += 1
+            if self._stopping:  # nothing to store: stop the precompute's call before it samples
+                raise _Encoded
             return type(self.pipe).encode_prompt(self.pipe, *args, **kwargs)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         key = tuple(sorted((k, repr(v)) for k, v in options.items()))
@@ -117,7 +119,8 @@ class TextEmbeddingCache:
             self._tuple[key] = isinstance(first, tuple)
             first, other = _as_tuple(first), _as_tuple(other)
             self._layout[key] = tuple(_kind(a, b, len(rest)) for a, b in zip(first, other))
-            self._shared[key] = tuple(a for a, kind in zip(first, self._layout[key]) if kind != "row")
+            self._shared[key] = tuple(a.to("cpu") if isinstance(a, torch.Tensor) else a
+                                      for a, kind in zip(first, self._layout[key]) if kind != "row")
             self._store(key, [missing[0]], first)
             if len(missing) >= 3:
                 self._store(key, rest, other)
