@@ -31,6 +31,7 @@ from qsched.core.errors import QschedError
 from qsched.planning.architecture import Architecture, module_bytes, resolve
 from qsched.planning.devices import DEFAULT_ACHIEVED_FRACTION, Device
 from qsched.planning.devices import device as device_named
+from qsched.runtime.text_embeddings import is_text_encoder
 
 EXACT, UPPER, ESTIMATE = "exact", "upper bound", "estimate"
 SAMPLER, REPLAY = "sampler", "replay"
@@ -407,7 +408,7 @@ class _Planner:
         gpu = self.target.is_gpu
         # every prompt is encoded once at load (qsched.runtime.text_embeddings); on a GPU the text encoders then
         # wait in host memory, so every later phase holds the pipeline without them
-        text = sum(v for k, v in arch.component_bytes.items() if k.startswith("text_encoder"))
+        text = sum(v for k, v in arch.component_bytes.items() if is_text_encoder(k))
         prompts = self._compile_prompts()
         embeddings = prompts * self.shape.text_elements * b * self.cfg
         resident = pipeline - text if gpu else pipeline
@@ -552,25 +553,29 @@ class _Planner:
     # --- time ------------------------------------------------------------------------------------------
 
     def _time(self) -> dict:
+        """Seconds per evaluation line: one sample row priced from MACs at the device table's throughput, or
+        (``measure``) at the seconds per row of one real call; then summed by stage."""
         macs = self.shape.macs
+        dtype = _dtype_name(self.arch.dtype)
         if self.measure:
-            return self._measured_time()
-        tflops = self.tflops_override or self.target.tflops(_dtype_name(self.arch.dtype))
-        rate = tflops * 1e12 * self.fraction  # FLOP/s
-        self.lines_timed = [dataclasses.replace(e, seconds=(2 * e.sample_rows * e.share * macs["total"] / rate)
-                                                if macs else None) for e in self.lines]
+            record, per_row = self._measured_row()
+        else:
+            tflops = self.tflops_override or self.target.tflops(dtype)
+            per_row = 2 * macs["total"] / (tflops * 1e12 * self.fraction) if macs else None
+            record = {"device": self.target.name, "label": self.target.label, "source": self.target.source,
+                      "tflops": tflops, "achieved_fraction": self.fraction}
+        self.lines_timed = [dataclasses.replace(e, seconds=e.sample_rows * e.share * per_row if per_row else None)
+                            for e in self.lines]
         by_stage: dict[str, float] = {}
         for e in self.lines_timed:
             by_stage[e.stage] = by_stage.get(e.stage, 0.0) + (e.seconds or 0.0)
-        total = sum(by_stage.values()) if macs else None
-        return {"device": self.target.name, "label": self.target.label, "source": self.target.source,
-                "dtype": _dtype_name(self.arch.dtype), "tflops": tflops, "achieved_fraction": self.fraction,
-                "macs_per_evaluation": macs, "seconds_by_stage": by_stage if macs else {},
+        total = sum(by_stage.values()) if per_row else None
+        return {**record, "dtype": dtype, "macs_per_evaluation": macs, "seconds_by_stage": by_stage if per_row else {},
                 "seconds": total, "human": _duration(total) if total is not None else "unknown"}
 
-    def _measured_time(self) -> dict:
-        """Every evaluation at the seconds per sample row of one real denoiser call on the compile's device, at
-        the calibration batch (the rows most calls of a compile carry)."""
+    def _measured_row(self) -> tuple[dict, float]:
+        """The seconds per sample row of one real denoiser call on the compile's device, at the calibration batch
+        (the rows most calls of a compile carry), and its record."""
         from qsched.planning.measure import measure_row_seconds
 
         cal = self.recipe.calibration
@@ -578,19 +583,12 @@ class _Planner:
         inputs, _ = _meta_inputs(self.arch.denoiser, self.settings, self.arch, self.shape.tokens)
         measured = measure_row_seconds(self.arch.denoiser, inputs, self.job.device, rows)
         per_row = measured["seconds_per_row"]
-        self.lines_timed = [dataclasses.replace(e, seconds=e.sample_rows * e.share * per_row) for e in self.lines]
-        by_stage: dict[str, float] = {}
-        for e in self.lines_timed:
-            by_stage[e.stage] = by_stage.get(e.stage, 0.0) + e.seconds
-        total = sum(by_stage.values())
         macs = self.shape.macs
-        effective = 2 * macs["total"] / per_row / 1e12 if macs else None
         return {"device": str(self.job.device), "label": f"this machine's {self.job.device} (measured)",
                 "source": (f"measured: one denoiser call of {rows} sample rows with random weights took "
                            f"{measured['seconds_per_call']:.3g} s (median of {measured['repeats']} after a warm-up)"),
-                "dtype": _dtype_name(self.arch.dtype), "tflops": effective, "achieved_fraction": 1.0,
-                "measured": measured, "macs_per_evaluation": macs, "seconds_by_stage": by_stage,
-                "seconds": total, "human": _duration(total)}
+                "tflops": 2 * macs["total"] / per_row / 1e12 if macs else None, "achieved_fraction": 1.0,
+                "measured": measured}, per_row
 
     def _assumptions(self, cache: dict | None) -> None:
         a = self.assumptions

@@ -50,10 +50,15 @@ class TextEmbeddingStats:
         return asdict(self)
 
 
+def is_text_encoder(component: str) -> bool:
+    """diffusers names a pipeline's text encoders ``text_encoder``, ``text_encoder_2``, ..."""
+    return component.startswith("text_encoder")
+
+
 def text_encoders(pipe) -> dict[str, nn.Module]:
-    """The pipeline's text encoders: diffusers names them ``text_encoder``, ``text_encoder_2``, ..."""
+    """The pipeline's text encoders, by component name."""
     components = getattr(pipe, "components", {}) or {}
-    return {name: m for name, m in components.items() if name.startswith("text_encoder") and isinstance(m, nn.Module)}
+    return {name: m for name, m in components.items() if is_text_encoder(name) and isinstance(m, nn.Module)}
 
 
 class TextEmbeddingCache:
