@@ -1,33 +1,34 @@
-"""Resident memory of the ONNX runtime's step sessions: what each cached-step graph's session costs.
+"""Resident memory of the ONNX runtime with a cache schedule: one switched graph against one graph per step.
 
-An artifact's ONNX export has one graph per distinct cache-reuse pattern, all pointing at one data file on
-disk, and :class:`export.runtime_onnx.OnnxDenoiser` makes one onnxruntime session per graph; each session
-holds its own in-memory weights. This measures how much.
+An artifact's ONNX export with a cache schedule is, by default, one *switched* graph: whatever a step skips
+sits in ``If`` nodes (``export.onnx_graph.switched_graph``), so one onnxruntime session serves every step.
+The earlier layout (``export_onnx(..., switched=False)``) has one cut graph per distinct reuse pattern, all
+pointing at one data file on disk, and :class:`export.runtime_onnx.OnnxDenoiser` makes one session per graph.
 
-Finding (onnxruntime 1.32, CPU EP, tenth session): what each session holds is mostly onnxruntime's own
-pre-packed (``MatMulNBits``, gemms) or rewritten (int8 -> uint8 codes under ``session.x64quantprecision``)
-copy of the quantized weights. Handing every session the same initializers (``SessionOptions.add_initializer``)
-was built and measured and saved nothing (it was not kept): onnxruntime re-packs per session regardless, and
-its ``PrepackedWeightsContainer``, which would share the packed copies, is only in the C API.
-``session.disable_prepacking`` (the ``no-prepack`` variant, an experiment, not a shipped setting) removes the
-``MatMulNBits`` copies at about 2.3x the generation time and without bit-identical images.
+Why the switched graph: what each session holds is mostly onnxruntime's own pre-packed (``MatMulNBits``,
+gemms) or rewritten (int8 -> uint8 codes under ``session.x64quantprecision``) copy of the quantized weights
+(tenth session, onnxruntime 1.32, CPU EP). Handing every session the same initializers
+(``SessionOptions.add_initializer``) was built and measured and saved nothing: onnxruntime re-packs per
+session, and its ``PrepackedWeightsContainer``, which would share the packed copies, is only in the C API.
 
 Builds (under ``--out``, reused when present) an ONNX export of flux-tiny with a ``--steps`` cache schedule
 whose steps 1.. each reuse a different set of components (attention only, MLPs only, everything, ...), so
-``steps`` graphs and sessions, quantized uniformly at each ``--bits`` (w4a8: 4-bit ``MatMulNBits``; w8a8:
-int8 QDQ, ``MatMulIntegerToFloat``): the embedded trained flux-tiny (a few MB of weights), and with
+``steps`` cut graphs, quantized uniformly at each ``--bits`` (w4a8: 4-bit ``MatMulNBits``; w8a8: int8 QDQ,
+``MatMulIntegerToFloat``), in both layouts: the embedded trained flux-tiny (a few MB of weights), and with
 ``--heads N`` also a wider random-init FLUX-shaped transformer in the same tiny pipeline (N heads of 32,
-width 32 N, the same depth). Then each variant runs in a fresh subprocess (so they do not share
-allocator state), one intra-op thread:
+width 32 N, the same depth). Then each variant runs in a fresh subprocess (so they do not share allocator
+state), one intra-op thread:
 
-* ``as-shipped``: ``export.load(path, runtime="onnx")``;
-* ``no-prepack``: the same with onnxruntime's ``session.disable_prepacking``.
+* ``switched``: ``export.load(path, runtime="onnx")`` of the default export (one session);
+* ``cut-graphs``: the same for the per-step layout (one session per distinct step);
+* ``no-prepack``: the switched export with onnxruntime's ``session.disable_prepacking`` (an experiment, not
+  a shipped setting: the ``MatMulNBits`` copies go, at about 2.3x the generation time).
 
 Reported per variant, as RSS (``VmRSS``) above the process's RSS once the pipeline is loaded (text
-encoders, VAE; no session yet): after creating every step graph's session, and after one generation
-(``--steps`` steps, two prompts); the first session's increment and the mean of each further one; the
-weights' bytes (the data file); the generation's seconds; and the largest difference of its image from
-the ``as-shipped`` variant's (0 = bit-identical).
+encoders, VAE; no session yet): after creating every session, and after one generation (``--steps`` steps,
+two prompts); the first session's increment and the mean of each further one; the weights' bytes (the data
+file); the generation's seconds; and the largest difference of its image from the ``switched`` variant's
+(0 = bit-identical).
 
     python benchmarks/onnx_memory.py --out bench-out/onnx-memory
     python benchmarks/onnx_memory.py --heads 32 --out bench-out/onnx-memory     # also a 1024-wide FLUX
@@ -45,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-VARIANTS = ("as-shipped", "no-prepack")
+VARIANTS = ("switched", "cut-graphs", "no-prepack")
 PROMPTS = ["a red circle on the left", "a blue square above a green triangle"]
 MB = 1 << 20
 # what steps 1, 2, ... reuse, in turn: component-name sets of qsched.runtime.cache_schedule (None = all)
@@ -89,7 +90,10 @@ def tiny_pipeline(heads: int | None, seed: int):
 
 
 def build(out: Path, bits: str, heads: int | None, steps: int, seed: int = 0) -> Path:
-    """A uniformly quantized flux-tiny artifact with the schedule above and its ONNX export (static shapes)."""
+    """A uniformly quantized flux-tiny artifact with the schedule above and its ONNX export (static shapes),
+    switched; beside it (``<out>-cut``) a copy exported as one cut graph per step."""
+    import shutil
+
     import dataclasses
 
     import torch
@@ -123,7 +127,15 @@ def build(out: Path, bits: str, heads: int | None, steps: int, seed: int = 0) ->
                 "cache": {"schedule": schedule.to_dict(), "pareto_front": None}}
     path = save_quantized(out, pipe, "transformer", plan, manifest, bundle=True, overwrite=True)
     export_onnx(path, dynamic=False)
+    cut = _cut_path(path)
+    shutil.rmtree(cut, ignore_errors=True)
+    shutil.copytree(path, cut)
+    export_onnx(cut, dynamic=False, overwrite=True, switched=False)
     return path
+
+
+def _cut_path(path: Path) -> Path:
+    return Path(path).parent / f"{Path(path).name}-cut"
 
 
 # ------------------------------------------------------------------------------------------- child
@@ -137,6 +149,8 @@ def child(variant: str, path: str) -> dict:
     import export
     from qsched.runtime.generation import GenerationSettings, generate
 
+    if variant == "cut-graphs":
+        path = str(_cut_path(path))
     pipe = export.load(path, runtime="onnx")
     denoiser = pipe.transformer
     denoiser.threads = 1
@@ -144,7 +158,8 @@ def child(variant: str, path: str) -> dict:
         session = denoiser.record["session"]
         denoiser.record = {**denoiser.record, "session": {
             **session, "config": {**session["config"], "session.disable_prepacking": "1"}}}
-    graphs = list(dict.fromkeys(denoiser.record["steps"]))
+    switched = denoiser.record.get("switched")
+    graphs = [switched["graph"]] if switched else list(dict.fromkeys(denoiser.record["steps"]))
     result = {"variant": variant, "graphs": len(graphs), "loaded": _rss(), "sessions": []}
     for graph in graphs:
         denoiser.session(graph)
@@ -156,8 +171,12 @@ def child(variant: str, path: str) -> dict:
     result["generated"] = _rss()
     result["data_bytes"] = sum((Path(path) / rel).stat().st_size for rel in pipe.qsched_manifest["files"]
                                if rel.endswith(".onnx.data"))
-    np.save(_image_file(path, variant), image.numpy())
+    np.save(_image_file(_switched_path(path), variant), image.numpy())
     return result
+
+
+def _switched_path(path) -> Path:
+    return Path(str(path).removesuffix("-cut"))
 
 
 def _image_file(path, variant: str) -> Path:
@@ -207,7 +226,7 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     lines = [("| model | bits | variant | weights MB | sessions | after sessions MB | after generation MB | "
-              "first session MB | each further session MB | generation s | max image diff vs as-shipped |"),
+              "first session MB | each further session MB | generation s | max image diff vs switched |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     results = []
     for heads in [None, *args.heads]:
@@ -217,8 +236,8 @@ def main(argv=None) -> None:
             if not (path / "manifest.json").is_file():
                 build(path, bits, heads, args.steps)
             runs = [dict(run_child(v, path), path=str(path)) for v in args.variants]
-            ok = any(r["variant"] == "as-shipped" and "error" not in r for r in runs)
-            reference = np.load(_image_file(path, "as-shipped")) if ok else None
+            ok = any(r["variant"] == "switched" and "error" not in r for r in runs)
+            reference = np.load(_image_file(path, "switched")) if ok else None
             for r in runs:
                 lines.append(row(model, bits, r, reference))
                 results.append({"model": model, "bits": bits, **r})

@@ -261,7 +261,8 @@ def _denoiser(manifest: dict, path: Path, runtime: str, device: str):
     if runtime == "onnx":  # the torch denoiser is never built: the graph carries the weights
         from export.runtime_onnx import KEY, onnx_denoiser
         record = manifest.get(KEY) or {}
-        for graph in [record.get("graph"), *(record.get("steps") or [])]:  # only verified files, never outside
+        switched = (record.get("switched") or {}).get("graph")
+        for graph in [record.get("graph"), switched, *(record.get("steps") or [])]:  # only verified files
             if graph is not None and graph not in manifest["files"]:
                 raise ArtifactError(f"corrupt artifact {path}: its ONNX record names {graph!r}, which "
                                     f"manifest.json does not list; re-export it")

@@ -41,7 +41,8 @@ an fp32 evaluation of the same integers is what the simulation approximates.
 
 Cache schedules: :func:`export_graph` can also return chosen block components' outputs as extra graph
 outputs; :func:`reuse_variant` then cuts a graph in which those components are graph *inputs* instead (the
-stored outputs of an earlier step) and everything that only fed them is removed. One export serves every
+stored outputs of an earlier step) and everything that only fed them is removed, and :func:`switched_graph`
+folds every step's cut into one graph whose skipped parts sit in ``If`` nodes. One export serves every
 step of a schedule.
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ NBITS_BLOCKS = (128, 64, 32, 16)  # MatMulNBits block sizes tried, largest first
 MSFT_DOMAIN = "com.microsoft"
 OUTPUT = "output.sample"  # the denoiser's output (not "sample": UNets take an input of that name)
 
-__all__ = ["OPSET", "OUTPUT", "OnnxLayer", "layer_form", "swap_layers", "export_graph", "reuse_variant", "int4_initializers"]
+__all__ = ["OPSET", "OUTPUT", "OnnxLayer", "layer_form", "swap_layers", "export_graph", "reuse_variant",
+           "switched_graph", "int4_initializers"]
 
 
 # ------------------------------------------------------------------------------------------- custom ops
@@ -721,3 +723,192 @@ def _remove_dead_nodes(graph) -> None:
     infos = [v for v in graph.value_info if v.name in needed]
     del graph.value_info[:]
     graph.value_info.extend(infos)
+
+
+def switched_graph(full, patterns: list[set[int]]):
+    """One graph for every step of a cache schedule: the full graph (an onnx ModelProto with ``cache.*``
+    outputs) in which whatever some step does not compute sits inside an ``If`` node, so one onnxruntime
+    session (one pre-packed copy of the weights, where a session per cut graph packs its own) serves every
+    step.
+
+    ``patterns``: the schedule's distinct reuse sets (slot indices). A node's *signature* is the set of
+    patterns whose :func:`reuse_variant` drops it; nodes with an empty signature stay in the main graph and
+    every other signature is a *group* with a boolean input ``run.<group>``. A group's nodes are moved, in
+    runs that keep the graph topologically ordered, into ``If`` nodes: the then-branch computes them, the
+    else-branch returns each reused component's stored output (graph input ``stored.<slot>.<call>.<part>``,
+    fed an empty array when the step computes it) and an empty tensor for values only skipped nodes read.
+    So each step computes exactly what its cut variant would. Returns ``(model, conditions)``:
+    ``conditions[i][g]`` is ``run.<g>``'s value for ``patterns[i]``. Weights referenced as external data
+    stay references.
+    """
+    import onnx
+    from onnx import helper
+
+    graph = full.graph
+    nodes = [onnx.NodeProto() for _ in graph.node]  # copies: unsharing rewires inputs, the caller's graph stays
+    for node, original in zip(nodes, graph.node):
+        node.CopyFrom(original)
+    outputs = {o.name for o in graph.output}
+    dead_in = [[] for _ in nodes]  # per node: the patterns whose variant drops it
+    for index, pattern in enumerate(patterns):
+        if not pattern:
+            continue
+        live = {n.output[0] for n in reuse_variant(full, set(pattern)).graph.node}
+        for i, node in enumerate(nodes):
+            if node.output[0] not in live:
+                dead_in[i].append(index)
+    signatures = [frozenset(d) for d in dead_in]
+    nodes, signatures = _unshare_quantizers(nodes, signatures, outputs)
+    groups = list(dict.fromkeys(s for s in signatures if s))
+    conditions = [[index not in g for g in groups] for index in range(len(patterns))]
+    types = {v.name: v.type for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    for node in nodes:  # the unshared quantizers' copies have their originals' types
+        base, _, group = node.output[0].rpartition(".group")
+        if group.isdigit() and base in types:
+            types[node.output[0]] = types[base]
+
+    def rank(name: str) -> int:
+        return len(types[name].tensor_type.shape.dim)
+
+    def any_shape(name: str, like: str):
+        """A value of ``like``'s type and rank with every axis free (skipped values are empty)."""
+        return helper.make_tensor_value_info(name, types[like].tensor_type.elem_type,
+                                             [f"{name}.{axis}" for axis in range(rank(like))])
+
+    consumers: dict[str, set[int]] = {}
+    for i, node in enumerate(nodes):
+        if any(attr.HasField("g") or attr.graphs for attr in node.attribute):
+            raise ValueError(f"node {node.name} ({node.op_type}) has subgraphs; cannot switch this graph")
+        for name in node.input:
+            consumers.setdefault(name, set()).add(i)
+
+    new_nodes, stored_inputs, chunk_count = [], {}, 0
+    initializers = {t.name: t for t in graph.initializer}
+    open_chunks: dict[frozenset, list[int]] = {}
+    produced_by: dict[str, frozenset] = {}  # name -> group of the open chunk producing it
+
+    def close(group: frozenset) -> None:
+        nonlocal chunk_count
+        members = open_chunks.pop(group)
+        inside = set(members)
+        produced = {o for i in members for o in nodes[i].output if o}
+        for name in produced:
+            produced_by.pop(name, None)
+        exported = [o for i in members for o in nodes[i].output
+                    if o and (o in outputs or any(c not in inside for c in consumers.get(o, ())))]
+        suffix = f"__switch{chunk_count}"
+        compute = []
+        for i in members:
+            node = onnx.NodeProto()
+            node.CopyFrom(nodes[i])
+            node.input[:] = [n + suffix if n in produced else n for n in node.input]
+            node.output[:] = [n + suffix if n else n for n in node.output]
+            compute.append(node)
+        skip, missing = [], [o for o in exported if o not in types]
+        if missing:
+            raise ValueError(f"the graph has no type for {missing[:3]}; cannot switch it")
+        for name in exported:
+            if name.startswith("cache."):
+                slot = int(name.split(".")[1])
+                if any(slot not in patterns[p] for p in group):
+                    raise ValueError(f"{name} would be skipped at a step that does not reuse slot {slot}")
+                stored = "stored." + name.removeprefix("cache.")
+                stored_inputs[stored] = name
+                skip.append(helper.make_node("Identity", [stored], [name + suffix + ".skip"]))
+            else:
+                empty = helper.make_tensor("empty", types[name].tensor_type.elem_type, [0] * rank(name), [])
+                skip.append(helper.make_node("Constant", [], [name + suffix + ".skip"], value=empty))
+
+        # weights only this run reads move into its branch: onnxruntime's QDQ rewrites look initializers up
+        # in the subgraph that uses them, not in the enclosing graph
+        own = [t for t in initializers.values() if consumers.get(t.name) and consumers[t.name] <= inside]
+        for tensor in own:
+            del initializers[tensor.name]
+
+        def branch(label: str, body: list, tail: str, weights=()):
+            return helper.make_graph(body, f"switch{chunk_count}.{label}", [], [
+                any_shape(n + tail, n) for n in exported],
+                initializer=list(weights))
+
+        group_index = groups.index(group)
+        new_nodes.append(helper.make_node(
+            "If", [f"run.{group_index}"], exported, name=f"switch{chunk_count}",
+            then_branch=branch("compute", compute, suffix, own), else_branch=branch("skip", skip, suffix + ".skip")))
+        chunk_count += 1
+
+    for i, node in enumerate(nodes):
+        group = signatures[i]
+        for name in node.input:
+            owner = produced_by.get(name)
+            if owner is not None and (owner != group):
+                close(owner)
+        if not group:
+            new_nodes.append(node)
+            continue
+        open_chunks.setdefault(group, []).append(i)
+        for name in node.output:
+            produced_by[name] = group
+    for group in list(open_chunks):
+        close(group)
+
+    model = onnx.ModelProto()
+    model.CopyFrom(full)
+    out = model.graph
+    del out.node[:]
+    out.node.extend(new_nodes)
+    del out.initializer[:]
+    out.initializer.extend(initializers.values())
+    # a skipped run's values are empty: their static shapes must go, or onnxruntime's planner reuses their
+    # buffers for later values of that shape
+    empty = {o for n in new_nodes if n.op_type == "If" for o in n.output if not o.startswith("cache.")}
+    outer = {o for n in new_nodes for o in n.output} - empty
+    infos = [v for v in out.value_info if v.name in outer]
+    del out.value_info[:]
+    out.value_info.extend(infos)
+    out.input.extend(helper.make_tensor_value_info(f"run.{g}", onnx.TensorProto.BOOL, []) for g in range(len(groups)))
+    out.input.extend(any_shape(name, like) for name, like in sorted(stored_inputs.items()))
+    return model, conditions
+
+
+def _unshare_quantizers(nodes: list, signatures: list, outputs: set[str]) -> tuple[list, list]:
+    """Give each group its own copy of an activation QuantizeLinear/DequantizeLinear that layers of several
+    groups share. The exporter merges equal quantizers (layers reading one tensor with one calibrated range,
+    such as a single block's attention and MLP inputs); left shared, the quantizer stays outside the ``If``
+    nodes while its layers move inside, and onnxruntime, which fuses a Q/DQ pair with its MatMul only
+    within one graph, runs those layers unfused (measured: about twice the time at w8a8, and other
+    rounding). A copy per group computes the same values. Returns the new node list and signatures, each
+    copy where its original stood."""
+    import onnx
+
+    entries = [[node, sig] for node, sig in zip(nodes, signatures)]
+    consumers: dict[str, list] = {}
+    for entry in entries:
+        for name in entry[0].input:
+            consumers.setdefault(name, []).append(entry)
+    placed: list[list] = [[entry] for entry in entries]  # what stands at each original position
+    for i in reversed(range(len(entries))):  # consumers first: a DQ's copies then count as its Q's consumers
+        node, _ = entries[i]
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or any(o in outputs for o in node.output):
+            continue
+        by_group: dict[frozenset, list] = {}
+        for user in consumers.get(node.output[0], []):
+            by_group.setdefault(user[1], []).append(user)
+        if len(by_group) < 2:
+            continue
+        placed[i] = []
+        for name in node.input:
+            consumers[name] = [e for e in consumers[name] if e is not entries[i]]
+        for k, (sig, users) in enumerate(by_group.items()):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name, copy.output[0] = f"{node.name}.group{k}", f"{node.output[0]}.group{k}"
+            for user in users:
+                user[0].input[:] = [copy.output[0] if n == node.output[0] else n for n in user[0].input]
+                consumers.setdefault(copy.output[0], []).append(user)
+            entry = [copy, sig]
+            placed[i].append(entry)
+            for name in copy.input:
+                consumers.setdefault(name, []).append(entry)
+        consumers.pop(node.output[0], None)
+    flat = [entry for position in placed for entry in position]
+    return [e[0] for e in flat], [e[1] for e in flat]

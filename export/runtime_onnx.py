@@ -4,7 +4,7 @@
 
     onnx/denoiser.onnx              # the graph (see export.onnx_graph for how each layer is carried)
     onnx/denoiser.onnx.data         # its initializers: the artifact's codes and scales, re-laid out
-    onnx/denoiser.reuse-<id>.onnx   # one graph per distinct reuse set of the cache schedule (same data file)
+    onnx/denoiser.switched.onnx     # with a cache schedule: every step in one graph (same data file)
 
 Every file is listed in ``manifest.json`` with its sha256, and ``manifest["onnx"]`` records the inputs, the
 per-layer forms, which graph runs at which step, and the tool versions. ``export.load(path,
@@ -19,10 +19,17 @@ away. The driver tracks steps through the scheduler (as :mod:`qsched.runtime.cac
 outputs into the step's graph and stores what later steps reuse. So the reused components really are not
 computed, and the numbers equal the torch cached pipeline's.
 
+One graph for all steps (``switched``, the default): the variants are folded into one graph in which
+whatever some step skips sits in ``If`` nodes switched by boolean inputs (:func:`export.onnx_graph.switched_graph`),
+so a single session serves every step and the uncached call. onnxruntime pre-packs each session's quantized
+weights into its own copy and shares pre-packed weights across sessions only through its C API, so one
+session per step graph (``switched=False``, the earlier layout, still loaded) adds about 0.6x the weights
+per further distinct step. The switched session costs 1.3-1.6x a plain one (weights inside ``If`` branches
+seem to stay resident beside their packed copies), so it wins from three distinct steps on
+(``benchmarks/onnx_memory.py`` measures both).
+
 Sessions: CPU EP by default; the CUDA EP when the denoiser is placed on a CUDA device and onnxruntime-gpu is
-installed (inputs and outputs then go through host memory). Each graph of a schedule gets its own session,
-which holds its own copy of the weights: a 4-step schedule with three distinct reuse sets needs up to four
-times the denoiser's weight memory.
+installed (inputs and outputs then go through host memory).
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ from export.onnx_graph import OUTPUT
 FOLDER = "onnx"
 KEY = "onnx"
 GRAPH = "denoiser.onnx"
+SWITCHED = "denoiser.switched.onnx"
 DATA = "denoiser.onnx.data"
 
 __all__ = ["export_onnx", "OnnxDenoiser", "OnnxCacheDriver", "require_onnx", "onnx_denoiser", "enable_onnx_cache",
@@ -118,14 +126,15 @@ def _versions() -> dict:
 
 
 def export_onnx(path, overwrite: bool = False, verify: bool = True, dynamic: bool = True, accuracy_level: int = 0,
-                optimize: bool = True) -> dict:
+                optimize: bool = True, switched: bool = True) -> dict:
     """Add ``onnx/`` to the artifact at ``path`` (see the module docstring); returns the manifest record.
 
     ``dynamic``: batch and token axes are dynamic where the model allows (else the traced shapes are fixed).
     ``accuracy_level``: MatMulNBits' compute type; 0 computes in fp32 like the simulation, 4 quantizes the
     activations to int8 per block (faster on CPU, not equal to the simulation). ``overwrite`` replaces an
-    existing ONNX export. Raises QschedError without onnx/onnxscript/onnxruntime, ArtifactError for a
-    corrupt artifact or an existing export.
+    existing ONNX export. ``switched``: a cache schedule's steps as one graph (one session, one copy of the
+    weights); False writes one cut graph per distinct step instead. Raises QschedError without
+    onnx/onnxscript/onnxruntime, ArtifactError for a corrupt artifact or an existing export.
     """
     require_onnx()
     import onnx_ir as ir
@@ -135,7 +144,7 @@ def export_onnx(path, overwrite: bool = False, verify: bool = True, dynamic: boo
     from export.amend import add_folder
     from export.format import read_manifest
     from export.loader import load
-    from export.onnx_graph import OPSET, export_graph, reuse_variant
+    from export.onnx_graph import OPSET, export_graph, reuse_variant, switched_graph
 
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
@@ -156,17 +165,25 @@ def export_onnx(path, overwrite: bool = False, verify: bool = True, dynamic: boo
     model, info = export_graph(denoiser, call, slots, cached, dynamic=dynamic, accuracy_level=accuracy_level,
                                optimize=optimize)
 
+    rows = [tuple(int(i) for i in np.flatnonzero(r)) for r in schedule.table] if schedule is not None else []
+    patterns = list(dict.fromkeys(rows))
     steps = []
-    if schedule is not None:
-        steps = [_graph_name(tuple(int(i) for i in np.flatnonzero(row))) for row in schedule.table]
+    if rows and not switched:
+        steps = [f"{FOLDER}/{_graph_name(row)}" for row in rows]
 
-    def write(folder: Path) -> None:
+    def write(folder: Path) -> None:  # add_folder stores ``record`` after this: the switch table goes in here
         ir.save(model, folder / GRAPH, external_data=DATA)
-        if schedule is None:
+        if not rows:
             return
         import onnx
         full = onnx.load(str(folder / GRAPH), load_external_data=False)  # weights stay in the shared data file
-        for row in {tuple(int(i) for i in np.flatnonzero(r)) for r in schedule.table}:
+        if switched:
+            graph, conditions = switched_graph(full, [set(p) for p in patterns])
+            onnx.save(graph, str(folder / SWITCHED))
+            record["switched"] = {"graph": f"{FOLDER}/{SWITCHED}", "reuse": [list(r) for r in rows],
+                                  "conditions": [conditions[patterns.index(r)] for r in rows]}
+            return
+        for row in patterns:
             if row:
                 onnx.save(reuse_variant(full, set(row)), str(folder / _graph_name(row)))
 
@@ -174,7 +191,7 @@ def export_onnx(path, overwrite: bool = False, verify: bool = True, dynamic: boo
     record = {"schema": 1, "graph": f"{FOLDER}/{GRAPH}", "opset": OPSET, "dynamic": bool(dynamic),
               "accuracy_level": int(accuracy_level), "inputs": info["inputs"], "constants": info["constants"],
               "input_dtypes": info["input_dtypes"], "outputs": info["outputs"], "slot_calls": info["slot_calls"],
-              "steps": [f"{FOLDER}/{s}" for s in steps], "layers": info["layers"],
+              "steps": steps, "layers": info["layers"],
               "counts": _form_counts(info["layers"]), "session": session_settings(info["layers"], accuracy_level),
               "module_attributes": attributes, "versions": _versions()}
     add_folder(path, FOLDER, write, KEY, record, overwrite=overwrite, verify=False)
@@ -339,6 +356,9 @@ class OnnxDenoiser(*_diffusers_bases()):
         feed, first, return_dict = self._feed(args, kwargs)
         if self.cache is not None and self.cache.active:
             sample = self.cache.run(self, feed)
+        elif self.record.get("switched"):  # every switch on: the one session the cached steps use too
+            session = self.session(self.record["switched"]["graph"])
+            sample = _run(session, [OUTPUT], switch_feed(session, feed, None, {}))[0]
         else:
             sample = _run(self.session(self.record["graph"]), [OUTPUT], feed)[0]
         out = torch.from_numpy(sample).to(device=first.device, dtype=first.dtype if first.is_floating_point()
@@ -359,6 +379,21 @@ def _providers_for(device: torch.device) -> list:
         raise QschedError("the ONNX denoiser was placed on CUDA but this onnxruntime has no CUDA execution provider; "
                           "install onnxruntime-gpu (pip install onnxruntime-gpu) or use device='cpu'")
     return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+
+
+def switch_feed(session, feed: dict, conditions: list[bool] | None, stored: dict) -> dict:
+    """``feed`` completed for a switched graph: ``run.<g>`` from ``conditions`` (None: compute everything) and
+    each ``stored.<slot>.<call>.<part>`` from ``stored`` (keyed by that name), or an empty array where the step
+    computes the component."""
+    feed = dict(feed)
+    for node in session.get_inputs():
+        if node.name.startswith("run."):
+            group = int(node.name.split(".")[1])
+            feed[node.name] = np.array(True if conditions is None else bool(conditions[group]))
+        elif node.name.startswith("stored."):
+            value = stored.get(node.name)
+            feed[node.name] = value if value is not None else np.zeros((0,) * len(node.shape), np.float32)
+    return feed
 
 
 def _run(session, names: list[str], feed: dict) -> list:
@@ -437,6 +472,12 @@ class OnnxCacheDriver:
     """
 
     def __init__(self, pipe, denoiser: OnnxDenoiser, schedule, steps: list[str], strict_steps: bool = True):
+        self.switch = denoiser.record.get("switched")
+        if self.switch is not None:
+            rows = [[int(i) for i in np.flatnonzero(row)] for row in schedule.table]
+            if self.switch["reuse"] != rows:
+                raise ArtifactError("the ONNX export's switched graph was cut for another cache schedule; re-export it")
+            steps = [self.switch["graph"]] * len(rows)
         if len(steps) != schedule.steps:
             raise ArtifactError(f"the ONNX export has graphs for {len(steps)} steps, the cache schedule has "
                                 f"{schedule.steps}; re-export it")
@@ -481,24 +522,32 @@ class OnnxCacheDriver:
         if self.step >= self.schedule.steps:
             raise RuntimeError(f"denoiser step {self.step} is beyond the cache schedule's {self.schedule.steps} steps")
         session = denoiser.session(self.graphs[self.step])
-        feed = dict(feed)
-        for node in session.get_inputs():
-            if node.name.startswith("cache."):
-                slot, call, part = (int(x) for x in node.name.split(".")[1:])
-                key = (slot, self._calls.get(slot, 0) + call, part)
-                if key not in self._store:
-                    block, comp = self.schedule.slots[slot]
-                    raise RuntimeError(f"step {self.step} reuses {block}.{comp} (call {key[1]}) but nothing is "
-                                       "stored; was the denoiser called outside a pipeline call?")
-                feed[node.name] = self._store[key]
+        reuse = self._table[self.step]
+        stored = {}
+        for node in session.get_inputs():  # cut graphs: cache.*; the switched graph: stored.* of reused slots
+            kind, _, rest = node.name.partition(".")
+            if kind not in ("cache", "stored"):
+                continue
+            slot, call, part = (int(x) for x in rest.split("."))
+            if kind == "stored" and not reuse[slot]:
+                continue
+            key = (slot, self._calls.get(slot, 0) + call, part)
+            if key not in self._store:
+                block, comp = self.schedule.slots[slot]
+                raise RuntimeError(f"step {self.step} reuses {block}.{comp} (call {key[1]}) but nothing is "
+                                   "stored; was the denoiser called outside a pipeline call?")
+            stored[node.name] = self._store[key]
+        if self.switch is not None:
+            feed = switch_feed(session, feed, self.switch["conditions"][self.step], stored)
+        else:
+            feed = {**feed, **stored}
         names = [o.name for o in session.get_outputs()]
         values = dict(zip(names, _run(session, names, feed)))
         for name, value in values.items():
             if name.startswith("cache."):
                 slot, call, part = (int(x) for x in name.split(".")[1:])
-                if self._last_reuse[slot] > self.step:
+                if not reuse[slot] and self._last_reuse[slot] > self.step:
                     self._store[(slot, self._calls.get(slot, 0) + call, part)] = value
-        reuse = self._table[self.step]
         for slot in range(len(self.schedule.slots)):
             calls = self._slot_calls.get(slot, 1)
             (self.reused if reuse[slot] else self.computed)[slot] += calls

@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         if "onnx" in args.export:  # onnx/ added to the artifact in place, atomically
             from export.runtime_onnx import export_onnx
             record = export_onnx(artifact.path, overwrite=args.overwrite)
-            exports["onnx"] = {k: record[k] for k in ("graph", "steps", "counts")}
+            exports["onnx"] = {**{k: record[k] for k in ("graph", "steps", "counts")},
+                               "switched": (record.get("switched") or {}).get("graph")}
         if "gguf" in args.export:  # gguf/ added to the artifact in place, atomically
             from export.gguf_export import export_gguf
             record = export_gguf(artifact.path, overwrite=args.overwrite)

@@ -1,19 +1,40 @@
 #!/usr/bin/env bash
-# The GPU measurements issues #17 and #18 ask for, as one prepared run for a lent H100/H200 (the device budget
-# is 15 minutes per session, start-up included, so each part has its own time limit):
+# The GPU measurements issues #17 and #18 ask for, as one prepared run for a lent H100/H200, in parts that each
+# fit the device tool's 600 s per call (the budget is 15 minutes per session, start-up included; parts 1 and 2
+# come first, part 3 if time is left):
 #   1. #18: the full FLUX.1-schnell transformer at random init, 1024², 4 steps: BF16 eager and regionally
 #      compiled against W8A8 int8, FP8 and W4A8, with peak memory (benchmarks/flux_full_latency.py);
 #   2. #17: a real-width FLUX.1-schnell --init random compile with a reduced recipe (MixDQ on two blocks, the
 #      rehearsal recipe's prompt counts), measured stage by stage against `qcompile --plan --plan-measure`
-#      (benchmarks/rehearsal.py): time, device and host memory, the text encoders leaving the device.
+#      (benchmarks/rehearsal.py): time, device and host memory, the text encoders leaving the device;
+#   3. #18: torchao's int8/FP8/int4 linears against ours on one FLUX linear (benchmarks/torchao_backends.py).
+# The device image lacks diffusers, PuLP, DEAP, HiGHS and torchao and reaches no index: run
+# scripts/gpu_wheels.sh here once, and name .whl in each run's carry; they are installed before anything runs.
+#   device run:  bash scripts/gpu_checks.sh --part 1     (then --part 2, --part 3; no --part runs all three)
 # Results land in $OUT (default bench-out/gpu). Smoke test on the CPU first, at tiny sizes:
 #   scripts/gpu_checks.sh --smoke
 set -u
-MODE=${1:-gpu}
+MODE=gpu
+PARTS="1 2 3"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) MODE=--smoke ;;
+    --part) PARTS="$2"; shift ;;
+    *) echo "gpu_checks.sh: unknown argument $1 (use --smoke and/or --part 1|2|3)" >&2; exit 2 ;;
+  esac
+  shift
+done
 OUT=${OUT:-bench-out/gpu}
-PY=${PY:-python}
+PY=${PY:-python3}
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the device runs the tree as is: qsched is not installed
+if [ -d .whl ]; then  # the wheels scripts/gpu_wheels.sh fetched (on the CPU: only torchao, for part 3)
+  SITE=/tmp/qsched-site
+  if [ "$MODE" = "--smoke" ]; then WHEELS=(.whl/torchao-*.whl); else WHEELS=(.whl/*.whl); fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "${WHEELS[@]}" && export PYTHONPATH="$PYTHONPATH:$SITE" || echo "wheels: install failed" >&2
+fi
 TWO_BLOCKS='quantization.layers=["transformer_blocks.0.*", "single_transformer_blocks.37.*"]'
 
 if [ "$MODE" = "--smoke" ]; then
@@ -21,23 +42,37 @@ if [ "$MODE" = "--smoke" ]; then
   LATENCY=(--device cpu --double-blocks 1 --single-blocks 1 --height 64 --width 64 --text-tokens 16
            --steps 1 --repeat 1 --warmup 0)
   REHEARSAL=(--device cpu --plan-device cpu --dtype float32 --widths 0.0417 --threads 2)
-  LIMITS=(900 1200)
+  LIMITS=(900 1200 600)
+  TORCHAO=(--device cpu --tokens 32 --repeats 1 --warmup 0)
 else
   DEVICE=cuda
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   LATENCY=(--device cuda --repeat 3 --warmup 1)
   REHEARSAL=(--device cuda --plan-device h200 --dtype bfloat16 --widths 1)
-  LIMITS=(330 420)
+  LIMITS=(330 420 150)
+  TORCHAO=(--device cuda --tokens 4096 --repeats 20 --warmup 3)
 fi
 
-echo "== 1/2 latency ($DEVICE) $(date -u +%T)"
-timeout "${LIMITS[0]}" "$PY" benchmarks/flux_full_latency.py "${LATENCY[@]}" --variants bf16 w8a8 fp8 w4a8 \
-    --compile off regional --out "$OUT/flux-full-latency.json"
-echo "latency rc=$?"
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-echo "== 2/2 rehearsal against the plan ($DEVICE) $(date -u +%T)"
-timeout "${LIMITS[1]}" "$PY" benchmarks/rehearsal.py "${REHEARSAL[@]}" --measure --override "$TWO_BLOCKS" \
-    --work "$OUT/rehearsal" --json "$OUT/rehearsal.json"
-echo "rehearsal rc=$?"
-rm -rf "$OUT/rehearsal"  # the artifact itself (6 GB at real width) is not a result
+if part 1; then
+  echo "== 1/3 latency ($DEVICE) $(date -u +%T)"
+  timeout "${LIMITS[0]}" "$PY" benchmarks/flux_full_latency.py "${LATENCY[@]}" --variants bf16 w8a8 fp8 w4a8 \
+      --compile off regional --out "$OUT/flux-full-latency.json"
+  echo "latency rc=$?"
+fi
+
+if part 2; then
+  echo "== 2/3 rehearsal against the plan ($DEVICE) $(date -u +%T)"
+  timeout "${LIMITS[1]}" "$PY" benchmarks/rehearsal.py "${REHEARSAL[@]}" --measure --override "$TWO_BLOCKS" \
+      --work "$OUT/rehearsal" --json "$OUT/rehearsal.json"
+  echo "rehearsal rc=$?"
+  rm -rf "$OUT/rehearsal"  # the artifact itself (6 GB at real width) is not a result
+fi
+
+if part 3; then
+  echo "== 3/3 torchao against our layers ($DEVICE) $(date -u +%T)"
+  timeout "${LIMITS[2]}" "$PY" benchmarks/torchao_backends.py "${TORCHAO[@]}" --out "$OUT/torchao-backends.json"
+  echo "torchao rc=$?"
+fi
 echo "== done $(date -u +%T)"

@@ -31,7 +31,8 @@ onnx = pytest.importorskip("onnx")
 import export  # noqa: E402
 from qsched.runtime.cache_schedule import CacheSchedule, block_layout  # noqa: E402
 from conftest import TEST_WORDS, random_quant_layer  # noqa: E402
-from export.onnx_graph import export_graph, int4_initializers, layer_form, reuse_variant, swap_layers  # noqa: E402
+from export.onnx_graph import (OUTPUT, export_graph, int4_initializers, layer_form, reuse_variant,  # noqa: E402
+                               swap_layers, switched_graph)
 from export.runtime_onnx import OnnxDenoiser, capture_call, export_onnx, require_onnx  # noqa: E402
 from qsched.core.errors import ArtifactError, QschedError  # noqa: E402
 from qsched.runtime.generation import GenerationSettings, generate  # noqa: E402
@@ -130,6 +131,14 @@ def flux_art(tmp_path_factory):
                           COEFFICIENTS)
     record = export_onnx(path, dynamic=False)
     return path, record
+
+
+@pytest.fixture(scope="module")
+def flux_art_cut(flux_art, tmp_path_factory):
+    """The same artifact exported in the earlier layout: one cut graph per distinct step."""
+    path = tmp_path_factory.mktemp("onnx-flux-cut") / "art"
+    shutil.copytree(flux_art[0], path)
+    return path, export_onnx(path, dynamic=False, overwrite=True, switched=False)
 
 
 @pytest.fixture(scope="module")
@@ -390,18 +399,82 @@ def test_flux_generation_with_qsched_and_cache_matches_torch(flux_art):
     assert expected.std() > 0.01
     assert rel_err(got, expected) < 1e-4
     assert onx.qsched_cache.counts() == sim.qsched_cache.counts() == {"computed": 18, "reused": 6}
-    assert len(set(record["steps"])) == 3 and record["steps"][1] == record["steps"][3]
-    assert set(onx.transformer._sessions) == set(record["steps"])
+    switched = record["switched"]
+    assert record["steps"] == [] and switched["reuse"] == [[], [0, 1], [3, 5], [0, 1]]
+    assert set(onx.transformer._sessions) == {switched["graph"]}  # one session (one weight copy) for every step
     # the cache matters: without it the images differ, and still match torch's uncached pipeline
     onx.qsched_cache.disable()
     sim.qsched_cache.disable()
     plain = generate(onx, PROMPTS, FLUX_SETTINGS, seed=3, batch_size=2)
     assert rel_err(plain, generate(sim, PROMPTS, FLUX_SETTINGS, seed=3, batch_size=2)) < 1e-4
     assert not torch.allclose(plain, got, atol=1e-3)
+    assert set(onx.transformer._sessions) == {switched["graph"]}  # the uncached call runs the same session
 
 
-def test_reuse_variant_cuts_the_reused_components(flux_art):
+def test_cut_graph_layout_still_loads_and_generates_the_same(flux_art, flux_art_cut):
+    """Exports in the earlier layout (one cut graph, so one session, per distinct step) load and generate
+    the switched export's images exactly."""
+    path, record = flux_art_cut
+    assert "switched" not in record and len(set(record["steps"])) == 3 and record["steps"][1] == record["steps"][3]
+    cut = export.load(path, runtime="onnx")
+    one = export.load(flux_art[0], runtime="onnx")
+    images = [generate(p, PROMPTS, FLUX_SETTINGS, seed=3, batch_size=2) for p in (cut, one)]
+    assert torch.equal(*images)
+    assert set(cut.transformer._sessions) == set(record["steps"])
+    assert cut.qsched_cache.counts() == one.qsched_cache.counts() == {"computed": 18, "reused": 6}
+
+
+def test_switched_graph_computes_what_each_cut_graph_computes(flux_art, tmp_path):
+    """Per reuse pattern (the schedule's, and one reusing every cached component, whose runs feed each
+    other), the switched graph's output equals the cut graph's bit for bit, and the nodes it skips (inside If
+    nodes switched off) are the ones the cut graph removed, weights included."""
+    from export.runtime_onnx import make_session, switch_feed
+
     path, record = flux_art
+    stored = onnx.load(str(path / record["switched"]["graph"]), load_external_data=False)
+    onnx.checker.check_model(str(path / record["switched"]["graph"]))  # a valid ONNX model
+    shutil.copy(path / "onnx" / "denoiser.onnx.data", tmp_path)  # graphs saved here read the same weights
+    full_graph = onnx.load(str(path / record["graph"]), load_external_data=False)
+    patterns = [set(p) for p in dict.fromkeys(map(tuple, record["switched"]["reuse"]))] + [{0, 1, 3, 5}]
+    graph, conditions = switched_graph(full_graph, patterns)
+    assert [n.op_type for n in switched_graph(full_graph, patterns[:-1])[0].graph.node] == \
+        [n.op_type for n in stored.graph.node]  # the export's graph is this function's
+    onnx.save(graph, str(tmp_path / "switched.onnx"))
+    switches = [n for n in graph.graph.node if n.op_type == "If"]
+    compute = {s.name: next(a.g for a in s.attribute if a.name == "then_branch") for s in switches}
+    assert switches and not any(n.op_type == "If" for g in compute.values() for n in g.node)
+    typed = {v.name for v in graph.graph.value_info}
+    assert not any(o in typed for s in switches for o in s.output if not o.startswith("cache."))
+
+    full_session = make_session(path / record["graph"], record, threads=1)
+    rng = np.random.default_rng(0)
+    feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) if "float" in i.type else
+            np.zeros(i.shape, np.int64) for i in full_session.get_inputs()}
+    names = [o.name for o in full_session.get_outputs()]
+    full = dict(zip(names, full_session.run(names, feed)))
+    session = make_session(tmp_path / "switched.onnx", record, threads=1)
+    nbits = lambda nodes: sum(n.op_type == "MatMulNBits" for n in nodes)  # noqa: E731
+
+    def skipped(flags):
+        return [n for s in switches if not flags[int(s.input[0].split(".")[1])] for n in compute[s.name].node]
+
+    for pattern, flags in zip(patterns, conditions):
+        given = {i.name: full["cache." + i.name.removeprefix("stored.")] for i in session.get_inputs()
+                 if i.name.startswith("stored.") and int(i.name.split(".")[1]) in pattern}
+        got = session.run([OUTPUT], switch_feed(session, feed, flags, given))[0]
+        cut_graph = reuse_variant(full_graph, pattern) if pattern else full_graph
+        onnx.save(cut_graph, str(tmp_path / "cut.onnx"))
+        cut = make_session(tmp_path / "cut.onnx", record, threads=1)
+        reused = {i.name: full[i.name] for i in cut.get_inputs() if i.name.startswith("cache.")}
+        assert np.array_equal(got, cut.run([OUTPUT], {**feed, **reused})[0])
+        assert nbits(full_graph.graph.node) - nbits(skipped(flags)) == nbits(cut_graph.graph.node)
+        assert bool(pattern) == bool(skipped(flags))
+    with pytest.raises(ValueError, match="no cached outputs"):
+        switched_graph(full_graph, [{4}])  # proj_mlp is never reused, so never exported as a cache output
+
+
+def test_reuse_variant_cuts_the_reused_components(flux_art_cut):
+    path, record = flux_art_cut
     full = onnx.load(str(path / "onnx" / "denoiser.onnx"), load_external_data=False)
     variant = onnx.load(str(path / record["steps"][1]), load_external_data=False)
     ins = {i.name for i in variant.graph.input}
@@ -496,3 +569,45 @@ def test_cli_reports_missing_onnx_before_compiling(monkeypatch, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("qcompile: error:") and "qsched[onnx]" in err
     assert not (tmp_path / "a").exists()
+
+
+def test_switched_graph_gives_each_group_its_own_shared_quantizer(tmp_path):
+    """Two layers in different cached components read one activation quantizer (the exporter merges equal
+    ones): each If gets its own Q/DQ copy, so onnxruntime can fuse it with the layer's MatMul, and every
+    pattern still computes what its cut graph computes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.runtime_onnx import switch_feed
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+             numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="quant"),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["d"], name="dequant"),
+             helper.make_node("MatMul", ["d", "w1"], ["cache.0.0.0"], name="layer0"),
+             helper.make_node("MatMul", ["d", "w2"], ["cache.1.0.0"], name="layer1"),
+             helper.make_node("Add", ["cache.0.0.0", "cache.1.0.0"], [OUTPUT], name="sum")]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 3])  # noqa: E731
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [value(OUTPUT), value("cache.0.0.0"), value("cache.1.0.0")], initializer=inits,
+                              value_info=[helper.make_tensor_value_info("q", TensorProto.UINT8, [2, 4]),
+                                          helper.make_tensor_value_info("d", TensorProto.FLOAT, [2, 4])])
+    full = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    patterns = [set(), {0}, {1}]
+    switched, conditions = switched_graph(full, patterns)
+    assert [n.name for n in full.graph.node] == ["quant", "dequant", "layer0", "layer1", "sum"]  # not modified
+    assert [n.op_type for n in switched.graph.node] == ["If", "If", "Add"]  # the quantizer went into both
+    for node in switched.graph.node[:2]:
+        compute = next(a.g for a in node.attribute if a.name == "then_branch")
+        assert [n.op_type for n in compute.node] == ["QuantizeLinear", "DequantizeLinear", "MatMul"]
+    session = ort.InferenceSession(switched.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    whole = dict(zip(["y", "c0", "c1"], ort.InferenceSession(full.SerializeToString(), providers=[
+        "CPUExecutionProvider"]).run([OUTPUT, "cache.0.0.0", "cache.1.0.0"], {"x": x})))
+    for pattern, flags in zip(patterns, conditions):
+        stored = {f"stored.{slot}.0.0": whole[f"c{slot}"] for slot in pattern}
+        got = session.run([OUTPUT], switch_feed(session, {"x": x}, flags, stored))[0]
+        assert np.array_equal(got, whole["y"])

@@ -258,6 +258,13 @@ def _onnx_outside(d, outside):
     _edit(lambda m: m.__setitem__("onnx", {"schema": 1, "graph": "../outside/x.onnx", "steps": []}))(d, outside)
 
 
+def _onnx_switched_outside(d, outside):
+    """The same through the record's one-graph-for-every-step entry."""
+    (outside / "x.onnx").write_bytes(b"not a graph")
+    _edit(lambda m: m.__setitem__("onnx", {"schema": 1, "graph": None, "steps": [],
+                                           "switched": {"graph": "../outside/x.onnx"}}))(d, outside)
+
+
 def _remove_weights(d, outside):
     m = _manifest(d)
     (d / VAE).unlink()
@@ -343,6 +350,7 @@ CASES = {
     "listed-path-absolute": (_list_outside("absolute"), "unsafe file path", "simulated", True),
     "denoiser-shard-outside": (_shard_outside, "not a plain relative path", "simulated", True),
     "onnx-graph-outside": (_onnx_outside, "ONNX record names", "onnx", True),
+    "onnx-switched-graph-outside": (_onnx_switched_outside, "ONNX record names", "onnx", True),
     # not artifacts at all
     "not-an-artifact": ("notes", "has no manifest.json", "simulated", True),
     "empty-directory": ("empty", "has no manifest.json", "simulated", True),
