@@ -5,8 +5,9 @@ The simulated :class:`~qsched.runtime.qlayers.QuantLayer` dequantizes its weight
 keeps only what the artifact stores and does the arithmetic a deployment would do:
 
 * **W(5-8)A(≤8) linear** — :class:`NativeInt8Linear`: the input is quantized with the layer's static
-  asymmetric (scale, zero point), an int8 x int8 -> int32 ``torch._int_mm`` does the matmul, and one
-  multiply rescales. The activation codes ``q`` live in ``[0, 2^b - 1]`` (unsigned), which int8 cannot
+  asymmetric (scale, zero point), an exact int8 x int8 -> int32 matmul (:func:`int_mm`: ``torch._int_mm``,
+  or on a CPU where it is slow, fp32 matmuls over slices of K that fp32 sums exactly) does the matmul, and
+  one multiply rescales. The activation codes ``q`` live in ``[0, 2^b - 1]`` (unsigned), which int8 cannot
   hold, so the kernel is fed ``q - 128`` and the offset is folded into a per-output integer correction::
 
       y = s_x * s_w * (Σ_k (q_k - zp) w_k) + b
@@ -43,6 +44,9 @@ without an int8 matmul falls back to the same integer product computed in float6
 """
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,13 +54,13 @@ from torch import nn
 from qsched.runtime.apply import set_submodule
 from qsched.runtime.qlayers import CastableQuantized, QuantLayer, format_labels, quantized_forward, with_fp_tokens
 from qsched.runtime.quantizers import quantize_activation_fp8
-from qsched.core.errors import ArtifactError
+from qsched.core.errors import ArtifactError, QschedError
 
 from export.packing import NIBBLE_BITS, check_fp8_codes, check_packed, pack_int
 
 __all__ = ["NativeInt8Linear", "NativeFP8Linear", "NativeDequantLayer", "StoredLayer", "native_layer",
-           "native_from_stored", "to_native_", "int_mm", "fp8_matmul", "fp8_kernel_available", "unpack_nibbles",
-           "int_matmul_eligible"]
+           "native_from_stored", "to_native_", "int_mm", "int_mm_fp32", "cpu_int8_backend", "fp8_matmul",
+           "fp8_kernel_available", "unpack_nibbles", "int_matmul_eligible"]
 
 _ACT_OFFSET = 128  # unsigned activation code q in [0, 255] -> int8 code q - 128
 
@@ -74,8 +78,63 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]
     return grouped.reshape(shape).to(dtype)
 
 
+#: Terms per fp32 matmul in :func:`int_mm_fp32`: a product of two int8 codes is at most 128 * 128 = 2^14 in
+#: magnitude, so any sum of at most 2^10 of them is an integer of magnitude <= 2^24, which fp32 holds exactly
+#: in whatever order the matmul adds them.
+EXACT_FP32_TERMS = 1 << 10
+CPU_INT8_BACKENDS = ("int_mm", "fp32")
+_cpu_int8_backend: str | None = None
+
+
+def int_mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N], exactly, as fp32 matmuls over slices of K of at most
+    :data:`EXACT_FP32_TERMS` (each slice's sum is exact in fp32, see there), added in int32. The same integers
+    as ``torch._int_mm``, at an fp32 matmul's speed: on x86 CPUs without VNNI (AVX2) oneDNN's int8 matmul is
+    about 25x slower than that (measured, docs/results.md)."""
+    out = None
+    for start in range(0, a.shape[1], EXACT_FP32_TERMS):
+        stop = start + EXACT_FP32_TERMS
+        part = torch.mm(a[:, start:stop].float(), b[start:stop].float()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def cpu_int8_backend() -> str:
+    """Which exact int8 matmul this CPU runs faster, ``"int_mm"`` (``torch._int_mm``) or ``"fp32"``
+    (:func:`int_mm_fp32`): measured once per process on a small product (about 0.1 s), or forced with the
+    environment variable ``QSCHED_CPU_INT8``. Both give identical integers, so the choice never changes a
+    result, only the speed."""
+    global _cpu_int8_backend
+    if _cpu_int8_backend is None:
+        forced = os.environ.get("QSCHED_CPU_INT8")
+        if forced is not None and forced not in CPU_INT8_BACKENDS:
+            raise QschedError(f"QSCHED_CPU_INT8={forced!r} is not a CPU int8 backend; use one of {CPU_INT8_BACKENDS}")
+        _cpu_int8_backend = forced or _measure_cpu_int8()
+    return _cpu_int8_backend
+
+
+def _measure_cpu_int8() -> str:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (64, 512), dtype=torch.int8, generator=gen)
+    b = torch.randint(-128, 128, (512, 512), dtype=torch.int8, generator=gen)
+    seconds = {}
+    for name, fn in (("int_mm", torch._int_mm), ("fp32", int_mm_fp32)):
+        try:
+            fn(a, b)  # warm-up (first-call set-up)
+            best = float("inf")
+            for _ in range(2):
+                start = time.perf_counter()
+                fn(a, b)
+                best = min(best, time.perf_counter() - start)
+            seconds[name] = best
+        except (RuntimeError, NotImplementedError):
+            continue
+    return min(seconds, key=seconds.get)
+
+
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 [M, K] @ int8 [K, N] -> int32 [M, N] with ``torch._int_mm``, working around its shape rules.
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N]: ``torch._int_mm`` on GPUs, working around its shape rules;
+    on a CPU, whichever of it and :func:`int_mm_fp32` :func:`cpu_int8_backend` measured faster.
 
     CUDA's kernel rejects M <= 16: pad with zero rows and slice (cheap; only tiny batches hit it). If the
     device has no int8 matmul at all, compute the identical integer result in float64 (exact for any
@@ -84,6 +143,8 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     m = a.shape[0]
     if m == 0:
         return torch.zeros((0, b.shape[1]), dtype=torch.int32, device=a.device)
+    if a.device.type == "cpu" and (_cpu_int8_backend or cpu_int8_backend()) == "fp32":
+        return int_mm_fp32(a, b)
     if a.device.type == "cuda" and m <= 16:
         a = torch.cat([a, a.new_zeros((17 - m, a.shape[1]))])
     try:
@@ -140,6 +201,8 @@ class NativeInt8Linear(CastableQuantized):
         self.groups, self.group_width = groups, k // groups
         wsum = codes.reshape(n, groups, -1).sum(dim=-1, dtype=torch.int32)
         self.register_buffer("qweight", codes)
+        if codes.device.type == "cpu":
+            cpu_int8_backend()  # measured now, not while torch.compile traces a forward
         _register_act_qparams(self, scale, zero_point, codes.device)
         # what quantize_input adds to the rounded input: the zero point, less the int8 offset
         self.register_buffer("code_offset", torch.tensor(zero_point - _ACT_OFFSET, dtype=torch.int32, device=codes.device))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from qsched.core.errors import QschedError
 from qsched.runtime.qlayers import QuantLayer
 from export.runtime_torch import (NativeDequantLayer, NativeInt8Linear, native_layer, to_native_,
                                   unpack_nibbles)
@@ -438,3 +439,44 @@ def test_float_activations_keeps_the_weights_and_drops_the_activation_quantizer(
     assert all(layer.act_bits is None for layer in layers)
     assert all(torch.equal(c, layer.qweight) for c, layer in zip(codes, layers))
     assert not torch.allclose(model(x), quantized)  # the 8-bit activation rounding is gone
+
+
+def test_int_mm_fp32_gives_int_mm_integers_exactly():
+    """The fp32 path sums slices of at most 2^10 products, each at most 2^14: exact even at the extremes."""
+    from export.runtime_torch import EXACT_FP32_TERMS, int_mm_fp32
+
+    worst = torch.full((3, 3 * EXACT_FP32_TERMS + 5), -128, dtype=torch.int8)
+    assert torch.equal(int_mm_fp32(worst, worst.t().contiguous()), torch._int_mm(worst, worst.t().contiguous()))
+    gen = torch.Generator().manual_seed(3)
+    for m, k, n in ((1, 8, 8), (37, 3000, 24), (5, EXACT_FP32_TERMS, 16)):
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+        b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=gen)
+        assert torch.equal(int_mm_fp32(a, b), torch._int_mm(a, b))
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_cpu_int8_backends_give_identical_layers(monkeypatch, group_size):
+    import export.runtime_torch as rt
+
+    sim = random_layer(group_size=group_size)
+    native = native_layer(sim)
+    assert isinstance(native, NativeInt8Linear)
+    x = activations((33, 96))
+    outputs = []
+    for backend in rt.CPU_INT8_BACKENDS:
+        monkeypatch.setattr(rt, "_cpu_int8_backend", backend)
+        with torch.no_grad():
+            outputs.append(native(x))
+    assert torch.equal(*outputs)
+
+
+def test_cpu_int8_backend_override_is_checked(monkeypatch):
+    import export.runtime_torch as rt
+
+    monkeypatch.setattr(rt, "_cpu_int8_backend", None)
+    monkeypatch.setenv("QSCHED_CPU_INT8", "int_mm")
+    assert rt.cpu_int8_backend() == "int_mm"
+    monkeypatch.setattr(rt, "_cpu_int8_backend", None)
+    monkeypatch.setenv("QSCHED_CPU_INT8", "vnni")
+    with pytest.raises(QschedError, match="QSCHED_CPU_INT8='vnni' is not a CPU int8 backend"):
+        rt.cpu_int8_backend()
