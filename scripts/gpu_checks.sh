@@ -29,11 +29,18 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the device runs the tree as is: qsched is not installed
-if [ -d .whl ]; then  # the wheels scripts/gpu_wheels.sh fetched (on the CPU: only torchao, for part 3)
-  SITE=/tmp/qsched-site
-  if [ "$MODE" = "--smoke" ]; then WHEELS=(.whl/torchao-*.whl); else WHEELS=(.whl/*.whl); fi
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      "${WHEELS[@]}" && export PYTHONPATH="$PYTHONPATH:$SITE" || echo "wheels: install failed" >&2
+install() {  # install() TARGET WHEEL...: wheels scripts/gpu_wheels.sh fetched, into a folder of their own
+  local target=$1; shift
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$@" \
+      || echo "wheels: install into $target failed" >&2
+}
+TORCHAO_SITE=""
+if [ -d .whl ]; then
+  if [ "$MODE" != "--smoke" ]; then  # the CPU venv has the rest
+    install /tmp/qsched-site $(ls .whl/*.whl | grep -v torchao) && export PYTHONPATH="$PYTHONPATH:/tmp/qsched-site"
+  fi
+  # torchao only for part 3: diffusers imports it whenever it is importable, so parts 1-2 run without it
+  ls .whl/torchao-*.whl >/dev/null 2>&1 && install /tmp/torchao-site .whl/torchao-*.whl && TORCHAO_SITE=/tmp/torchao-site
 fi
 TWO_BLOCKS='quantization.layers=["transformer_blocks.0.*", "single_transformer_blocks.37.*"]'
 
@@ -72,7 +79,8 @@ fi
 
 if part 3; then
   echo "== 3/3 torchao against our layers ($DEVICE) $(date -u +%T)"
-  timeout "${LIMITS[2]}" "$PY" benchmarks/torchao_backends.py "${TORCHAO[@]}" --out "$OUT/torchao-backends.json"
+  PYTHONPATH="$PYTHONPATH${TORCHAO_SITE:+:$TORCHAO_SITE}" timeout "${LIMITS[2]}" "$PY" benchmarks/torchao_backends.py \
+      "${TORCHAO[@]}" --out "$OUT/torchao-backends.json"
   echo "torchao rc=$?"
 fi
 echo "== done $(date -u +%T)"
