@@ -134,11 +134,14 @@ def child(opts: dict) -> dict:
     for name, stage in compiler.STAGES:
         def run(c, name=name, stage=stage):
             meter.enter(name)
+            print(f"rehearsal: stage {name} starts", file=sys.stderr, flush=True)  # progress, for a time limit
             t0 = time.perf_counter()
             try:
                 return stage(c)
             finally:
                 seconds[name] = time.perf_counter() - t0
+                print(f"rehearsal: stage {name} took {seconds[name]:.1f} s, {meter.rows.get(name, 0)} denoiser rows",
+                      file=sys.stderr, flush=True)
         stages.append((name, run))
     compiler.STAGES = stages
     baseline = _rss()
@@ -188,10 +191,12 @@ def rehearse(width: float, args, scorer: Path) -> dict:
             "dtype": args.dtype, "scorer": str(scorer), "eval_prompts": args.eval_prompts, "threads": args.threads,
             "overrides": overrides, "uniform": args.uniform, "device": args.device}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    # the child's log goes straight to ours (a run stopped at its time limit still shows how far it got);
+    # only its last stdout line, the measurements, is read
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(opts)], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
+                          stdout=subprocess.PIPE, text=True)
     if proc.returncode:
-        raise SystemExit(f"the rehearsal at width {width} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"the rehearsal at width {width} failed (exit {proc.returncode}; its log is above)")
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"width_scale": width, "uniform": args.uniform, "overrides": overrides, "plan": plan.to_dict(),
             "measured": measured}
