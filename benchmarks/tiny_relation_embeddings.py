@@ -1,6 +1,10 @@
 """Do flux-tiny's text encoders tell "X above Y" from "Y above X"? A diagnostic for issue 19's relations.
 
-    python benchmarks/tiny_relation_embeddings.py
+    python benchmarks/tiny_relation_embeddings.py [MODEL] [--accuracy N] [--threads T]
+
+MODEL: flux-tiny (default, the shipped weights), a diffusers pipeline folder, or a train_v2 work folder (its
+exported ``pipeline/``). ``--accuracy N`` also judges the curve's N held-out prompts at 4 steps (what
+``curve.jsonl`` logs as acc@4 and per attribute: seed 123, ``train_v2.judged_accuracy``).
 
 For relation captions built from the world's vocabulary, compares the shipped encoders' outputs (T5's token
 sequence, flattened, and CLIP's pooled vector) by cosine similarity across three pairs: the same scene said the
@@ -10,7 +14,10 @@ closer than the second.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
+from pathlib import Path
 
 import torch
 
@@ -19,11 +26,22 @@ OBJECTS = [("a red circle", "a blue square"), ("a green triangle", "a yellow dia
 RELATIONS = [("above", "below"), ("to the left of", "to the right of")]
 
 
-def main() -> int:
+def main(argv=None) -> int:
     from qsched.models.registry import load_pipeline
     from qsched.tinyworld.model import TINY_SETTINGS
 
-    pipe = load_pipeline("flux-tiny")[0]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="flux-tiny")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="N", help="also judge the curve's N prompts at 4 steps")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model
+    if (Path(model) / "pipeline" / "model_index.json").is_file():  # a train_v2 work folder
+        model = str(Path(model) / "pipeline")
+    pipe = load_pipeline(model)[0]
+    pipe.set_progress_bar_config(disable=True)
 
     def encode(caption: str):
         with torch.no_grad():
@@ -48,6 +66,11 @@ def main() -> int:
         t5 = sum(v[0] for v in values) / len(values)
         clip = sum(v[1] for v in values) / len(values)
         print(f"| {key} | {t5:.3f} | {clip:.3f} |")
+    if args.accuracy:
+        from qsched.tinyworld import world
+        from qsched.tinyworld.train_v2 import judged_accuracy
+        prompts = world.sample_batch(seed=123, n=args.accuracy, split="test")[1]
+        print(json.dumps({"model": model, "n": len(prompts), **judged_accuracy(pipe, prompts)}))
     return 0
 
 
