@@ -14,6 +14,10 @@ tokenizers) and changes the configs and the training:
    evaluation at 4 steps logged to ``curve.jsonl``;
 4. ``reflow`` (optional): few-step distillation on the flow's own ODE pairs.
 
+Relation ablation (docs/tiny-v2.md): ``--init-from shipped`` fine-tunes the flow phase from the shipped weights;
+``--text-scene-weight W`` adds a head on the T5 sequence predicting the caption's canonical scene
+(``scene_targets``) to the flow loss.
+
 Every phase checkpoints model, EMA and optimiser state (safetensors, never pickle) in ``--work`` and
 resumes bit-for-bit: data and noise are seeded per step. Same script on a GPU with ``--device cuda``::
 
