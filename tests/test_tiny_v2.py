@@ -76,3 +76,45 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
         train_v2.main(["--work", str(tmp_path / "w"), "--kind-weight", item])
     assert exit_.value.code == 2 and not (tmp_path / "w").exists()
     assert "kind" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_scene_target_is_the_scene_not_the_word_order():
+    rows = train_v2.scene_targets(["a red circle above a blue square", "a blue square below a red circle",
+                                   "a blue square above a red circle", "a red circle to the left of a blue square",
+                                   "a large blue square to the right of a red circle", "a red circle and a blue square"])
+    assert torch.equal(rows[0], rows[1])  # same scene said the other way
+    assert not torch.equal(rows[0], rows[2])  # objects swapped: another scene
+    assert torch.equal(rows[3], rows[4]) and not torch.equal(rows[0], rows[3])  # sizes ignored; the axis counts
+    assert rows[5].tolist() == [0] * 5  # no relation: "none"
+
+
+def test_scene_loss_checkpoints_and_resumes(tmp_path):
+    """Two flow steps with the auxiliary scene head from the shipped weights, in one go and as 1 + 1 steps."""
+    flags = ["--phases", "flow", "--init-from", "shipped", "--text-scene-weight", "0.5", *TINY[:-6], "--eval-every", "0"]
+    threads = torch.get_num_threads()
+    try:
+        train_v2.main(["--work", str(tmp_path / "a"), *flags, "--flow-steps", "2"])
+        for steps in ("1", "2"):
+            train_v2.main(["--work", str(tmp_path / "b"), *flags, "--flow-steps", steps])
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_file(str(tmp_path / "a" / "flow.safetensors")), load_file(str(tmp_path / "b" / "flow.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("scene.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_init_from_shipped_starts_from_the_shipped_weights(tmp_path):
+    from qsched.tinyworld.model import load_embedded
+    threads = torch.get_num_threads()
+    try:  # zero flow steps: the pipeline is the shipped one (the VAE, text and flow phases train nothing)
+        pipe = train_v2.main(["--work", str(tmp_path), "--phases", "flow", "--init-from", "shipped",
+                              "--flow-steps", "0", *TINY[:-6]])
+    finally:
+        torch.set_num_threads(threads)
+    shipped = load_embedded()
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        mine, ref = getattr(pipe, name).state_dict(), getattr(shipped, name).state_dict()
+        assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref), name
+    assert pipe.vae.config.scaling_factor == shipped.vae.config.scaling_factor
+    assert not (tmp_path / "vae.safetensors").exists() and not (tmp_path / "text.safetensors").exists()

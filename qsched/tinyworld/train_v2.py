@@ -14,6 +14,10 @@ tokenizers) and changes the configs and the training:
    evaluation at 4 steps logged to ``curve.jsonl``;
 4. ``reflow`` (optional): few-step distillation on the flow's own ODE pairs.
 
+Relation ablation (docs/tiny-v2.md): ``--init-from shipped`` fine-tunes the flow phase from the shipped weights;
+``--text-scene-weight W`` adds a head on the T5 sequence predicting the caption's canonical scene
+(``scene_targets``) to the flow loss.
+
 Every phase checkpoints model, EMA and optimiser state (safetensors, never pickle) in ``--work`` and
 resumes bit-for-bit: data and noise are seeded per step. Same script on a GPU with ``--device cuda``::
 
@@ -302,6 +306,12 @@ def parse_args(argv=None):
     p.add_argument("--flow-warmup", type=int, default=300)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--freeze-text", action="store_true", help="ablation: keep the text encoders frozen")
+    p.add_argument("--init-from", choices=("scratch", "shipped"), default="scratch",
+                   help="shipped: take the VAE, text encoders and transformer from the shipped flux-tiny (the vae, "
+                        "vaedec and text phases are skipped) and fine-tune from there; the flow checkpoint, once "
+                        "written, overrides them as usual")
+    p.add_argument("--text-scene-weight", type=float, default=0.0,
+                   help="flow: weight of the auxiliary canonical-scene loss on the T5 sequence (0: off)")
     p.add_argument("--kind-weight", action="append", default=[], metavar="KIND=W",
                    help="flow/reflow batches: multiply a caption kind's share by W (repeatable; e.g. relation=2)")
     p.add_argument("--width", type=int, default=4, help="attention heads (×32 dims) of the transformer")
@@ -317,6 +327,10 @@ def parse_args(argv=None):
         world.reweighted_kinds(_kind_weights(args.kind_weight))
     except ValueError as e:
         p.error(str(e))
+    if args.init_from == "shipped" and {"vae", "vaedec", "text"} & set(args.phases.split(",")):
+        p.error("--init-from shipped starts at the flow phase: drop vae, vaedec and text from --phases")
+    if args.text_scene_weight < 0 or (args.text_scene_weight and args.freeze_text):
+        p.error("--text-scene-weight wants W >= 0 and trainable text encoders (not with --freeze-text)")
     return args
 
 
@@ -348,6 +362,53 @@ def caption_targets(captions: list[str]) -> torch.Tensor:
                 "relation": spec.relation or "none"}
         rows.append([CAPTION_FIELDS[k].index(v) for k, v in vals.items()])
     return torch.tensor(rows)
+
+
+SCENE_FIELDS: dict[str, tuple] = {  # a relation caption's scene, the same whichever object is named first
+    "first_color": _NONE + world.COLOR_NAMES, "first_shape": _NONE + world.SHAPES,
+    "second_color": _NONE + world.COLOR_NAMES, "second_shape": _NONE + world.SHAPES,
+    "axis": _NONE + ("vertical", "horizontal")}
+
+
+def scene_targets(captions: list[str]) -> torch.Tensor:
+    """[n, 5] class indices (see ``SCENE_FIELDS``) of each caption's canonical scene: for a relation caption
+    the object above (or left of) the other, that other object, and the axis; "X above Y" and "Y below X"
+    get the same row, "Y above X" another. Other captions: all "none"."""
+    rows = []
+    for c in captions:
+        spec = world.parse_prompt(c)
+        vals = ("none",) * 5
+        if spec.relation:
+            a, b = spec.groups  # the caption reads "a <relation> b"
+            first, second = (a, b) if spec.relation in ("above", "left of") else (b, a)
+            axis = "vertical" if spec.relation in ("above", "below") else "horizontal"
+            vals = (first.color, first.shape, second.color, second.shape, axis)
+        rows.append([f.index(v) for f, v in zip(SCENE_FIELDS.values(), vals)])
+    return torch.tensor(rows)
+
+
+class SceneHead(torch.nn.Module):
+    """Attention pooling of T5 token states (learned queries, padding masked) → ``SCENE_FIELDS`` logits:
+    the auxiliary target that asks the sequence the transformer reads which object is where."""
+
+    def __init__(self, dim: int, queries: int = 4):
+        super().__init__()
+        self.query = torch.nn.Parameter(torch.randn(queries, dim) / dim ** 0.5)
+        self.key = torch.nn.Linear(dim, dim)
+        self.out = torch.nn.Linear(queries * dim, sum(len(v) for v in SCENE_FIELDS.values()))
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        att = torch.einsum("qd,ntd->nqt", self.query, self.key(states)) / states.shape[-1] ** 0.5
+        att = att.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+        pooled = torch.einsum("nqt,ntd->nqd", att, states).flatten(1)
+        return list(self.out(pooled).split([len(v) for v in SCENE_FIELDS.values()], dim=-1))
+
+
+def _t5_mask(pipe, captions: list[str], device) -> torch.Tensor:
+    """[n, tokens] True at T5's real tokens (eos included), False at padding."""
+    ids = pipe.tokenizer_2(captions, padding="max_length", max_length=SETTINGS_V2.max_sequence_length,
+                           truncation=True, return_tensors="pt").input_ids
+    return (ids != pipe.tokenizer_2.pad_token_id).to(device)
 
 
 def encode_text(pipe, captions: list[str], device):
@@ -475,11 +536,17 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     groups = [{"params": list(pipe.transformer.parameters()), "lr": lr}]
     if train_text_too:
         groups.append({"params": [p for k in ("te1", "te2") for p in mods[k].parameters()], "lr": args.flow_text_lr})
+    extra = {}  # trained but neither EMA-averaged nor exported
+    if train_text_too and args.text_scene_weight:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed + 4242)
+            extra["scene"] = SceneHead(pipe.text_encoder_2.config.d_model)
+        groups.append({"params": list(extra["scene"].parameters()), "lr": args.text_lr})  # as the text heads
     base = [g["lr"] for g in groups]
     opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.99))
     path = work / f"{phase}.safetensors"
-    start, seconds = _resume(path, {**mods, **emas}, opt, phase, log)
-    for m in mods.values():
+    start, seconds = _resume(path, {**mods, **emas, **extra}, opt, phase, log)
+    for m in (*mods.values(), *extra.values()):
         m.to(dev).train().requires_grad_(True)
     for m in emas.values():
         m.to(dev).eval().requires_grad_(False)
@@ -492,7 +559,7 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     kind_probs = world.reweighted_kinds(_kind_weights(args.kind_weight)) if args.kind_weight else None
     curve = work / "curve.jsonl"
     gen = torch.Generator()
-    t0, running = time.perf_counter(), None
+    t0, running, scene_running = time.perf_counter(), None, None
     for step in range(start, steps):
         _set_lr(opt, base, _lr_factor(step, args.flow_warmup, steps, args.flow_cooldown))
         gen.manual_seed(args.seed * 7919 + step + (0 if teacher is None else 10**8))
@@ -507,9 +574,17 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         sigma = _sigmas(gen, x0.shape[0], dev, 0.5 if teacher is not None else 0.0)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         loss = F.mse_loss(_velocity(pipe.transformer, xt, sigma, *cond), noise - x0)
+        total = loss
+        if extra:  # the canonical scene from the T5 states the transformer just read
+            y = scene_targets(captions).to(dev)
+            scene = sum(F.cross_entropy(lg, y[:, j]) for j, lg in enumerate(extra["scene"](cond[0], _t5_mask(pipe, captions, dev))))
+            total = loss + args.text_scene_weight * scene
+            scene_running = scene.item() if scene_running is None else 0.98 * scene_running + 0.02 * scene.item()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups[:len(groups) - len(extra)] for p in g["params"]], 1.0)
+        for m in extra.values():  # the fresh head's large gradients do not shrink the model's through the clip
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         for k, m in mods.items():
             _ema_update(emas[f"ema_{k}"], m, step, args.ema)
@@ -517,8 +592,12 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         done = step + 1 == steps
         if (step + 1) % args.ckpt_every == 0 or done:
             s = seconds + time.perf_counter() - t0
-            _save_ckpt(path, _pack({**mods, **emas}, opt, {"step": step + 1, "seconds": s, "loss": running}))
-            log(f"{phase} step {step + 1}: loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} ({s:.0f}s)")
+            meta = {"step": step + 1, "seconds": s, "loss": running}
+            if extra:
+                meta["scene_loss"] = scene_running
+            _save_ckpt(path, _pack({**mods, **emas, **extra}, opt, meta))
+            log(f"{phase} step {step + 1}: loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} ({s:.0f}s)"
+                + (f" scene loss {scene_running:.4f}" if extra else ""))
             if args.eval_every and ((step + 1) % args.eval_every == 0 or done):
                 te1 = emas.get("ema_te1", pipe.text_encoder)
                 te2 = emas.get("ema_te2", pipe.text_encoder_2)
@@ -536,6 +615,8 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         m.cpu().eval().requires_grad_(False)
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         m.cpu()
+    for m in extra.values():
+        m.cpu().eval().requires_grad_(False)
 
 
 def train_reflow(pipe, args, work: Path, log) -> None:
@@ -547,6 +628,18 @@ def train_reflow(pipe, args, work: Path, log) -> None:
         return
     teacher = copy.deepcopy(pipe.transformer).to(args.device).eval().requires_grad_(False)
     train_flow(pipe, args, work, log, phase="reflow", teacher=teacher)
+
+
+def init_from_shipped(pipe) -> None:
+    """Load the shipped flux-tiny's weights (fp16, as fp32) into ``pipe``'s VAE, text encoders and transformer,
+    with the VAE's latent shift/scale; a different ``--width``/``--depth`` fails on the shapes."""
+    from qsched.tinyworld.model import load_embedded
+
+    shipped = load_embedded()
+    for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
+        getattr(pipe, name).load_state_dict(getattr(shipped, name).state_dict())
+    pipe.vae.register_to_config(shift_factor=shipped.vae.config.shift_factor,
+                                scaling_factor=shipped.vae.config.scaling_factor)
 
 
 def final_eval(pipe, args, work: Path, log) -> dict:
@@ -588,7 +681,12 @@ def main(argv=None):
         wanted += [i for i, p in enumerate(order) if (work / f"{p}.safetensors").is_file()]
     last = max(wanted, default=-1)
     pipe = build_pipeline_v2(args.seed, transformer_config(args))
+    if args.init_from == "shipped":
+        init_from_shipped(pipe)
+        log("init: VAE, text encoders and transformer from the shipped flux-tiny (vae, vaedec, text skipped)")
     for name in order[:last + 1]:  # earlier phases are prerequisites: finished ones just load
+        if args.init_from == "shipped" and name in ("vae", "vaedec", "text"):
+            continue
         globals()[f"train_{name}"](pipe, args, work, log)
     if "export" in phases:
         out = Path(args.out or work / "pipeline")
