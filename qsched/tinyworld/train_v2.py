@@ -577,7 +577,8 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         total = loss
         if extra:  # the canonical scene from the T5 states the transformer just read
             y = scene_targets(captions).to(dev)
-            scene = sum(F.cross_entropy(lg, y[:, j]) for j, lg in enumerate(extra["scene"](cond[0], _t5_mask(pipe, captions, dev))))
+            logits = extra["scene"](cond[0], _t5_mask(pipe, captions, dev))
+            scene = sum(F.cross_entropy(lg, y[:, j]) for j, lg in enumerate(logits))
             total = loss + args.text_scene_weight * scene
             scene_running = scene.item() if scene_running is None else 0.98 * scene_running + 0.02 * scene.item()
         opt.zero_grad(set_to_none=True)
