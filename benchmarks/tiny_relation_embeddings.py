@@ -80,12 +80,17 @@ def main(argv=None) -> int:
     if args.relation:
         from qsched.tinyworld import world
         from qsched.tinyworld.train_v2 import judged_accuracy
-        only = world.reweighted_kinds({k: float(k == "relation") for k in world.KIND_PROBS})
-        prompts = world.sample_batch(seed=7, n=args.relation, split="test", kind_probs=only)[1]
+        prompts = world.sample_batch(seed=7, n=args.relation, split="test", kind_probs=_relations_only())[1]
         print(json.dumps({"model": model, "relation_prompts": len(prompts), **judged_accuracy(pipe, prompts)}))
     if args.probe:
         print(json.dumps({"model": model, **probe(pipe, args.probe)}))
     return 0
+
+
+def _relations_only():
+    """The world's caption-kind probabilities with every kind but relations at zero."""
+    from qsched.tinyworld import world
+    return world.reweighted_kinds({k: float(k == "relation") for k in world.KIND_PROBS})
 
 
 def probe(pipe, steps: int, batch: int = 128, n_test: int = 1024) -> dict:
@@ -95,7 +100,7 @@ def probe(pipe, steps: int, batch: int = 128, n_test: int = 1024) -> dict:
     from qsched.tinyworld import world
     from qsched.tinyworld.train_v2 import SceneHead, _t5_mask, encode_text, scene_targets
 
-    only = world.reweighted_kinds({k: float(k == "relation") for k in world.KIND_PROBS})
+    only = _relations_only()
 
     def states(captions):
         with torch.no_grad():

@@ -758,14 +758,10 @@ def switched_graph(full, patterns: list[set[int]]):
             if node.output[0] not in live:
                 dead_in[i].append(index)
     signatures = [frozenset(d) for d in dead_in]
-    nodes, signatures = _unshare_quantizers(nodes, signatures, outputs)
+    types = {v.name: v.type for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    nodes, signatures = _unshare_quantizers(nodes, signatures, outputs, types)
     groups = list(dict.fromkeys(s for s in signatures if s))
     conditions = [[index not in g for g in groups] for index in range(len(patterns))]
-    types = {v.name: v.type for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
-    for node in nodes:  # the unshared quantizers' copies have their originals' types
-        base, _, group = node.output[0].rpartition(".group")
-        if group.isdigit() and base in types:
-            types[node.output[0]] = types[base]
 
     def rank(name: str) -> int:
         return len(types[name].tensor_type.shape.dim)
@@ -821,9 +817,8 @@ def switched_graph(full, patterns: list[set[int]]):
 
         # weights only this run reads move into its branch: onnxruntime's QDQ rewrites look initializers up
         # in the subgraph that uses them, not in the enclosing graph
-        own = [t for t in initializers.values() if consumers.get(t.name) and consumers[t.name] <= inside]
-        for tensor in own:
-            del initializers[tensor.name]
+        read = dict.fromkeys(n for i in members for n in nodes[i].input if n in initializers)
+        own = [initializers.pop(n) for n in read if consumers[n] <= inside]
 
         def branch(label: str, body: list, tail: str, weights=()):
             return helper.make_graph(body, f"switch{chunk_count}.{label}", [], [
@@ -870,14 +865,14 @@ def switched_graph(full, patterns: list[set[int]]):
     return model, conditions
 
 
-def _unshare_quantizers(nodes: list, signatures: list, outputs: set[str]) -> tuple[list, list]:
+def _unshare_quantizers(nodes: list, signatures: list, outputs: set[str], types: dict) -> tuple[list, list]:
     """Give each group its own copy of an activation QuantizeLinear/DequantizeLinear that layers of several
     groups share. The exporter merges equal quantizers (layers reading one tensor with one calibrated range,
     such as a single block's attention and MLP inputs); left shared, the quantizer stays outside the ``If``
     nodes while its layers move inside, and onnxruntime, which fuses a Q/DQ pair with its MatMul only
     within one graph, runs those layers unfused (measured: about twice the time at w8a8, and other
     rounding). A copy per group computes the same values. Returns the new node list and signatures, each
-    copy where its original stood."""
+    copy where its original stood; ``types`` (value name -> type) gains the copies' outputs."""
     import onnx
 
     entries = [[node, sig] for node, sig in zip(nodes, signatures)]
@@ -902,6 +897,8 @@ def _unshare_quantizers(nodes: list, signatures: list, outputs: set[str]) -> tup
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             copy.name, copy.output[0] = f"{node.name}.group{k}", f"{node.output[0]}.group{k}"
+            if node.output[0] in types:
+                types[copy.output[0]] = types[node.output[0]]
             for user in users:
                 user[0].input[:] = [copy.output[0] if n == node.output[0] else n for n in user[0].input]
                 consumers.setdefault(copy.output[0], []).append(user)

@@ -443,9 +443,7 @@ def train_text(pipe, args, work: Path, log) -> None:
         captions = [world.caption(sc) for sc in world.sample_scenes(rng, args.text_batch, "train")]
         y = caption_targets(captions).to(dev)
         t5, pooled, _ = encode_text(pipe, captions, dev)
-        ids = pipe.tokenizer_2(captions, padding="max_length", max_length=SETTINGS_V2.max_sequence_length,
-                               truncation=True, return_tensors="pt").input_ids.to(dev)
-        mask = (ids != 0).float()[..., None]
+        mask = _t5_mask(pipe, captions, dev).float()[..., None]
         t5_mean = (t5 * mask).sum(1) / mask.sum(1)
         loss, acc = 0.0, []
         for name, feat in (("clip", pooled), ("t5", t5_mean)):
