@@ -118,3 +118,34 @@ def test_init_from_shipped_starts_from_the_shipped_weights(tmp_path):
         assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref), name
     assert pipe.vae.config.scaling_factor == shipped.vae.config.scaling_factor
     assert not (tmp_path / "vae.safetensors").exists() and not (tmp_path / "text.safetensors").exists()
+
+
+def test_role_targets_mark_where_each_words_object_goes():
+    from qsched.tinyworld.model import load_embedded
+    tok = load_embedded().tokenizer_2
+    caps = ["a red circle above a blue square", "a small blue square to the left of a red circle",
+            "a red circle in the top right corner", "a red circle and a blue square"]
+    y = train_v2.role_targets(tok, caps, 16)
+    v, h = train_v2.ROLE_FIELDS["vertical"], train_v2.ROLE_FIELDS["horizontal"]
+    assert [v[i] for i in y[0, :3, 0]] == ["upper"] * 3 and v[y[0, 3, 0]] == "none"  # "above" itself: none
+    assert [v[i] for i in y[0, 4:7, 0]] == ["lower"] * 3 and (y[0, :8, 1] == 0).all()  # eos: none
+    assert (y[0, 8:] == -100).all()  # padding ignored
+    assert [h[i] for i in y[1, :4, 1]] == ["left"] * 4 and [h[i] for i in y[1, 8:11, 1]] == ["right"] * 3
+    assert (v[y[2, 0, 0]], h[y[2, 0, 1]]) == ("upper", "right") and (y[2, 3:, :][y[2, 3:, 0] >= 0] == 0).all()
+    assert (y[3][y[3] >= 0] == 0).all()  # no place named: all "none"
+
+
+def test_role_loss_trains_a_head_and_resumes(tmp_path):
+    """Two flow steps with the per-token role head, in one go and as 1 + 1 steps: identical checkpoints."""
+    flags = ["--phases", "flow", "--init-from", "shipped", "--text-role-weight", "0.5", *TINY[:-6], "--eval-every", "0"]
+    threads = torch.get_num_threads()
+    try:
+        train_v2.main(["--work", str(tmp_path / "a"), *flags, "--flow-steps", "2"])
+        for steps in ("1", "2"):
+            train_v2.main(["--work", str(tmp_path / "b"), *flags, "--flow-steps", steps])
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_file(str(tmp_path / "a" / "flow.safetensors")), load_file(str(tmp_path / "b" / "flow.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("role.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

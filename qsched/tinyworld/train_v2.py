@@ -17,6 +17,8 @@ tokenizers) and changes the configs and the training:
 Relation ablation (docs/tiny-v2.md): ``--init-from shipped`` fine-tunes the flow phase from the shipped weights;
 ``--text-scene-weight W`` adds a head on the T5 sequence predicting the caption's canonical scene
 (``scene_targets``) to the flow loss.
+``--text-role-weight W`` adds a linear head on each T5 token predicting where the object it describes goes
+(``role_targets``): the relation put where the transformer's attention reads it.
 
 Every phase checkpoints model, EMA and optimiser state (safetensors, never pickle) in ``--work`` and
 resumes bit-for-bit: data and noise are seeded per step. Same script on a GPU with ``--device cuda``::
@@ -312,6 +314,9 @@ def parse_args(argv=None):
                         "written, overrides them as usual")
     p.add_argument("--text-scene-weight", type=float, default=0.0,
                    help="flow: weight of the auxiliary canonical-scene loss on the T5 sequence (0: off)")
+    p.add_argument("--text-role-weight", type=float, default=0.0,
+                   help="flow: weight of the auxiliary per-token role loss (where each word's object goes) on the "
+                        "T5 states (0: off)")
     p.add_argument("--kind-weight", action="append", default=[], metavar="KIND=W",
                    help="flow/reflow batches: multiply a caption kind's share by W (repeatable; e.g. relation=2)")
     p.add_argument("--width", type=int, default=4, help="attention heads (×32 dims) of the transformer")
@@ -329,8 +334,10 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.init_from == "shipped" and {"vae", "vaedec", "text"} & set(args.phases.split(",")):
         p.error("--init-from shipped starts at the flow phase: drop vae, vaedec and text from --phases")
-    if args.text_scene_weight < 0 or (args.text_scene_weight and args.freeze_text):
-        p.error("--text-scene-weight wants W >= 0 and trainable text encoders (not with --freeze-text)")
+    for flag in ("text_scene_weight", "text_role_weight"):
+        w = getattr(args, flag)
+        if w < 0 or (w and args.freeze_text):
+            p.error(f"--{flag.replace('_', '-')} wants W >= 0 and trainable text encoders (not with --freeze-text)")
     return args
 
 
@@ -402,6 +409,50 @@ class SceneHead(torch.nn.Module):
         att = att.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
         pooled = torch.einsum("nqt,ntd->nqd", att, states).flatten(1)
         return list(self.out(pooled).split([len(v) for v in SCENE_FIELDS.values()], dim=-1))
+
+
+ROLE_FIELDS: dict[str, tuple] = {"vertical": ("none", "upper", "lower"), "horizontal": ("none", "left", "right")}
+_PLACE_ROLES = {  # where a position or relation puts the first group: (vertical, horizontal)
+    "above": ("upper", "none"), "below": ("lower", "none"), "left of": ("none", "left"), "right of": ("none", "right"),
+    "top": ("upper", "none"), "bottom": ("lower", "none"), "left": ("none", "left"), "right": ("none", "right"),
+    "center": ("none", "none"), "top left": ("upper", "left"), "top right": ("upper", "right"),
+    "bottom left": ("lower", "left"), "bottom right": ("lower", "right")}
+_OPPOSITE = {"none": "none", "upper": "lower", "lower": "upper", "left": "right", "right": "left"}
+
+
+def role_targets(tokenizer, captions: list[str], length: int) -> torch.Tensor:
+    """[n, length, 2] class indices (see ``ROLE_FIELDS``) per T5 token: where the object a word describes
+    goes. In "a red circle above a blue square" the first group's four tokens are "upper", the second's "lower";
+    a position caption's group takes its position's roles; every other token is "none"; padding is -100.
+    The tokenizer must be word-level (one token per word, then eos), which is checked."""
+    out = torch.full((len(captions), length, 2), -100, dtype=torch.long)
+    for i, c in enumerate(captions):
+        spec, words = world.parse_prompt(c), c.split()
+        ids = tokenizer(c, truncation=True, max_length=length).input_ids
+        if len(ids) != min(len(words) + 1, length):
+            raise ValueError(f"role targets need a word-level tokenizer: {c!r} gave {len(ids)} tokens")
+        out[i, :len(ids)] = 0
+        place = spec.relation or spec.position
+        if place is None:
+            continue
+        first = _PLACE_ROLES[place]
+        spans = world.group_word_spans(spec)
+        for (start, stop), roles in zip(spans, (first, tuple(_OPPOSITE[r] for r in first))):
+            for j, (field, role) in enumerate(zip(ROLE_FIELDS.values(), roles)):
+                out[i, start:min(stop, length), j] = field.index(role)
+    return out
+
+
+class RoleHead(torch.nn.Module):
+    """One linear layer per T5 token state → ``ROLE_FIELDS`` logits: asks each token to say where its object
+    goes, in the form the transformer's attention reads (a linear function of one token's state)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.out = torch.nn.Linear(dim, sum(len(v) for v in ROLE_FIELDS.values()))
+
+    def forward(self, states: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.out(states).split([len(v) for v in ROLE_FIELDS.values()], dim=-1))
 
 
 def _t5_mask(pipe, captions: list[str], device) -> torch.Tensor:
@@ -518,6 +569,18 @@ def _ode(transformer, noise, cond, steps: int):
     return x
 
 
+def _aux_loss(name: str, head, pipe, states: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Summed cross-entropies of an auxiliary head: ``scene`` (pooled, one row per caption) or ``role``
+    (per token, padding ignored)."""
+    if name == "scene":
+        y = scene_targets(captions).to(states.device)
+        logits = head(states, _t5_mask(pipe, captions, states.device))
+        return sum(F.cross_entropy(lg, y[:, j]) for j, lg in enumerate(logits))
+    y = role_targets(pipe.tokenizer_2, captions, states.shape[1]).to(states.device)
+    return sum(F.cross_entropy(lg.flatten(0, 1), y[..., j].flatten(), ignore_index=-100)
+               for j, lg in enumerate(head(states)))
+
+
 def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -> None:
     """Rectified flow on x_t = (1−σ)x0 + σ·noise, target noise − x0; ``teacher`` set: reflow on its ODE
     pairs (text frozen). EMA of every trained module is what gets evaluated and exported."""
@@ -534,12 +597,14 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     groups = [{"params": list(pipe.transformer.parameters()), "lr": lr}]
     if train_text_too:
         groups.append({"params": [p for k in ("te1", "te2") for p in mods[k].parameters()], "lr": args.flow_text_lr})
-    extra = {}  # trained but neither EMA-averaged nor exported
-    if train_text_too and args.text_scene_weight:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed + 4242)
-            extra["scene"] = SceneHead(pipe.text_encoder_2.config.d_model)
-        groups.append({"params": list(extra["scene"].parameters()), "lr": args.text_lr})  # as the text heads
+    extra = {}  # auxiliary heads on the T5 states: trained but neither EMA-averaged nor exported
+    weights = {"scene": args.text_scene_weight, "role": args.text_role_weight} if train_text_too else {}
+    for name, seed, head in (("scene", 4242, SceneHead), ("role", 4343, RoleHead)):
+        if weights.get(name):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed + seed)
+                extra[name] = head(pipe.text_encoder_2.config.d_model)
+            groups.append({"params": list(extra[name].parameters()), "lr": args.text_lr})  # as the text heads
     base = [g["lr"] for g in groups]
     opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.99))
     path = work / f"{phase}.safetensors"
@@ -557,7 +622,7 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     kind_probs = world.reweighted_kinds(_kind_weights(args.kind_weight)) if args.kind_weight else None
     curve = work / "curve.jsonl"
     gen = torch.Generator()
-    t0, running, scene_running = time.perf_counter(), None, None
+    t0, running, aux_running = time.perf_counter(), None, {}
     for step in range(start, steps):
         _set_lr(opt, base, _lr_factor(step, args.flow_warmup, steps, args.flow_cooldown))
         gen.manual_seed(args.seed * 7919 + step + (0 if teacher is None else 10**8))
@@ -573,12 +638,10 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         loss = F.mse_loss(_velocity(pipe.transformer, xt, sigma, *cond), noise - x0)
         total = loss
-        if extra:  # the canonical scene from the T5 states the transformer just read
-            y = scene_targets(captions).to(dev)
-            logits = extra["scene"](cond[0], _t5_mask(pipe, captions, dev))
-            scene = sum(F.cross_entropy(lg, y[:, j]) for j, lg in enumerate(logits))
-            total = loss + args.text_scene_weight * scene
-            scene_running = scene.item() if scene_running is None else 0.98 * scene_running + 0.02 * scene.item()
+        for name, head in extra.items():  # auxiliary targets on the T5 states the transformer just read
+            aux = _aux_loss(name, head, pipe, cond[0], captions)
+            total = total + weights[name] * aux
+            aux_running[name] = 0.98 * aux_running.get(name, aux.item()) + 0.02 * aux.item()
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups[:len(groups) - len(extra)] for p in g["params"]], 1.0)
@@ -592,11 +655,10 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         if (step + 1) % args.ckpt_every == 0 or done:
             s = seconds + time.perf_counter() - t0
             meta = {"step": step + 1, "seconds": s, "loss": running}
-            if extra:
-                meta["scene_loss"] = scene_running
+            meta.update({f"{name}_loss": v for name, v in aux_running.items()})
             _save_ckpt(path, _pack({**mods, **emas, **extra}, opt, meta))
             log(f"{phase} step {step + 1}: loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} ({s:.0f}s)"
-                + (f" scene loss {scene_running:.4f}" if extra else ""))
+                + "".join(f" {name} loss {v:.4f}" for name, v in aux_running.items()))
             if args.eval_every and ((step + 1) % args.eval_every == 0 or done):
                 te1 = emas.get("ema_te1", pipe.text_encoder)
                 te2 = emas.get("ema_te2", pipe.text_encoder_2)

@@ -239,6 +239,17 @@ def format_prompt(spec: PromptSpec) -> str:
     return f"{first} and {_group_phrase(spec.groups[1])}"
 
 
+def group_word_spans(spec: PromptSpec) -> list[tuple[int, int]]:
+    """[start, stop) word indices of each object group in ``format_prompt(spec)``: the first group opens the
+    caption; a second one (pair, count_plus or relation) closes it."""
+    n0 = len(_group_phrase(spec.groups[0]).split())
+    spans = [(0, n0)]
+    if len(spec.groups) > 1:
+        total = len(format_prompt(spec).split())
+        spans.append((total - len(_group_phrase(spec.groups[1]).split()), total))
+    return spans
+
+
 def caption(scene: Scene) -> str:
     return format_prompt(scene.spec)
 
