@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up with the test extras, then run the whole test suite (offline, CPU). Extra args go to pytest.
+# Set up with the test extras, then run the whole test suite (offline, CPU), one worker per core. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
@@ -12,7 +12,10 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v a
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 set +e
-.venv/bin/python -m pytest -q "$@"
+# one single-threaded pytest-xdist worker per core, at most 4 (each builds the shared fixtures once); whole files
+# go to one worker, so module fixtures are built once. QSCHED_TEST_WORKERS=0 runs in this process.
+workers="${QSCHED_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}"
+.venv/bin/python -m pytest -q -n "$workers" --dist loadfile "$@"
 code=$?
 set -e
 if [ "$code" -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
