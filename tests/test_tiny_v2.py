@@ -78,6 +78,14 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
     assert "kind" in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.parametrize("flags", [["--text-role-weight", "-1"], ["--text-scene-weight", "0.5", "--freeze-text"]])
+def test_bad_auxiliary_weight_is_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_v2.main(["--work", str(tmp_path / "w"), *flags])
+    assert exit_.value.code == 2 and not (tmp_path / "w").exists()
+    assert flags[0] in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_scene_target_is_the_scene_not_the_word_order():
     rows = train_v2.scene_targets(["a red circle above a blue square", "a blue square below a red circle",
                                    "a blue square above a red circle", "a red circle to the left of a blue square",
@@ -88,9 +96,11 @@ def test_scene_target_is_the_scene_not_the_word_order():
     assert rows[5].tolist() == [0] * 5  # no relation: "none"
 
 
-def test_scene_loss_checkpoints_and_resumes(tmp_path):
-    """Two flow steps with the auxiliary scene head from the shipped weights, in one go and as 1 + 1 steps."""
-    flags = ["--phases", "flow", "--init-from", "shipped", "--text-scene-weight", "0.5", *TINY[:-6], "--eval-every", "0"]
+@pytest.mark.parametrize("flag,head", [("--text-scene-weight", "scene."), ("--text-role-weight", "role.")])
+def test_auxiliary_text_loss_checkpoints_and_resumes(tmp_path, flag, head):
+    """Two flow steps with an auxiliary head on the T5 states (the pooled scene or the per-token roles) from the
+    shipped weights, in one go and as 1 + 1 steps: identical checkpoints, the head saved in them."""
+    flags = ["--phases", "flow", "--init-from", "shipped", flag, "0.5", *TINY[:-6], "--eval-every", "0"]
     threads = torch.get_num_threads()
     try:
         train_v2.main(["--work", str(tmp_path / "a"), *flags, "--flow-steps", "2"])
@@ -99,7 +109,7 @@ def test_scene_loss_checkpoints_and_resumes(tmp_path):
     finally:
         torch.set_num_threads(threads)
     a, b = load_file(str(tmp_path / "a" / "flow.safetensors")), load_file(str(tmp_path / "b" / "flow.safetensors"))
-    assert a.keys() == b.keys() and any(k.startswith("scene.") for k in a)
+    assert a.keys() == b.keys() and any(k.startswith(head) for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -133,19 +143,3 @@ def test_role_targets_mark_where_each_words_object_goes():
     assert [h[i] for i in y[1, :4, 1]] == ["left"] * 4 and [h[i] for i in y[1, 8:11, 1]] == ["right"] * 3
     assert (v[y[2, 0, 0]], h[y[2, 0, 1]]) == ("upper", "right") and (y[2, 3:, :][y[2, 3:, 0] >= 0] == 0).all()
     assert (y[3][y[3] >= 0] == 0).all()  # no place named: all "none"
-
-
-def test_role_loss_trains_a_head_and_resumes(tmp_path):
-    """Two flow steps with the per-token role head, in one go and as 1 + 1 steps: identical checkpoints."""
-    flags = ["--phases", "flow", "--init-from", "shipped", "--text-role-weight", "0.5", *TINY[:-6], "--eval-every", "0"]
-    threads = torch.get_num_threads()
-    try:
-        train_v2.main(["--work", str(tmp_path / "a"), *flags, "--flow-steps", "2"])
-        for steps in ("1", "2"):
-            train_v2.main(["--work", str(tmp_path / "b"), *flags, "--flow-steps", steps])
-    finally:
-        torch.set_num_threads(threads)
-    a, b = load_file(str(tmp_path / "a" / "flow.safetensors")), load_file(str(tmp_path / "b" / "flow.safetensors"))
-    assert a.keys() == b.keys() and any(k.startswith("role.") for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
