@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # in case a plugin imported torch before the variables above were set
 
 TEST_WORDS = "a red blue green circle square triangle on the left right above below".split()
 

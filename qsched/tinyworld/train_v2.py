@@ -410,14 +410,24 @@ class SceneHead(torch.nn.Module):
         pooled = torch.einsum("nqt,ntd->nqd", att, states).flatten(1)
         return list(self.out(pooled).split([len(v) for v in SCENE_FIELDS.values()], dim=-1))
 
+    def loss(self, pipe, states: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Summed cross-entropies against ``scene_targets``, one row per caption."""
+        y = scene_targets(captions).to(states.device)
+        logits = self(states, _t5_mask(pipe, captions, states.device))
+        return sum(F.cross_entropy(lg, y[:, j]) for j, lg in enumerate(logits))
+
 
 ROLE_FIELDS: dict[str, tuple] = {"vertical": ("none", "upper", "lower"), "horizontal": ("none", "left", "right")}
-_PLACE_ROLES = {  # where a position or relation puts the first group: (vertical, horizontal)
-    "above": ("upper", "none"), "below": ("lower", "none"), "left of": ("none", "left"), "right of": ("none", "right"),
-    "top": ("upper", "none"), "bottom": ("lower", "none"), "left": ("none", "left"), "right": ("none", "right"),
-    "center": ("none", "none"), "top left": ("upper", "left"), "top right": ("upper", "right"),
-    "bottom left": ("lower", "left"), "bottom right": ("lower", "right")}
 _OPPOSITE = {"none": "none", "upper": "lower", "lower": "upper", "left": "right", "right": "left"}
+
+
+def _place_roles(place: str) -> tuple[str, str]:
+    """(vertical, horizontal) role a position or relation gives the first group, read from its words as
+    ``world.satisfies_position`` reads them ("top left" → upper, left; "right of" → none, right)."""
+    words = set(place.split())
+    vertical = "upper" if words & {"top", "above"} else "lower" if words & {"bottom", "below"} else "none"
+    horizontal = "left" if "left" in words else "right" if "right" in words else "none"
+    return vertical, horizontal
 
 
 def role_targets(tokenizer, captions: list[str], length: int) -> torch.Tensor:
@@ -435,7 +445,7 @@ def role_targets(tokenizer, captions: list[str], length: int) -> torch.Tensor:
         place = spec.relation or spec.position
         if place is None:
             continue
-        first = _PLACE_ROLES[place]
+        first = _place_roles(place)
         spans = world.group_word_spans(spec)
         for (start, stop), roles in zip(spans, (first, tuple(_OPPOSITE[r] for r in first))):
             for j, (field, role) in enumerate(zip(ROLE_FIELDS.values(), roles)):
@@ -453,6 +463,12 @@ class RoleHead(torch.nn.Module):
 
     def forward(self, states: torch.Tensor) -> list[torch.Tensor]:
         return list(self.out(states).split([len(v) for v in ROLE_FIELDS.values()], dim=-1))
+
+    def loss(self, pipe, states: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Summed cross-entropies against ``role_targets``, per token, padding ignored."""
+        y = role_targets(pipe.tokenizer_2, captions, states.shape[1]).to(states.device)
+        return sum(F.cross_entropy(lg.flatten(0, 1), y[..., j].flatten(), ignore_index=-100)
+                   for j, lg in enumerate(self(states)))
 
 
 def _t5_mask(pipe, captions: list[str], device) -> torch.Tensor:
@@ -569,18 +585,6 @@ def _ode(transformer, noise, cond, steps: int):
     return x
 
 
-def _aux_loss(name: str, head, pipe, states: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """Summed cross-entropies of an auxiliary head: ``scene`` (pooled, one row per caption) or ``role``
-    (per token, padding ignored)."""
-    if name == "scene":
-        y = scene_targets(captions).to(states.device)
-        logits = head(states, _t5_mask(pipe, captions, states.device))
-        return sum(F.cross_entropy(lg, y[:, j]) for j, lg in enumerate(logits))
-    y = role_targets(pipe.tokenizer_2, captions, states.shape[1]).to(states.device)
-    return sum(F.cross_entropy(lg.flatten(0, 1), y[..., j].flatten(), ignore_index=-100)
-               for j, lg in enumerate(head(states)))
-
-
 def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -> None:
     """Rectified flow on x_t = (1−σ)x0 + σ·noise, target noise − x0; ``teacher`` set: reflow on its ODE
     pairs (text frozen). EMA of every trained module is what gets evaluated and exported."""
@@ -639,7 +643,7 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         loss = F.mse_loss(_velocity(pipe.transformer, xt, sigma, *cond), noise - x0)
         total = loss
         for name, head in extra.items():  # auxiliary targets on the T5 states the transformer just read
-            aux = _aux_loss(name, head, pipe, cond[0], captions)
+            aux = head.loss(pipe, cond[0], captions)
             total = total + weights[name] * aux
             aux_running[name] = 0.98 * aux_running.get(name, aux.item()) + 0.02 * aux.item()
         opt.zero_grad(set_to_none=True)
