@@ -78,7 +78,8 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
     assert "kind" in capsys.readouterr().err.splitlines()[-1]
 
 
-@pytest.mark.parametrize("flags", [["--text-role-weight", "-1"], ["--text-scene-weight", "0.5", "--freeze-text"]])
+@pytest.mark.parametrize("flags", [["--text-role-weight", "-1"], ["--text-scene-weight", "0.5", "--freeze-text"],
+                                   ["--text-group-weight", "0.5", "--freeze-text"]])
 def test_bad_auxiliary_weight_is_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_v2.main(["--work", str(tmp_path / "w"), *flags])
@@ -96,7 +97,8 @@ def test_scene_target_is_the_scene_not_the_word_order():
     assert rows[5].tolist() == [0] * 5  # no relation: "none"
 
 
-@pytest.mark.parametrize("flag,head", [("--text-scene-weight", "scene."), ("--text-role-weight", "role.")])
+@pytest.mark.parametrize("flag,head", [("--text-scene-weight", "scene."), ("--text-role-weight", "role."),
+                                       ("--text-group-weight", "group.")])
 def test_auxiliary_text_loss_checkpoints_and_resumes(tmp_path, flag, head):
     """Two flow steps with an auxiliary head on the T5 states (the pooled scene or the per-token roles) from the
     shipped weights, in one go and as 1 + 1 steps: identical checkpoints, the head saved in them."""
@@ -143,3 +145,18 @@ def test_role_targets_mark_where_each_words_object_goes():
     assert [h[i] for i in y[1, :4, 1]] == ["left"] * 4 and [h[i] for i in y[1, 8:11, 1]] == ["right"] * 3
     assert (v[y[2, 0, 0]], h[y[2, 0, 1]]) == ("upper", "right") and (y[2, 3:, :][y[2, 3:, 0] >= 0] == 0).all()
     assert (y[3][y[3] >= 0] == 0).all()  # no place named: all "none"
+
+
+def test_group_targets_carry_count_and_size_to_every_word_of_the_group():
+    from qsched.tinyworld.model import load_embedded
+    tok = load_embedded().tokenizer_2
+    caps = ["two small red circles and a blue square", "three large green triangles", "a red circle above a blue square"]
+    y = train_v2.group_targets(tok, caps, 16)
+    c, s = train_v2.GROUP_FIELDS["count"], train_v2.GROUP_FIELDS["size"]
+    assert [(c[a], s[b]) for a, b in y[0, :4].tolist()] == [(2, "small")] * 4
+    assert y[0, 4].tolist() == [0, 0] and [(c[a], s[b]) for a, b in y[0, 5:8].tolist()] == [(1, "unsaid")] * 3
+    assert y[0, 8].tolist() == [0, 0] and (y[0, 9:] == -100).all()  # eos "none", then padding
+    assert [(c[a], s[b]) for a, b in y[1, :4].tolist()] == [(3, "large")] * 4
+    assert y[2, 3].tolist() == [0, 0] and (y[2, :3, 0] == c.index(1)).all()  # "above" belongs to no group
+    with pytest.raises(ValueError, match="word-level tokenizer"):
+        train_v2.group_targets(load_embedded().tokenizer, ["a red circle"], 16)

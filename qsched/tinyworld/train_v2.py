@@ -19,6 +19,7 @@ Relation ablation (docs/tiny-v2.md): ``--init-from shipped`` fine-tunes the flow
 (``scene_targets``) to the flow loss.
 ``--text-role-weight W`` adds a linear head on each T5 token predicting where the object it describes goes
 (``role_targets``): the relation put where the transformer's attention reads it.
+``--text-group-weight W`` does the same for the count and size of each word's object (``group_targets``).
 
 Every phase checkpoints model, EMA and optimiser state (safetensors, never pickle) in ``--work`` and
 resumes bit-for-bit: data and noise are seeded per step. Same script on a GPU with ``--device cuda``::
@@ -317,6 +318,9 @@ def parse_args(argv=None):
     p.add_argument("--text-role-weight", type=float, default=0.0,
                    help="flow: weight of the auxiliary per-token role loss (where each word's object goes) on the "
                         "T5 states (0: off)")
+    p.add_argument("--text-group-weight", type=float, default=0.0,
+                   help="flow: weight of the auxiliary per-token group loss (the count and size of each word's "
+                        "object) on the T5 states (0: off)")
     p.add_argument("--kind-weight", action="append", default=[], metavar="KIND=W",
                    help="flow/reflow batches: multiply a caption kind's share by W (repeatable; e.g. relation=2)")
     p.add_argument("--width", type=int, default=4, help="attention heads (×32 dims) of the transformer")
@@ -334,7 +338,7 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.init_from == "shipped" and {"vae", "vaedec", "text"} & set(args.phases.split(",")):
         p.error("--init-from shipped starts at the flow phase: drop vae, vaedec and text from --phases")
-    for flag in ("text_scene_weight", "text_role_weight"):
+    for flag in (f"text_{name}_weight" for name in AUX_HEADS):
         w = getattr(args, flag)
         if w < 0 or (w and args.freeze_text):
             p.error(f"--{flag.replace('_', '-')} wants W >= 0 and trainable text encoders (not with --freeze-text)")
@@ -430,45 +434,76 @@ def _place_roles(place: str) -> tuple[str, str]:
     return vertical, horizontal
 
 
-def role_targets(tokenizer, captions: list[str], length: int) -> torch.Tensor:
-    """[n, length, 2] class indices (see ``ROLE_FIELDS``) per T5 token: where the object a word describes
-    goes. In "a red circle above a blue square" the first group's four tokens are "upper", the second's "lower";
-    a position caption's group takes its position's roles; every other token is "none"; padding is -100.
-    The tokenizer must be word-level (one token per word, then eos), which is checked."""
-    out = torch.full((len(captions), length, 2), -100, dtype=torch.long)
+def _token_targets(tokenizer, captions: list[str], length: int, fields: dict[str, tuple], group_labels) -> torch.Tensor:
+    """[n, length, len(fields)] class indices per T5 token: each object group's words take the labels
+    ``group_labels(spec)`` gives that group (one tuple per group, in caption order; fewer tuples leave the
+    later groups "none"); every other token is "none" (index 0); padding is -100. The tokenizer must be
+    word-level (one token per word, then eos), which is checked."""
+    out = torch.full((len(captions), length, len(fields)), -100, dtype=torch.long)
     for i, c in enumerate(captions):
         spec, words = world.parse_prompt(c), c.split()
         ids = tokenizer(c, truncation=True, max_length=length).input_ids
         if len(ids) != min(len(words) + 1, length):
-            raise ValueError(f"role targets need a word-level tokenizer: {c!r} gave {len(ids)} tokens")
+            raise ValueError(f"per-token targets need a word-level tokenizer: {c!r} gave {len(ids)} tokens")
         out[i, :len(ids)] = 0
-        place = spec.relation or spec.position
-        if place is None:
-            continue
-        first = _place_roles(place)
-        spans = world.group_word_spans(spec)
-        for (start, stop), roles in zip(spans, (first, tuple(_OPPOSITE[r] for r in first))):
-            for j, (field, role) in enumerate(zip(ROLE_FIELDS.values(), roles)):
-                out[i, start:min(stop, length), j] = field.index(role)
+        for (start, stop), labels in zip(world.group_word_spans(spec), group_labels(spec)):
+            for j, (field, label) in enumerate(zip(fields.values(), labels)):
+                out[i, start:min(stop, length), j] = field.index(label)
     return out
 
 
-class RoleHead(torch.nn.Module):
-    """One linear layer per T5 token state → ``ROLE_FIELDS`` logits: asks each token to say where its object
-    goes, in the form the transformer's attention reads (a linear function of one token's state)."""
+def _role_labels(spec) -> list[tuple[str, str]]:
+    place = spec.relation or spec.position
+    if place is None:
+        return []
+    first = _place_roles(place)
+    return [first, tuple(_OPPOSITE[r] for r in first)]
 
-    def __init__(self, dim: int):
+
+def role_targets(tokenizer, captions: list[str], length: int) -> torch.Tensor:
+    """[n, length, 2] (see ``ROLE_FIELDS``): where the object a word describes goes. In "a red circle above a
+    blue square" the first group's four tokens are "upper", the second's "lower"; a position caption's group
+    takes its position's roles; every other token is "none"; padding is -100."""
+    return _token_targets(tokenizer, captions, length, ROLE_FIELDS, _role_labels)
+
+
+GROUP_FIELDS: dict[str, tuple] = {"count": ("none", 1, 2, 3), "size": ("none", "unsaid", "small", "large")}
+
+
+def group_targets(tokenizer, captions: list[str], length: int) -> torch.Tensor:
+    """[n, length, 2] (see ``GROUP_FIELDS``): how many objects the group a word belongs to has, and the size
+    it is given. In "two small red circles and a blue square" all four words of the first group say (2,
+    small), the last three (1, unsaid): count and size carried to the colour and shape tokens the
+    transformer's attention finds the object by."""
+    return _token_targets(tokenizer, captions, length, GROUP_FIELDS,
+                          lambda spec: [(g.count, g.size or "unsaid") for g in spec.groups])
+
+
+class TokenHead(torch.nn.Module):
+    """One linear layer per T5 token state → logits of ``fields``, trained against ``targets`` (a
+    ``_token_targets`` function): asks each token to carry what the caption says about its object, in the form
+    the transformer's attention reads (a linear function of one token's state)."""
+
+    def __init__(self, dim: int, fields: dict[str, tuple], targets):
         super().__init__()
-        self.out = torch.nn.Linear(dim, sum(len(v) for v in ROLE_FIELDS.values()))
+        self.sizes, self.targets = [len(v) for v in fields.values()], targets
+        self.out = torch.nn.Linear(dim, sum(self.sizes))
 
     def forward(self, states: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.out(states).split([len(v) for v in ROLE_FIELDS.values()], dim=-1))
+        return list(self.out(states).split(self.sizes, dim=-1))
 
     def loss(self, pipe, states: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """Summed cross-entropies against ``role_targets``, per token, padding ignored."""
-        y = role_targets(pipe.tokenizer_2, captions, states.shape[1]).to(states.device)
+        """Summed cross-entropies against the targets, per token, padding ignored."""
+        y = self.targets(pipe.tokenizer_2, captions, states.shape[1]).to(states.device)
         return sum(F.cross_entropy(lg.flatten(0, 1), y[..., j].flatten(), ignore_index=-100)
                    for j, lg in enumerate(self(states)))
+
+
+AUX_HEADS = {  # flag name -> (seed offset, constructor on the T5 width); the seeds keep earlier runs reproducible
+    "scene": (4242, SceneHead),
+    "role": (4343, lambda dim: TokenHead(dim, ROLE_FIELDS, role_targets)),
+    "group": (4444, lambda dim: TokenHead(dim, GROUP_FIELDS, group_targets)),
+}
 
 
 def _t5_mask(pipe, captions: list[str], device) -> torch.Tensor:
@@ -602,8 +637,8 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     if train_text_too:
         groups.append({"params": [p for k in ("te1", "te2") for p in mods[k].parameters()], "lr": args.flow_text_lr})
     extra = {}  # auxiliary heads on the T5 states: trained but neither EMA-averaged nor exported
-    weights = {"scene": args.text_scene_weight, "role": args.text_role_weight} if train_text_too else {}
-    for name, seed, head in (("scene", 4242, SceneHead), ("role", 4343, RoleHead)):
+    weights = {name: getattr(args, f"text_{name}_weight") for name in AUX_HEADS} if train_text_too else {}
+    for name, (seed, head) in AUX_HEADS.items():
         if weights.get(name):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed + seed)
