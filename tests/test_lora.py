@@ -74,7 +74,9 @@ def test_lora_moves_the_compressed_images_as_it_moves_fp(tiny_report_artifact, s
 
     assert _psnr(fp, fp_lora) < 15  # the adapter changes the FP images a lot...
     assert _psnr(plain, with_lora) < 20  # ...and the compressed ones too (about 16 dB here; FP: about 9)
-    assert _psnr(with_lora, fp_lora) > _psnr(plain, fp) - 3  # ...the same way, within this pipeline's own error
+    # ...and the same way: with it, the compressed images come clearly closer to what the adapter makes of FP
+    # (by how much depends on the weights: the adapter adds some error of its own, docs/results.md)
+    assert _psnr(with_lora, fp_lora) > _psnr(plain, fp_lora) + 2
     assert isinstance(pipe.scheduler, QSchedScheduler)  # Q-Sched and the cache schedule still drive the sampler
     assert pipe.qsched_cache.counts()["reused"] > 0
     lora_keys = [k for k in pipe.transformer.state_dict() if "lora_" in k]

@@ -102,5 +102,7 @@ def test_a_compile_encodes_each_prompt_once(tiny_report_artifact):
     assert text["prompts"] >= len(listed)
     assert text["late_rows"] == 0, "a stage sampled a prompt the compile did not list ahead"
     assert text["encoded_rows"] <= text["prompts"] + 2  # the layout probe encodes at most two more rows
-    assert text["served_rows"] > 10 * text["prompts"]  # every sampler call after load reads the store
+    # every sampler call after load reads the store: Q-Sched's search images alone are that many rows
+    assert text["bypassed_calls"] == 0 and text["served_rows"] >= manifest["stages"]["coefficients"]["sampler_calls"] > 0
+    assert text["served_rows"] > 2 * text["encoded_rows"]
     assert text["text_encoders"].startswith("in host memory")
