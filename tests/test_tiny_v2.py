@@ -79,8 +79,8 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
 
 
 @pytest.mark.parametrize("flags", [["--text-role-weight", "-1"], ["--text-scene-weight", "0.5", "--freeze-text"],
-                                   ["--text-group-weight", "0.5", "--freeze-text"]])
-def test_bad_auxiliary_weight_is_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
+                                   ["--text-group-weight", "0.5", "--freeze-text"], ["--init-from", "no/such/dir"]])
+def test_bad_fine_tune_flags_are_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_v2.main(["--work", str(tmp_path / "w"), *flags])
     assert exit_.value.code == 2 and not (tmp_path / "w").exists()
@@ -116,11 +116,13 @@ def test_auxiliary_text_loss_checkpoints_and_resumes(tmp_path, flag, head):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_init_from_shipped_starts_from_the_shipped_weights(tmp_path):
-    from qsched.tinyworld.model import load_embedded
+@pytest.mark.parametrize("source", ["shipped", "folder"])
+def test_init_from_shipped_starts_from_the_shipped_weights(tmp_path, source):
+    from qsched.tinyworld.model import WEIGHTS_DIR, load_embedded
     threads = torch.get_num_threads()
+    init = "shipped" if source == "shipped" else str(WEIGHTS_DIR)
     try:  # zero flow steps: the pipeline is the shipped one (the VAE, text and flow phases train nothing)
-        pipe = train_v2.main(["--work", str(tmp_path), "--phases", "flow", "--init-from", "shipped",
+        pipe = train_v2.main(["--work", str(tmp_path), "--phases", "flow", "--init-from", init,
                               "--flow-steps", "0", *TINY[:-6]])
     finally:
         torch.set_num_threads(threads)

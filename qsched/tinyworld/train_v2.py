@@ -14,7 +14,8 @@ tokenizers) and changes the configs and the training:
    evaluation at 4 steps logged to ``curve.jsonl``;
 4. ``reflow`` (optional): few-step distillation on the flow's own ODE pairs.
 
-Relation ablation (docs/tiny-v2.md): ``--init-from shipped`` fine-tunes the flow phase from the shipped weights;
+Relation ablation (docs/tiny-v2.md): ``--init-from shipped`` (or a saved pipeline folder) fine-tunes the flow
+phase from the shipped weights (or that folder's);
 ``--text-scene-weight W`` adds a head on the T5 sequence predicting the caption's canonical scene
 (``scene_targets``) to the flow loss.
 ``--text-role-weight W`` adds a linear head on each T5 token predicting where the object it describes goes
@@ -309,10 +310,10 @@ def parse_args(argv=None):
     p.add_argument("--flow-warmup", type=int, default=300)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--freeze-text", action="store_true", help="ablation: keep the text encoders frozen")
-    p.add_argument("--init-from", choices=("scratch", "shipped"), default="scratch",
-                   help="shipped: take the VAE, text encoders and transformer from the shipped flux-tiny (the vae, "
-                        "vaedec and text phases are skipped) and fine-tune from there; the flow checkpoint, once "
-                        "written, overrides them as usual")
+    p.add_argument("--init-from", default="scratch", metavar="scratch|shipped|DIR",
+                   help="shipped (or DIR, a saved flux-tiny pipeline folder): take the VAE, text encoders and "
+                        "transformer from the shipped flux-tiny (or DIR; the vae, vaedec and text phases are skipped) "
+                        "and fine-tune from there; the flow checkpoint, once written, overrides them as usual")
     p.add_argument("--text-scene-weight", type=float, default=0.0,
                    help="flow: weight of the auxiliary canonical-scene loss on the T5 sequence (0: off)")
     p.add_argument("--text-role-weight", type=float, default=0.0,
@@ -336,8 +337,11 @@ def parse_args(argv=None):
         world.reweighted_kinds(_kind_weights(args.kind_weight))
     except ValueError as e:
         p.error(str(e))
-    if args.init_from == "shipped" and {"vae", "vaedec", "text"} & set(args.phases.split(",")):
-        p.error("--init-from shipped starts at the flow phase: drop vae, vaedec and text from --phases")
+    if args.init_from not in ("scratch", "shipped") and not (Path(args.init_from) / "model_index.json").is_file():
+        p.error(f"--init-from wants scratch, shipped or a saved flux-tiny pipeline folder: {args.init_from} has no "
+                "model_index.json")
+    if args.init_from != "scratch" and {"vae", "vaedec", "text"} & set(args.phases.split(",")):
+        p.error("--init-from shipped or DIR starts at the flow phase: drop vae, vaedec and text from --phases")
     for flag in (f"text_{name}_weight" for name in AUX_HEADS):
         w = getattr(args, flag)
         if w < 0 or (w and args.freeze_text):
@@ -730,12 +734,13 @@ def train_reflow(pipe, args, work: Path, log) -> None:
     train_flow(pipe, args, work, log, phase="reflow", teacher=teacher)
 
 
-def init_from_shipped(pipe) -> None:
-    """Load the shipped flux-tiny's weights (fp16, as fp32) into ``pipe``'s VAE, text encoders and transformer,
-    with the VAE's latent shift/scale; a different ``--width``/``--depth`` fails on the shapes."""
-    from qsched.tinyworld.model import load_embedded
+def init_from_pipeline(pipe, source: str) -> None:
+    """Load a saved flux-tiny's weights (``shipped``: the package's fp16 ones, as fp32) into ``pipe``'s VAE, text
+    encoders and transformer, with the VAE's latent shift/scale; a different ``--width``/``--depth`` fails on the
+    shapes. A folder pins the start of a fine-tune that ``shipped`` would not once the shipped weights change."""
+    from qsched.tinyworld.model import WEIGHTS_DIR, load_embedded
 
-    shipped = load_embedded()
+    shipped = load_embedded(WEIGHTS_DIR if source == "shipped" else Path(source))
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
         getattr(pipe, name).load_state_dict(getattr(shipped, name).state_dict())
     pipe.vae.register_to_config(shift_factor=shipped.vae.config.shift_factor,
@@ -781,11 +786,12 @@ def main(argv=None):
         wanted += [i for i, p in enumerate(order) if (work / f"{p}.safetensors").is_file()]
     last = max(wanted, default=-1)
     pipe = build_pipeline_v2(args.seed, transformer_config(args))
-    if args.init_from == "shipped":
-        init_from_shipped(pipe)
-        log("init: VAE, text encoders and transformer from the shipped flux-tiny (vae, vaedec, text skipped)")
+    if args.init_from != "scratch":
+        init_from_pipeline(pipe, args.init_from)
+        source = "the shipped flux-tiny" if args.init_from == "shipped" else args.init_from
+        log(f"init: VAE, text encoders and transformer from {source} (vae, vaedec, text skipped)")
     for name in order[:last + 1]:  # earlier phases are prerequisites: finished ones just load
-        if args.init_from == "shipped" and name in ("vae", "vaedec", "text"):
+        if args.init_from != "scratch" and name in ("vae", "vaedec", "text"):
             continue
         globals()[f"train_{name}"](pipe, args, work, log)
     if "export" in phases:
