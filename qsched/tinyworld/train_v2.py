@@ -46,7 +46,16 @@ Continued in a copy, out/tiny-v2-rel (2026-12-04, tenth session): from step 18,0
 ``--flow-lr 5e-4 --kind-weight relation=2`` (relation captions 25 % -> 40 %), first under
 ``--flow-steps 26000 --flow-cooldown 7000`` to step 19,500, then under ``--flow-steps 22000 --flow-cooldown
 3000`` to step 22,000 (the cool-down starts at 19,000 under both; the LR over 19,000-19,500 follows the first
-budget). Step 22,000 is the shipped flux-tiny since 2026-12-04.
+budget). Step 22,000 was shipped on 2026-12-04 (tenth session) until the fine-tune below replaced it.
+
+Relation fine-tune (twelfth to fourteenth sessions, 2026-12-04; docs/tiny-v2.md): from step 22,000 (the
+package's weights at commit a3bf550, then read by ``--init-from shipped``; pass that folder as ``--init-from DIR``
+to reproduce it now) with ``--text-role-weight 0.5 --seed 0 --kind-weight relation=2 --flow-lr 2e-4
+--flow-text-lr 1e-4 --flow-warmup 100 --eval-every 500``: out/rel-R under ``--flow-steps 2500 --flow-cooldown
+1000``; copied to out/rel-R2 and resumed under ``--flow-steps 6500 --flow-cooldown 1500`` (the LR restarts at
+2e-4 at step 2,500); copied to out/rel-R3 and resumed under ``--flow-steps 12500 --flow-cooldown 3000`` (the LR
+restarts at 6,500 and cools from 9,500). Fine-tune step 12,500 is the shipped flux-tiny since 2026-12-04
+(fourteenth session).
 """
 from __future__ import annotations
 
