@@ -151,7 +151,8 @@ def test_role_targets_mark_where_each_words_object_goes():
 
 def test_group_targets_carry_count_and_size_to_every_word_of_the_group():
     from qsched.tinyworld.model import load_embedded
-    tok = load_embedded().tokenizer_2
+    pipe = load_embedded()
+    tok = pipe.tokenizer_2
     caps = ["two small red circles and a blue square", "three large green triangles", "a red circle above a blue square"]
     y = train_v2.group_targets(tok, caps, 16)
     c, s = train_v2.GROUP_FIELDS["count"], train_v2.GROUP_FIELDS["size"]
@@ -161,4 +162,4 @@ def test_group_targets_carry_count_and_size_to_every_word_of_the_group():
     assert [(c[a], s[b]) for a, b in y[1, :4].tolist()] == [(3, "large")] * 4
     assert y[2, 3].tolist() == [0, 0] and (y[2, :3, 0] == c.index(1)).all()  # "above" belongs to no group
     with pytest.raises(ValueError, match="word-level tokenizer"):
-        train_v2.group_targets(load_embedded().tokenizer, ["a red circle"], 16)
+        train_v2.group_targets(pipe.tokenizer, ["a red circle"], 16)  # CLIP's adds a BOS

@@ -749,11 +749,11 @@ def init_from_pipeline(pipe, source: str) -> None:
     shapes. A folder pins the start of a fine-tune that ``shipped`` would not once the shipped weights change."""
     from qsched.tinyworld.model import WEIGHTS_DIR, load_embedded
 
-    shipped = load_embedded(WEIGHTS_DIR if source == "shipped" else Path(source))
+    start = load_embedded(WEIGHTS_DIR if source == "shipped" else Path(source))
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
-        getattr(pipe, name).load_state_dict(getattr(shipped, name).state_dict())
-    pipe.vae.register_to_config(shift_factor=shipped.vae.config.shift_factor,
-                                scaling_factor=shipped.vae.config.scaling_factor)
+        getattr(pipe, name).load_state_dict(getattr(start, name).state_dict())
+    pipe.vae.register_to_config(shift_factor=start.vae.config.shift_factor,
+                                scaling_factor=start.vae.config.scaling_factor)
 
 
 def final_eval(pipe, args, work: Path, log) -> dict:
