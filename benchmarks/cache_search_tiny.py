@@ -47,6 +47,7 @@ from cache_search.search import SearchConfig, nsga2_search, proxy_summary, quali
 from qsched.scoring.scorer import WorldJudgeScorer
 from cache_search.stage import GUARD_SEED_OFFSET
 from qsched.runtime.generation import generate
+from qsched.metrics import paired_difference
 from qsched.tinyworld.judge import confidence_interval, judge, psnr
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline, load_embedded
 from qsched.tinyworld.world import sample_batch
@@ -270,7 +271,7 @@ def main(argv=None) -> None:
         verdict = judge(images, val_prompts)
         if ref_images is None:
             ref_images, reference = images, verdict
-        diff = verdict.correct.astype(float) - reference.correct.astype(float)
+        delta, delta_ci = paired_difference(reference.correct, verdict.correct)
         n = len(val_prompts)
         acc = float(verdict.accuracy)
         g = genome(sched)
@@ -279,8 +280,8 @@ def main(argv=None) -> None:
                       "speedup_macs": round(1.0 / cost.mac_fraction(sched), 3),
                       "front": "guard" if g in guarded else ("train" if g in names else ""),
                       "accuracy": round(acc, 4), "ci95": round(confidence_interval(acc, n), 4),
-                      "delta_vs_no_cache": round(float(diff.mean()), 4),
-                      "delta_ci95": round(float(1.96 * diff.std(ddof=1) / np.sqrt(n)), 4) if name != "no_cache" else 0.0,
+                      "delta_vs_no_cache": round(delta, 4),
+                      "delta_ci95": round(delta_ci, 4) if name != "no_cache" else 0.0,
                       "score": round(float(verdict.score), 4), "psnr_vs_no_cache": round(terms["psnr"], 2),
                       "validation_quality": round(terms["quality"], 4),
                       "search_quality": (archive.get(g) or [None])[0], "guard_quality": guard_q.get(g),

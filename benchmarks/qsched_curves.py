@@ -37,6 +37,7 @@ from qsched.models.profiles import world_profile
 from qsched.recipe import CalibrationConfig, QuantizationConfig
 from calibrate.mixdq_run import MixDQRun
 from qsched.runtime.schedulers import QSchedScheduler
+from qsched.metrics import paired_difference
 from qsched.tinyworld.judge import confidence_interval, judge, quality_score
 from qsched.tinyworld.model import TINY_SETTINGS, build_tiny_pipeline, load_embedded
 from qsched.tinyworld.world import sample_batch
@@ -82,8 +83,7 @@ def judged(images, prompts, k: float) -> dict:
 
 def paired(a: dict, b: dict, key: str) -> tuple[float, float]:
     """Mean of ``b - a`` per prompt and its 95 % half-width (normal approximation over the prompts)."""
-    d = np.asarray(b["_per_prompt"][key]) - np.asarray(a["_per_prompt"][key])
-    return float(d.mean()), float(1.96 * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return paired_difference(a["_per_prompt"][key], b["_per_prompt"][key])
 
 
 def quantize(pipe, name: str, cal, settings, work: str):

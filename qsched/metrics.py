@@ -82,3 +82,15 @@ def confidence_interval(p: float, n: int, z: float = 1.96, method: str = "wilson
     if method != "wilson":
         raise ValueError(f"method must be 'wilson' or 'normal', got {method!r}")
     return float(z / (1.0 + z * z / n) * np.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)))
+
+
+def paired_difference(a, b, z: float = 1.96) -> tuple[float, float]:
+    """Mean of ``b - a`` per sample and its 95 % half-width (normal approximation over the samples).
+
+    Why paired: two models judged on the same prompts and noise share most of their per-prompt luck, so
+    the interval of the difference is far tighter than the two unpaired intervals side by side.
+    """
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    if d.shape[0] < 2:
+        return float(d.mean()) if d.size else float("nan"), float("nan")
+    return float(d.mean()), float(z * d.std(ddof=1) / np.sqrt(d.shape[0]))

@@ -220,3 +220,17 @@ def test_confidence_interval():
     assert J.confidence_interval(0.5, 100) == pytest.approx(wilson)
     assert J.confidence_interval(1.0, 500, method="normal") == 0.0 and J.confidence_interval(1.0, 500) > 0.0
     assert J.confidence_interval(0.9, 1000) < J.confidence_interval(0.9, 100)
+
+
+def test_paired_difference_is_tighter_than_unpaired_when_outcomes_agree():
+    rng = np.random.default_rng(0)
+    a = rng.random(400) < 0.6
+    b = a.copy()
+    b[np.flatnonzero(~a)[:20]] = True  # b fixes 20 of a's failures and breaks none
+    mean, half = metrics.paired_difference(a, b)
+    assert mean == pytest.approx(20 / 400)
+    d = b.astype(float) - a.astype(float)
+    assert half == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(400))
+    assert half < metrics.confidence_interval(a.mean(), 400)  # the paired interval excludes 0 here
+    assert metrics.paired_difference(a, a) == (0.0, 0.0)
+    assert np.isnan(metrics.paired_difference([1.0], [0.0])[1])
