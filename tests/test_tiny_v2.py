@@ -36,6 +36,8 @@ def test_phases_checkpoint_evaluate_and_export(straight):
     rows = [json.loads(line) for line in (straight / "curve.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["step"], r["n"]) for r in rows] == [("flow", 2, 4), ("reflow", 2, 4)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    for r in rows:  # each prompt's verdict is kept, so two runs' curves compare prompt by prompt
+        assert train_v2.unpack_correct(r["correct_bits"], r["n"]).mean() == pytest.approx(r["accuracy"])
     from diffusers import FluxPipeline
 
     from qsched.runtime.generation import generate

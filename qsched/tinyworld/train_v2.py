@@ -606,12 +606,19 @@ def _eval_pipe(pipe, transformer, te1, te2):
 
 
 def judged_accuracy(pipe, prompts: list[str], steps: int = 4, seed: int = 123, batch: int = 64) -> dict:
-    """Judged accuracy (95% Wilson half-width) of ``pipe`` on ``prompts`` at ``steps`` Euler steps."""
+    """Judged accuracy (95% Wilson half-width) of ``pipe`` on ``prompts`` at ``steps`` Euler steps, and each
+    prompt's verdict packed as hex (``correct_bits``), so two runs' curves can be compared prompt by prompt."""
     settings = dataclasses.replace(SETTINGS_V2, steps=steps)
     images = generate(pipe, prompts, settings, seed=seed, batch_size=batch)
     v = judge(images, prompts)
     return {"accuracy": v.accuracy, "ci95": confidence_interval(v.accuracy, len(prompts)),
-            "per_attribute": {k: round(x, 4) for k, x in v.per_attribute.items()}}
+            "per_attribute": {k: round(x, 4) for k, x in v.per_attribute.items()},
+            "correct_bits": np.packbits(np.asarray(v.correct, dtype=bool)).tobytes().hex()}
+
+
+def unpack_correct(correct_bits: str, n: int) -> np.ndarray:
+    """The ``n`` per-prompt verdicts packed in ``judged_accuracy``'s ``correct_bits``, as booleans."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(correct_bits), dtype=np.uint8))[:n].astype(bool)
 
 
 def _sigmas(gen, n, device, few_step_mix: float = 0.0):
@@ -721,7 +728,7 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
                 t0 -= time.perf_counter() - te  # evaluation time is not training time
                 with open(curve, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                log(f"eval {json.dumps(row)}")
+                log(f"eval {json.dumps({k: v for k, v in row.items() if k != 'correct_bits'})}")
     pipe._v2_steps = {**getattr(pipe, "_v2_steps", {}), phase: max(start, steps)}  # for final_eval
     for k, m in mods.items():  # the EMA weights are the model
         m.load_state_dict(emas[f"ema_{k}"].state_dict())
