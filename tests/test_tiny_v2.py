@@ -81,7 +81,8 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
 
 
 @pytest.mark.parametrize("flags", [["--text-role-weight", "-1"], ["--text-scene-weight", "0.5", "--freeze-text"],
-                                   ["--text-group-weight", "0.5", "--freeze-text"], ["--init-from", "no/such/dir"]])
+                                   ["--text-group-weight", "0.5", "--freeze-text"], ["--init-from", "no/such/dir"],
+                                   ["--fresh-transformer"]])
 def test_bad_fine_tune_flags_are_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_v2.main(["--work", str(tmp_path / "w"), *flags])
@@ -134,6 +135,22 @@ def test_init_from_shipped_starts_from_the_shipped_weights(tmp_path, source):
         assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref), name
     assert pipe.vae.config.scaling_factor == shipped.vae.config.scaling_factor
     assert not (tmp_path / "vae.safetensors").exists() and not (tmp_path / "text.safetensors").exists()
+
+
+def test_fresh_transformer_keeps_the_shipped_vae_and_text_and_takes_another_width(tmp_path):
+    from qsched.tinyworld.model import load_embedded
+    threads = torch.get_num_threads()
+    try:  # width 1, not the shipped 4: only a fresh transformer fits
+        pipe = train_v2.main(["--work", str(tmp_path), "--phases", "flow", "--init-from", "shipped",
+                              "--fresh-transformer", "--flow-steps", "0", *TINY])
+    finally:
+        torch.set_num_threads(threads)
+    shipped = load_embedded()
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        mine, ref = getattr(pipe, name).state_dict(), getattr(shipped, name).state_dict()
+        assert all(torch.equal(mine[k], ref[k]) for k in ref), name
+    assert pipe.transformer.config.num_attention_heads == 1 != shipped.transformer.config.num_attention_heads
+    assert pipe.vae.config.scaling_factor == shipped.vae.config.scaling_factor
 
 
 def test_role_targets_mark_where_each_words_object_goes():

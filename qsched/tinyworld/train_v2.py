@@ -323,6 +323,9 @@ def parse_args(argv=None):
                    help="shipped (or DIR, a saved flux-tiny pipeline folder): take the VAE, text encoders and "
                         "transformer from the shipped flux-tiny (or DIR; the vae, vaedec and text phases are skipped) "
                         "and fine-tune from there; the flow checkpoint, once written, overrides them as usual")
+    p.add_argument("--fresh-transformer", action="store_true",
+                   help="with --init-from: take only the VAE and text encoders and train a new transformer (for "
+                        "example a wider --width) on them")
     p.add_argument("--text-scene-weight", type=float, default=0.0,
                    help="flow: weight of the auxiliary canonical-scene loss on the T5 sequence (0: off)")
     p.add_argument("--text-role-weight", type=float, default=0.0,
@@ -351,6 +354,8 @@ def parse_args(argv=None):
                 "model_index.json")
     if args.init_from != "scratch" and {"vae", "vaedec", "text"} & set(args.phases.split(",")):
         p.error("--init-from shipped or DIR starts at the flow phase: drop vae, vaedec and text from --phases")
+    if args.fresh_transformer and args.init_from == "scratch":
+        p.error("--fresh-transformer keeps the VAE and text encoders of --init-from: pass --init-from shipped or DIR")
     for flag in (f"text_{name}_weight" for name in AUX_HEADS):
         w = getattr(args, flag)
         if w < 0 or (w and args.freeze_text):
@@ -750,14 +755,15 @@ def train_reflow(pipe, args, work: Path, log) -> None:
     train_flow(pipe, args, work, log, phase="reflow", teacher=teacher)
 
 
-def init_from_pipeline(pipe, source: str) -> None:
+def init_from_pipeline(pipe, source: str, transformer: bool = True) -> None:
     """Load a saved flux-tiny's weights (``shipped``: the package's fp16 ones, as fp32) into ``pipe``'s VAE, text
-    encoders and transformer, with the VAE's latent shift/scale; a different ``--width``/``--depth`` fails on the
-    shapes. A folder pins the start of a fine-tune that ``shipped`` would not once the shipped weights change."""
+    encoders and (``transformer``) transformer, with the VAE's latent shift/scale. A loaded transformer must have
+    the same ``--width``/``--depth``; without it a fresh one (another width, say) trains on the trained VAE and
+    text encoders. A folder pins the start of a fine-tune that ``shipped`` would not once the shipped weights change."""
     from qsched.tinyworld.model import WEIGHTS_DIR, load_embedded
 
     start = load_embedded(WEIGHTS_DIR if source == "shipped" else Path(source))
-    for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
+    for name in ("vae", "text_encoder", "text_encoder_2", "transformer")[:4 if transformer else 3]:
         getattr(pipe, name).load_state_dict(getattr(start, name).state_dict())
     pipe.vae.register_to_config(shift_factor=start.vae.config.shift_factor,
                                 scaling_factor=start.vae.config.scaling_factor)
@@ -803,9 +809,10 @@ def main(argv=None):
     last = max(wanted, default=-1)
     pipe = build_pipeline_v2(args.seed, transformer_config(args))
     if args.init_from != "scratch":
-        init_from_pipeline(pipe, args.init_from)
+        init_from_pipeline(pipe, args.init_from, transformer=not args.fresh_transformer)
         source = "the shipped flux-tiny" if args.init_from == "shipped" else args.init_from
-        log(f"init: VAE, text encoders and transformer from {source} (vae, vaedec, text skipped)")
+        parts = "VAE and text encoders" if args.fresh_transformer else "VAE, text encoders and transformer"
+        log(f"init: {parts} from {source} (vae, vaedec, text skipped)")
     for name in order[:last + 1]:  # earlier phases are prerequisites: finished ones just load
         if args.init_from != "scratch" and name in ("vae", "vaedec", "text"):
             continue
