@@ -43,6 +43,10 @@ def test_phases_checkpoint_evaluate_and_export(straight):
     from qsched.runtime.generation import generate
     pipe = FluxPipeline.from_pretrained(str(straight / "pipeline"), local_files_only=True)
     assert pipe.vae_scale_factor == 2 and pipe.transformer.config.in_channels == 16
+    from qsched.tinyworld.model import SHIPPED_SCHEDULER_CONFIG, WEIGHTS_DIR
+    shipped = json.loads((WEIGHTS_DIR / "scheduler" / "scheduler_config.json").read_text())
+    # an export carries the shipped sampler (time shift 3.0), so a retrained flux-tiny samples as the package does
+    assert pipe.scheduler.config.shift == shipped["shift"] == SHIPPED_SCHEDULER_CONFIG["shift"]
     images = generate(pipe, ["a red circle"], train_v2.SETTINGS_V2, batch_size=1)
     assert images.shape == (1, 3, 32, 32)
     threads = torch.get_num_threads()
