@@ -186,3 +186,23 @@ def test_group_targets_carry_count_and_size_to_every_word_of_the_group():
     assert y[2, 3].tolist() == [0, 0] and (y[2, :3, 0] == c.index(1)).all()  # "above" belongs to no group
     with pytest.raises(ValueError, match="word-level tokenizer"):
         train_v2.group_targets(pipe.tokenizer, ["a red circle"], 16)  # CLIP's adds a BOS
+
+
+def _sampler_benchmark():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "benchmarks" / "tiny_sampler.py"
+    spec = importlib.util.spec_from_file_location("tiny_sampler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampler_benchmark_parses_scheduler_overrides_and_rejects_bad_ones():
+    bench = _sampler_benchmark()
+    assert bench.parse_overrides("shift=3,shift_terminal=0.2,use_beta_sigmas=true") == {
+        "shift": 3.0, "shift_terminal": 0.2, "use_beta_sigmas": True}
+    for bad in ("shift=x", "shift=0", "shift_terminal=1.5", "sigma_min=0.1", "shift",
+                "use_karras_sigmas=yes", "use_karras_sigmas=true,use_beta_sigmas=true"):
+        with pytest.raises(ValueError):
+            bench.parse_overrides(bad)

@@ -45,7 +45,7 @@ T5_CONFIG = dict(d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2, pad_t
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 # The shipped model samples with a time shift of 3 (more of its few steps at high noise, where the layout is
 # decided): chosen on a validation draw, +4.7 points judged accuracy at 4 steps on the acceptance draw
-# (benchmarks/tiny_sampler_shift.py, docs/results.md). Its training is unchanged (logit-normal σ).
+# (benchmarks/tiny_sampler.py, docs/results.md). Its training is unchanged (logit-normal σ).
 SHIPPED_SCHEDULER_CONFIG = {**SCHEDULER_CONFIG, "shift": 3.0}
 TINY_SETTINGS = GenerationSettings(steps=4, height=IMAGE_SIZE, width=IMAGE_SIZE, guidance_scale=0.0,
                                    max_sequence_length=TEXT_LENGTH)

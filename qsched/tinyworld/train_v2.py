@@ -56,7 +56,7 @@ to reproduce it now) with ``--text-role-weight 0.5 --seed 0 --kind-weight relati
 2e-4 at step 2,500); copied to out/rel-R3 and resumed under ``--flow-steps 12500 --flow-cooldown 3000`` (the LR
 restarts at 6,500 and cools from 9,500). Fine-tune step 12,500 is the shipped flux-tiny since 2026-12-04
 (fourteenth session). Since 2026-12-05 it samples with time shift 3.0 (``model.SHIPPED_SCHEDULER_CONFIG``, which
-export writes; chosen with benchmarks/tiny_sampler_shift.py): same weights, and the curves of runs from then
+export writes; chosen with benchmarks/tiny_sampler.py): same weights, and the curves of runs from then
 on are judged at that shift (earlier curves at 1.0).
 """
 from __future__ import annotations
