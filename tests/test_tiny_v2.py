@@ -10,7 +10,7 @@ from qsched.tinyworld import train_v2
 
 TINY = ["--threads", "1", "--ckpt-every", "1", "--vae-batch", "4", "--vae-eval", "0", "--norm-images", "16", "--text-batch", "8",
         "--flow-batch", "4", "--width", "1", "--depth", "1,1", "--eval-every", "0"]
-PHASES = ("vae", "vaedec", "text", "flow", "reflow")
+PHASES = ("vae", "vaedec", "text", "flow", "reflow", "guide")
 
 
 def _budget(**steps):
@@ -23,8 +23,8 @@ def straight(tmp_path_factory):
     work = tmp_path_factory.mktemp("straight")
     threads = torch.get_num_threads()
     try:
-        train_v2.main(["--work", str(work), "--phases", "reflow,export", "--eval-every", "2", "--eval-prompts", "4",
-                       "--teacher-steps", "2", *TINY[:-2], *_budget(vae=2, vaedec=2, text=2, flow=2, reflow=2)])
+        train_v2.main(["--work", str(work), "--phases", "guide,export", "--eval-every", "2", "--eval-prompts", "4",
+                       "--teacher-steps", "2", *TINY[:-2], *_budget(vae=2, vaedec=2, text=2, flow=2, reflow=2, guide=2)])
     finally:
         torch.set_num_threads(threads)
     return work
@@ -34,7 +34,7 @@ def test_phases_checkpoint_evaluate_and_export(straight):
     for phase in PHASES:
         assert (straight / f"{phase}.safetensors").is_file()
     rows = [json.loads(line) for line in (straight / "curve.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["step"], r["n"]) for r in rows] == [("flow", 2, 4), ("reflow", 2, 4)]
+    assert [(r["phase"], r["step"], r["n"]) for r in rows] == [("flow", 2, 4), ("reflow", 2, 4), ("guide", 2, 4)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     for r in rows:  # each prompt's verdict is kept, so two runs' curves compare prompt by prompt
         assert train_v2.unpack_correct(r["correct_bits"], r["n"]).mean() == pytest.approx(r["accuracy"])
@@ -52,7 +52,7 @@ def test_phases_checkpoint_evaluate_and_export(straight):
     threads = torch.get_num_threads()
     try:  # the acceptance evaluation loads every finished phase and writes its numbers
         train_v2.main(["--work", str(straight), "--phases", "eval", "--final-eval", "16", *TINY,
-                       *_budget(vae=0, vaedec=0, text=0, flow=0, reflow=0)])
+                       *_budget(vae=0, vaedec=0, text=0, flow=0, reflow=0, guide=0)])
     finally:
         torch.set_num_threads(threads)
     res = json.loads((straight / "eval-flow2.json").read_text())
@@ -86,7 +86,7 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
 
 @pytest.mark.parametrize("flags", [["--text-role-weight", "-1"], ["--text-scene-weight", "0.5", "--freeze-text"],
                                    ["--text-group-weight", "0.5", "--freeze-text"], ["--init-from", "no/such/dir"],
-                                   ["--fresh-transformer"]])
+                                   ["--fresh-transformer"], ["--guide-scale", "0.5"]])
 def test_bad_fine_tune_flags_are_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_v2.main(["--work", str(tmp_path / "w"), *flags])

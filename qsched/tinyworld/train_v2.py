@@ -297,7 +297,7 @@ def _logger(work: Path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="out/tiny-v2", help="checkpoints and logs (a rerun resumes from here)")
-    p.add_argument("--phases", default="vae,text,flow", help="comma list of vae,text,flow,reflow,export,eval")
+    p.add_argument("--phases", default="vae,text,flow", help="comma list of vae,vaedec,text,flow,reflow,guide,export,eval")
     p.add_argument("--out", default=None, help="export dir for the final pipeline (default WORK/pipeline)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -346,6 +346,10 @@ def parse_args(argv=None):
     p.add_argument("--reflow-steps", type=int, default=0)
     p.add_argument("--reflow-lr", type=float, default=3e-4)
     p.add_argument("--teacher-steps", type=int, default=8)
+    p.add_argument("--guide-steps", type=int, default=0, help="guidance distillation (the guide phase)")
+    p.add_argument("--guide-lr", type=float, default=2e-4)
+    p.add_argument("--guide-scale", type=float, default=1.5,
+                   help="the teacher's classifier-free guidance scale the guide phase distils")
     args = p.parse_args(argv)
     try:  # bad input: one line, status 2, before any work
         world.reweighted_kinds(_kind_weights(args.kind_weight))
@@ -356,6 +360,8 @@ def parse_args(argv=None):
                 "model_index.json")
     if args.init_from != "scratch" and {"vae", "vaedec", "text"} & set(args.phases.split(",")):
         p.error("--init-from shipped or DIR starts at the flow phase: drop vae, vaedec and text from --phases")
+    if args.guide_scale < 1:
+        p.error(f"--guide-scale {args.guide_scale}: classifier-free guidance wants a scale of at least 1 (1 is none)")
     if args.fresh_transformer and args.init_from == "scratch":
         p.error("--fresh-transformer keeps the VAE and text encoders of --init-from: pass --init-from shipped or DIR")
     for flag in (f"text_{name}_weight" for name in AUX_HEADS):
@@ -647,15 +653,18 @@ def _ode(transformer, noise, cond, steps: int):
     return x
 
 
+_PHASE_SEED = {"flow": 0, "reflow": 10**8, "guide": 2 * 10**8}  # each phase draws its own noise
+
+
 def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -> None:
-    """Rectified flow on x_t = (1−σ)x0 + σ·noise, target noise − x0; ``teacher`` set: reflow on its ODE
-    pairs (text frozen). EMA of every trained module is what gets evaluated and exported."""
+    """Rectified flow on x_t = (1−σ)x0 + σ·noise, target noise − x0. With a frozen ``teacher`` (text frozen
+    too): ``reflow`` trains on the teacher's ODE pairs, ``guide`` on the teacher's classifier-free-guided
+    velocity at x_t. EMA of every trained module is what gets evaluated and exported."""
     import copy
 
     dev = args.device
-    steps = args.flow_steps if teacher is None else args.reflow_steps
-    lr = args.flow_lr if teacher is None else args.reflow_lr
-    train_text_too = teacher is None and not args.freeze_text
+    steps, lr = getattr(args, f"{phase}_steps"), getattr(args, f"{phase}_lr")
+    train_text_too = phase == "flow" and not args.freeze_text
     mods = {"model": pipe.transformer}
     if train_text_too:
         mods.update(te1=pipe.text_encoder, te2=pipe.text_encoder_2)
@@ -687,22 +696,27 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     eval_prompts = world.sample_batch(seed=123, n=args.eval_prompts, split="test")[1] if args.eval_every else []
     kind_probs = world.reweighted_kinds(_kind_weights(args.kind_weight)) if args.kind_weight else None
     curve = work / "curve.jsonl"
+    if phase == "guide":  # the empty caption is the unconditional branch, as the pipeline's negative_prompt=""
+        empty = encode_text(pipe, [""] * args.flow_batch, dev)
     gen = torch.Generator()
     t0, running, aux_running = time.perf_counter(), None, {}
     for step in range(start, steps):
         _set_lr(opt, base, _lr_factor(step, args.flow_warmup, steps, args.flow_cooldown))
-        gen.manual_seed(args.seed * 7919 + step + (0 if teacher is None else 10**8))
+        gen.manual_seed(args.seed * 7919 + step + _PHASE_SEED[phase])
         images, captions = world.sample_batch(seed=args.seed * 1_000_003 + 500_000 + step, n=args.flow_batch,
                                               split="train", kind_probs=kind_probs)
         x0, img_ids = encode_images(pipe, images, dev)
         with torch.set_grad_enabled(train_text_too):
             cond = (*encode_text(pipe, captions, dev), img_ids)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
-        if teacher is not None:
+        if phase == "reflow":
             x0 = _ode(teacher, noise, cond, args.teacher_steps)
-        sigma = _sigmas(gen, x0.shape[0], dev, 0.5 if teacher is not None else 0.0)
+        sigma = _sigmas(gen, x0.shape[0], dev, 0.5 if phase == "reflow" else 0.0)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        loss = F.mse_loss(_velocity(pipe.transformer, xt, sigma, *cond), noise - x0)
+        target = noise - x0
+        if phase == "guide":
+            target = _guided_velocity(teacher, xt, sigma, cond, (*empty, img_ids), args.guide_scale)
+        loss = F.mse_loss(_velocity(pipe.transformer, xt, sigma, *cond), target)
         total = loss
         for name, head in extra.items():  # auxiliary targets on the T5 states the transformer just read
             aux = head.loss(pipe, cond[0], captions)
@@ -757,6 +771,25 @@ def train_reflow(pipe, args, work: Path, log) -> None:
     train_flow(pipe, args, work, log, phase="reflow", teacher=teacher)
 
 
+@torch.no_grad()
+def _guided_velocity(teacher, xt, sigma, cond, uncond, scale: float) -> torch.Tensor:
+    """Classifier-free guidance of the teacher (FluxPipeline's ``true_cfg_scale``): v_u + scale·(v_c − v_u)."""
+    v_u = _velocity(teacher, xt, sigma, *uncond)
+    return v_u + scale * (_velocity(teacher, xt, sigma, *cond) - v_u)
+
+
+def train_guide(pipe, args, work: Path, log) -> None:
+    """Guidance distillation (Meng et al. 2023, stage 1): the model learns, at one call per step, the velocity
+    its frozen copy gives under classifier-free guidance at ``--guide-scale`` with the empty caption as the
+    unconditional branch, so the pipeline draws guided images at the same steps and cost, with no new input."""
+    import copy
+
+    if args.guide_steps <= 0:
+        return
+    teacher = copy.deepcopy(pipe.transformer).to(args.device).eval().requires_grad_(False)
+    train_flow(pipe, args, work, log, phase="guide", teacher=teacher)
+
+
 def init_from_pipeline(pipe, source: str, transformer: bool = True) -> None:
     """Load a saved flux-tiny's weights (``shipped``: the package's fp16 ones, as fp32) into ``pipe``'s VAE, text
     encoders and (``transformer``) transformer, with the VAE's latent shift/scale. A loaded transformer must have
@@ -804,7 +837,7 @@ def main(argv=None):
     log = _logger(work)
     log(f"args: {json.dumps(vars(args))}")
     phases = args.phases.split(",")
-    order = ["vae", "vaedec", "text", "flow", "reflow"]
+    order = ["vae", "vaedec", "text", "flow", "reflow", "guide"]
     wanted = [order.index(p) for p in phases if p in order]
     if {"export", "eval"} & set(phases):  # also load every phase that has a checkpoint
         wanted += [i for i, p in enumerate(order) if (work / f"{p}.safetensors").is_file()]
