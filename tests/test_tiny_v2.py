@@ -86,7 +86,8 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
 
 @pytest.mark.parametrize("flags", [["--text-role-weight", "-1"], ["--text-scene-weight", "0.5", "--freeze-text"],
                                    ["--text-group-weight", "0.5", "--freeze-text"], ["--init-from", "no/such/dir"],
-                                   ["--fresh-transformer"], ["--guide-scale", "0.5"]])
+                                   ["--fresh-transformer"], ["--guide-scale", "0.5"],
+                                   ["--caption-dropout", "1"]])
 def test_bad_fine_tune_flags_are_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_v2.main(["--work", str(tmp_path / "w"), *flags])
@@ -104,12 +105,13 @@ def test_scene_target_is_the_scene_not_the_word_order():
     assert rows[5].tolist() == [0] * 5  # no relation: "none"
 
 
-@pytest.mark.parametrize("flag,head", [("--text-scene-weight", "scene."), ("--text-role-weight", "role."),
-                                       ("--text-group-weight", "group.")])
-def test_auxiliary_text_loss_checkpoints_and_resumes(tmp_path, flag, head):
+@pytest.mark.parametrize("flag,head,more", [("--text-scene-weight", "scene.", []), ("--text-role-weight", "role.", []),
+                                            ("--text-group-weight", "group.", ["--caption-dropout", "0.5"])])
+def test_auxiliary_text_loss_checkpoints_and_resumes(tmp_path, flag, head, more):
     """Two flow steps with an auxiliary head on the T5 states (the pooled scene or the per-token roles) from the
-    shipped weights, in one go and as 1 + 1 steps: identical checkpoints, the head saved in them."""
-    flags = ["--phases", "flow", "--init-from", "shipped", flag, "0.5", *TINY[:-6], "--eval-every", "0"]
+    shipped weights, in one go and as 1 + 1 steps: identical checkpoints, the head saved in them. With caption
+    dropout the head learns from the kept captions only."""
+    flags = ["--phases", "flow", "--init-from", "shipped", flag, "0.5", *more, *TINY[:-6], "--eval-every", "0"]
     threads = torch.get_num_threads()
     try:
         train_v2.main(["--work", str(tmp_path / "a"), *flags, "--flow-steps", "2"])
@@ -206,3 +208,13 @@ def test_sampler_benchmark_parses_scheduler_overrides_and_rejects_bad_ones():
                 "use_karras_sigmas=yes", "use_karras_sigmas=true,use_beta_sigmas=true"):
         with pytest.raises(ValueError):
             bench.parse_overrides(bad)
+
+
+def test_caption_dropout_is_seeded_per_step_and_off_by_default():
+    off = train_v2.parse_args(["--caption-dropout", "0"])
+    assert train_v2._kept_captions(off, "flow", 3, 64).all()
+    on = train_v2.parse_args(["--caption-dropout", "0.25"])
+    keep = train_v2._kept_captions(on, "guide", 3, 4096)
+    assert torch.equal(keep, train_v2._kept_captions(on, "guide", 3, 4096))
+    assert not torch.equal(keep, train_v2._kept_captions(on, "guide", 4, 4096))
+    assert 0.7 < keep.float().mean() < 0.8

@@ -346,6 +346,9 @@ def parse_args(argv=None):
     p.add_argument("--reflow-steps", type=int, default=0)
     p.add_argument("--reflow-lr", type=float, default=3e-4)
     p.add_argument("--teacher-steps", type=int, default=8)
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="flow/reflow/guide: share of captions replaced by the empty one (the unconditional branch "
+                        "of classifier-free guidance; in the guide phase it keeps the teacher's)")
     p.add_argument("--guide-steps", type=int, default=0, help="guidance distillation (the guide phase)")
     p.add_argument("--guide-lr", type=float, default=2e-4)
     p.add_argument("--guide-scale", type=float, default=1.5,
@@ -360,6 +363,8 @@ def parse_args(argv=None):
                 "model_index.json")
     if args.init_from != "scratch" and {"vae", "vaedec", "text"} & set(args.phases.split(",")):
         p.error("--init-from shipped or DIR starts at the flow phase: drop vae, vaedec and text from --phases")
+    if not 0 <= args.caption_dropout < 1:
+        p.error(f"--caption-dropout {args.caption_dropout}: a share of the batch, at least 0 and below 1")
     if args.guide_scale < 1:
         p.error(f"--guide-scale {args.guide_scale}: classifier-free guidance wants a scale of at least 1 (1 is none)")
     if args.fresh_transformer and args.init_from == "scratch":
@@ -644,6 +649,19 @@ def _sigmas(gen, n, device, few_step_mix: float = 0.0):
     return sigma.to(device)
 
 
+_PHASE_SEED = {"flow": 0, "reflow": 10**8, "guide": 2 * 10**8}  # each phase draws its own noise
+
+
+def _kept_captions(args, phase: str, step: int, n: int) -> torch.Tensor:
+    """[n] bools: False where ``--caption-dropout`` replaces the caption by the empty one, so the model also
+    learns the unconditional velocity that classifier-free guidance needs (its own generator: runs without
+    dropout draw exactly as before)."""
+    if not args.caption_dropout:
+        return torch.ones(n, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(args.seed * 7919 + step + _PHASE_SEED[phase] + 3 * 10**8)
+    return torch.rand(n, generator=gen) >= args.caption_dropout
+
+
 @torch.no_grad()
 def _ode(transformer, noise, cond, steps: int):
     x = noise
@@ -651,9 +669,6 @@ def _ode(transformer, noise, cond, steps: int):
     for s, s2 in itertools.pairwise(sig):
         x = x + (s2 - s) * _velocity(transformer, x, torch.full((x.shape[0],), s, device=x.device), *cond)
     return x
-
-
-_PHASE_SEED = {"flow": 0, "reflow": 10**8, "guide": 2 * 10**8}  # each phase draws its own noise
 
 
 def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -> None:
@@ -706,8 +721,9 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         images, captions = world.sample_batch(seed=args.seed * 1_000_003 + 500_000 + step, n=args.flow_batch,
                                               split="train", kind_probs=kind_probs)
         x0, img_ids = encode_images(pipe, images, dev)
+        keep = _kept_captions(args, phase, step, len(captions))
         with torch.set_grad_enabled(train_text_too):
-            cond = (*encode_text(pipe, captions, dev), img_ids)
+            cond = (*encode_text(pipe, [c if k else "" for c, k in zip(captions, keep)], dev), img_ids)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         if phase == "reflow":
             x0 = _ode(teacher, noise, cond, args.teacher_steps)
@@ -719,7 +735,9 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         loss = F.mse_loss(_velocity(pipe.transformer, xt, sigma, *cond), target)
         total = loss
         for name, head in extra.items():  # auxiliary targets on the T5 states the transformer just read
-            aux = head.loss(pipe, cond[0], captions)
+            if not keep.any():
+                continue
+            aux = head.loss(pipe, cond[0][keep.to(dev)], [c for c, k in zip(captions, keep) if k])
             total = total + weights[name] * aux
             aux_running[name] = 0.98 * aux_running.get(name, aux.item()) + 0.02 * aux.item()
         opt.zero_grad(set_to_none=True)
