@@ -87,7 +87,7 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
 @pytest.mark.parametrize("flags", [["--text-role-weight", "-1"], ["--text-scene-weight", "0.5", "--freeze-text"],
                                    ["--text-group-weight", "0.5", "--freeze-text"], ["--init-from", "no/such/dir"],
                                    ["--fresh-transformer"], ["--guide-scale", "0.5"],
-                                   ["--caption-dropout", "1"]])
+                                   ["--caption-dropout", "1"], ["--guide-on-policy", "1.5"]])
 def test_bad_fine_tune_flags_are_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_v2.main(["--work", str(tmp_path / "w"), *flags])
@@ -218,3 +218,23 @@ def test_caption_dropout_is_seeded_per_step_and_off_by_default():
     assert torch.equal(keep, train_v2._kept_captions(on, "guide", 3, 4096))
     assert not torch.equal(keep, train_v2._kept_captions(on, "guide", 4, 4096))
     assert 0.7 < keep.float().mean() < 0.8
+
+
+def test_on_policy_guide_runs_on_the_shipped_sampler_grid_and_resumes(tmp_path):
+    """The on-policy guide phase takes states the model's own 4-step sampler visits (the shipped grid, time
+    shift 3.0), with caption dropout; two steps in one go equal 1 + 1 steps."""
+    from qsched.tinyworld.model import load_embedded
+    assert train_v2.sampler_grid(load_embedded().scheduler, 4) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
+    flags = ["--phases", "guide", "--init-from", "shipped", "--flow-steps", "0", "--guide-on-policy", "1",
+             "--caption-dropout", "0.5", *TINY[:-6], "--eval-every", "0"]
+    threads = torch.get_num_threads()
+    try:
+        train_v2.main(["--work", str(tmp_path / "a"), *flags, "--guide-steps", "2"])
+        for steps in ("1", "2"):
+            train_v2.main(["--work", str(tmp_path / "b"), *flags, "--guide-steps", steps])
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_file(str(tmp_path / "a" / "guide.safetensors")), load_file(str(tmp_path / "b" / "guide.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

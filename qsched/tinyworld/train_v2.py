@@ -351,6 +351,8 @@ def parse_args(argv=None):
                         "of classifier-free guidance; in the guide phase it keeps the teacher's)")
     p.add_argument("--guide-steps", type=int, default=0, help="guidance distillation (the guide phase)")
     p.add_argument("--guide-lr", type=float, default=2e-4)
+    p.add_argument("--guide-on-policy", type=float, default=0.0,
+                   help="guide: share of each batch taken at the states the model's own few-step sampler visits")
     p.add_argument("--guide-scale", type=float, default=1.5,
                    help="the teacher's classifier-free guidance scale the guide phase distils")
     args = p.parse_args(argv)
@@ -363,6 +365,8 @@ def parse_args(argv=None):
                 "model_index.json")
     if args.init_from != "scratch" and {"vae", "vaedec", "text"} & set(args.phases.split(",")):
         p.error("--init-from shipped or DIR starts at the flow phase: drop vae, vaedec and text from --phases")
+    if not 0 <= args.guide_on_policy <= 1:
+        p.error(f"--guide-on-policy {args.guide_on_policy}: a share of the batch, from 0 to 1")
     if not 0 <= args.caption_dropout < 1:
         p.error(f"--caption-dropout {args.caption_dropout}: a share of the batch, at least 0 and below 1")
     if args.guide_scale < 1:
@@ -713,6 +717,7 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     curve = work / "curve.jsonl"
     if phase == "guide":  # the empty caption is the unconditional branch, as the pipeline's negative_prompt=""
         empty = encode_text(pipe, [""] * args.flow_batch, dev)
+        grid = sampler_grid(pipe.scheduler, SETTINGS_V2.steps)
     gen = torch.Generator()
     t0, running, aux_running = time.perf_counter(), None, {}
     for step in range(start, steps):
@@ -730,6 +735,8 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         sigma = _sigmas(gen, x0.shape[0], dev, 0.5 if phase == "reflow" else 0.0)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         target = noise - x0
+        if phase == "guide" and args.guide_on_policy:
+            xt, sigma = _on_policy(pipe.transformer, xt, sigma, noise, cond, grid, args, step)
         if phase == "guide":
             target = _guided_velocity(teacher, xt, sigma, cond, (*empty, img_ids), args.guide_scale)
         loss = F.mse_loss(_velocity(pipe.transformer, xt, sigma, *cond), target)
@@ -787,6 +794,29 @@ def train_reflow(pipe, args, work: Path, log) -> None:
         return
     teacher = copy.deepcopy(pipe.transformer).to(args.device).eval().requires_grad_(False)
     train_flow(pipe, args, work, log, phase="reflow", teacher=teacher)
+
+
+def sampler_grid(scheduler, steps: int) -> list[float]:
+    """The σ values (ending in 0) the pipeline's scheduler steps through at ``steps`` (FluxPipeline's call)."""
+    import copy
+
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))
+    return scheduler.sigmas.tolist()
+
+
+@torch.no_grad()
+def _on_policy(model, xt, sigma, noise, cond, grid: list[float], args, step: int):
+    """Replace a ``--guide-on-policy`` share of the rows by where the model's own sampler is after its first k
+    Euler steps on ``grid`` (one k per batch, uniform), so it learns the guided velocity at the states it
+    visits when it samples, not only at noised data (its own generator: the other draws are unchanged)."""
+    gen = torch.Generator().manual_seed(args.seed * 7919 + step + _PHASE_SEED["guide"] + 4 * 10**8)
+    k = int(torch.randint(0, len(grid) - 1, (1,), generator=gen))
+    rows = (torch.rand(xt.shape[0], generator=gen) < args.guide_on_policy).to(xt.device)
+    x = noise
+    for s, s2 in zip(grid[:k], grid[1:k + 1]):
+        x = x + (s2 - s) * _velocity(model, x, torch.full((x.shape[0],), s, device=x.device), *cond)
+    return torch.where(rows[:, None, None], x, xt), torch.where(rows, torch.full_like(sigma, grid[k]), sigma)
 
 
 @torch.no_grad()
