@@ -58,6 +58,13 @@ restarts at 6,500 and cools from 9,500). Fine-tune step 12,500 is the shipped fl
 (fourteenth session). Since 2026-12-05 it samples with time shift 3.0 (``model.SHIPPED_SCHEDULER_CONFIG``, which
 export writes; chosen with benchmarks/tiny_sampler.py): same weights, and the curves of runs from then
 on are judged at that shift (earlier curves at 1.0).
+
+Guidance distillation (sixteenth session, 2026-12-05; docs/tiny-v2.md): from that fine-tune (the fp32 folder
+out/rel-R3/pipeline, the package's weights at commit d243b6f) with ``--phases guide,export --flow-steps 0
+--guide-steps 2000 --guide-lr 2e-4 --guide-scale 1.5 --flow-warmup 100 --flow-cooldown 500 --kind-weight
+relation=2 --seed 0`` (work folder out/guide-15): the model learns its own classifier-free-guided velocity (the
+empty caption as the unconditional branch) at one call per step. Guide step 2,000 is the shipped flux-tiny since
+2026-12-05 (sixteenth session).
 """
 from __future__ import annotations
 
