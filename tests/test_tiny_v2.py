@@ -112,17 +112,24 @@ def test_auxiliary_text_loss_checkpoints_and_resumes(tmp_path, flag, head, more)
     shipped weights, in one go and as 1 + 1 steps: identical checkpoints, the head saved in them. With caption
     dropout the head learns from the kept captions only."""
     flags = ["--phases", "flow", "--init-from", "shipped", flag, "0.5", *more, *TINY[:-6], "--eval-every", "0"]
+    a = _two_steps_equal_one_plus_one(tmp_path, flags, "flow")
+    assert any(k.startswith(head) for k in a)
+
+
+def _two_steps_equal_one_plus_one(tmp_path, flags: list[str], phase: str) -> dict:
+    """Run ``phase`` for two steps in one go and as 1 + 1 (a resume): the checkpoints must be identical."""
     threads = torch.get_num_threads()
     try:
-        train_v2.main(["--work", str(tmp_path / "a"), *flags, "--flow-steps", "2"])
+        train_v2.main(["--work", str(tmp_path / "a"), *flags, f"--{phase}-steps", "2"])
         for steps in ("1", "2"):
-            train_v2.main(["--work", str(tmp_path / "b"), *flags, "--flow-steps", steps])
+            train_v2.main(["--work", str(tmp_path / "b"), *flags, f"--{phase}-steps", steps])
     finally:
         torch.set_num_threads(threads)
-    a, b = load_file(str(tmp_path / "a" / "flow.safetensors")), load_file(str(tmp_path / "b" / "flow.safetensors"))
-    assert a.keys() == b.keys() and any(k.startswith(head) for k in a)
+    a, b = (load_file(str(tmp_path / run / f"{phase}.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    return a
 
 
 @pytest.mark.parametrize("source", ["shipped", "folder"])
@@ -227,14 +234,4 @@ def test_on_policy_guide_runs_on_the_shipped_sampler_grid_and_resumes(tmp_path):
     assert train_v2.sampler_grid(load_embedded().scheduler, 4) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
     flags = ["--phases", "guide", "--init-from", "shipped", "--flow-steps", "0", "--guide-on-policy", "1",
              "--caption-dropout", "0.5", *TINY[:-6], "--eval-every", "0"]
-    threads = torch.get_num_threads()
-    try:
-        train_v2.main(["--work", str(tmp_path / "a"), *flags, "--guide-steps", "2"])
-        for steps in ("1", "2"):
-            train_v2.main(["--work", str(tmp_path / "b"), *flags, "--guide-steps", steps])
-    finally:
-        torch.set_num_threads(threads)
-    a, b = load_file(str(tmp_path / "a" / "guide.safetensors")), load_file(str(tmp_path / "b" / "guide.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _two_steps_equal_one_plus_one(tmp_path, flags, "guide")
