@@ -1,8 +1,9 @@
 """How much of the guidance term a guide-phase student has learned, at noised data and along the sampler's path.
 
-Why: a guidance-distilled flux-tiny (``train_v2 --phases guide``) keeps only part of what true classifier-free
-guidance buys. This separates the two places that can lose it: the fit at noised held-out images (the phase's
-own objective) and the states the 4-step sampler visits (the teacher's guided path against the student's own).
+Why: a guidance-distilled flux-tiny (``train_v2 --phases guide``) should draw what true classifier-free guidance
+draws at half the calls. This checks the two places where it can fall short: the fit at noised held-out images
+(the phase's own objective) and the states the 4-step sampler visits (the teacher's guided path against the
+student's own).
 For each σ it prints the size of the guidance term |v_guided − v_cond|² and the student's error against
 v_guided, both as means over latent elements.
 
