@@ -1,7 +1,7 @@
 """Q-Sched on flux-tiny: Q-Sched's own 50×50 grid vs our per-step CMA-ES, on several quantized models.
 
 For each quantized model (``--models``, e.g. ``w4a8:uniform`` for round-to-nearest W4A8 or
-``w4a8:mixdq`` for MixDQ's mixed precision at the same budget) both searches see only the quantized
+``w4a8:mixdq`` for MixDQ's mixed precision at the same budget; ``fp`` searches the unquantized model) both searches see only the quantized
 pipeline (4 steps) and the reference-free JAQ (world judge score + k · world quality score) on the same
 train prompts with one fixed seed. A held-out *guard* prompt set is scored whenever a method's train best
 changes (the curves), and the result is the guarded candidate with the best guard JAQ (``--select``).
@@ -87,7 +87,10 @@ def paired(a: dict, b: dict, key: str) -> tuple[float, float]:
 
 
 def quantize(pipe, name: str, cal, settings, work: str):
-    """Calibrate ``pipe`` in place: ``bits:method`` with method ``uniform`` (RTN) or ``mixdq``."""
+    """Calibrate ``pipe`` in place: ``bits:method`` with method ``uniform`` (RTN) or ``mixdq``; ``fp`` leaves
+    it unquantized (what the coefficients buy the sampler itself)."""
+    if name == "fp":
+        return None
     bits, _, method = name.partition(":")
     method = method or "uniform"
     if method not in ("uniform", "mixdq"):
@@ -100,7 +103,8 @@ def quantize(pipe, name: str, cal, settings, work: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["w4a8:uniform"],
-                   help="quantized models as bits:method (method: uniform or mixdq)")
+                   help="quantized models as bits:method (method: uniform or mixdq), or fp for the "
+                                                         "unquantized model")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--prompts", type=int, default=24, help="train prompts and held-out guard prompts (each)")
     p.add_argument("--eval-prompts", type=int, default=1024, help="third prompt set for the final numbers")
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
         quantize(qpipe, name, cal, settings, args.work)
         entry = {"methods": {}, "eval": {}}
         report["models"][name] = entry
-        q_row = evaluate(qpipe, name)
+        q_row = fp_row if name == "fp" else evaluate(qpipe, name)
         rows = {name: q_row}
         base = qpipe.scheduler
         for method in args.methods:

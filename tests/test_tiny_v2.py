@@ -10,7 +10,8 @@ from qsched.tinyworld import train_v2
 
 TINY = ["--threads", "1", "--ckpt-every", "1", "--vae-batch", "4", "--vae-eval", "0", "--norm-images", "16", "--text-batch", "8",
         "--flow-batch", "4", "--width", "1", "--depth", "1,1", "--eval-every", "0"]
-PHASES = ("vae", "vaedec", "text", "flow", "reflow", "guide")
+PHASES = ("vae", "vaedec", "text", "flow", "reflow", "guide", "coef")
+COEF = ["--coef-cx", "0.8,0.9", "--coef-ce", "1.1,0.95"]  # the coef phase's teacher: 2-step Q-Sched coefficients
 
 
 def _budget(**steps):
@@ -23,8 +24,9 @@ def straight(tmp_path_factory):
     work = tmp_path_factory.mktemp("straight")
     threads = torch.get_num_threads()
     try:
-        train_v2.main(["--work", str(work), "--phases", "guide,export", "--eval-every", "2", "--eval-prompts", "4",
-                       "--teacher-steps", "2", *TINY[:-2], *_budget(vae=2, vaedec=2, text=2, flow=2, reflow=2, guide=2)])
+        train_v2.main(["--work", str(work), "--phases", "coef,export", "--eval-every", "2", "--eval-prompts", "4",
+                       "--teacher-steps", "2", *COEF, *TINY[:-2],
+                       *_budget(vae=2, vaedec=2, text=2, flow=2, reflow=2, guide=2, coef=2)])
     finally:
         torch.set_num_threads(threads)
     return work
@@ -34,7 +36,8 @@ def test_phases_checkpoint_evaluate_and_export(straight):
     for phase in PHASES:
         assert (straight / f"{phase}.safetensors").is_file()
     rows = [json.loads(line) for line in (straight / "curve.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["step"], r["n"]) for r in rows] == [("flow", 2, 4), ("reflow", 2, 4), ("guide", 2, 4)]
+    assert [(r["phase"], r["step"], r["n"]) for r in rows] == [("flow", 2, 4), ("reflow", 2, 4), ("guide", 2, 4),
+                                                               ("coef", 2, 4)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     for r in rows:  # each prompt's verdict is kept, so two runs' curves compare prompt by prompt
         assert train_v2.unpack_correct(r["correct_bits"], r["n"]).mean() == pytest.approx(r["accuracy"])
@@ -52,7 +55,7 @@ def test_phases_checkpoint_evaluate_and_export(straight):
     threads = torch.get_num_threads()
     try:  # the acceptance evaluation loads every finished phase and writes its numbers
         train_v2.main(["--work", str(straight), "--phases", "eval", "--final-eval", "16", *TINY,
-                       *_budget(vae=0, vaedec=0, text=0, flow=0, reflow=0, guide=0)])
+                       *_budget(vae=0, vaedec=0, text=0, flow=0, reflow=0, guide=0, coef=0)])
     finally:
         torch.set_num_threads(threads)
     res = json.loads((straight / "eval-flow2.json").read_text())
@@ -66,7 +69,8 @@ def test_resume_reaches_the_same_state(straight, tmp_path):
             done = {p: 2 for p in PHASES[:i]}
             for steps in (1, 2):
                 budget = _budget(**{**{p: 0 for p in PHASES}, **done, phase: steps})
-                train_v2.main(["--work", str(tmp_path), "--phases", phase, "--teacher-steps", "2", *TINY, *budget])
+                train_v2.main(["--work", str(tmp_path), "--phases", phase, "--teacher-steps", "2", *COEF, *TINY,
+                               *budget])
     finally:
         torch.set_num_threads(threads)
     for phase in PHASES:
@@ -87,7 +91,11 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
 @pytest.mark.parametrize("flags", [["--text-role-weight", "-1"], ["--text-scene-weight", "0.5", "--freeze-text"],
                                    ["--text-group-weight", "0.5", "--freeze-text"], ["--init-from", "no/such/dir"],
                                    ["--fresh-transformer"], ["--guide-scale", "0.5"],
-                                   ["--caption-dropout", "1"], ["--guide-on-policy", "1.5"]])
+                                   ["--caption-dropout", "1"], ["--guide-on-policy", "1.5"],
+                                   ["--coef-cx", "0.8,x"], ["--coef-on-path", "2"],
+                                   ["--coef-steps", "5", "--coef-cx", "0.8,0.9"],
+                                   ["--coef-cx", "0.8,0.9", "--coef-ce", "1", "--phases", "coef"],
+                                   ["--coef-cx", "0.8,0", "--coef-ce", "1,1", "--coef-steps", "5"]])
 def test_bad_fine_tune_flags_are_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_v2.main(["--work", str(tmp_path / "w"), *flags])
@@ -235,3 +243,80 @@ def test_on_policy_guide_runs_on_the_shipped_sampler_grid_and_resumes(tmp_path):
     flags = ["--phases", "guide", "--init-from", "shipped", "--flow-steps", "0", "--guide-on-policy", "1",
              "--caption-dropout", "0.5", *TINY[:-6], "--eval-every", "0"]
     _two_steps_equal_one_plus_one(tmp_path, flags, "guide")
+
+
+def test_coefficient_field_steps_exactly_as_the_coefficient_sampler():
+    """One plain Euler step of the coef phase's target field from each σ of the grid is the Q-Sched scheduler's
+    step with those coefficients (so a model that learns the field samples what the wrapped scheduler samples),
+    and a σ between grid points takes its interval's coefficients."""
+    import numpy as np
+
+    from qsched.runtime.schedulers import QSchedScheduler, SchedulerCoefficients
+    from qsched.tinyworld import world
+    from qsched.tinyworld.model import load_embedded
+    torch.manual_seed(0)
+    pipe = load_embedded()
+    coefs = SchedulerCoefficients(4, [0.7, 0.85, 0.7, 0.95], [0.95, 0.8, 0.97, 0.83])
+    grid = train_v2.sampler_grid(pipe.scheduler, 4)
+    images, captions = world.sample_batch(seed=1, n=3, split="test")
+    x0, ids = train_v2.encode_images(pipe, images, "cpu")
+    cond = (*train_v2.encode_text(pipe, captions, "cpu"), ids)
+    sched = QSchedScheduler.wrap(pipe.scheduler, coefs)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4))
+    x = y = torch.randn(x0.shape)
+    with torch.no_grad():
+        for i in range(4):
+            sigma = torch.full((3,), grid[i])
+            y = sched.step(train_v2._velocity(pipe.transformer, y, sigma, *cond), sched.timesteps[i], y).prev_sample
+            x = x + (grid[i + 1] - grid[i]) * train_v2._coefficient_velocity(pipe.transformer, x, sigma, cond,
+                                                                             coefs, grid)
+            assert torch.allclose(x, y, atol=1e-5), i
+        sigma = torch.tensor([0.95, 0.8, 0.3])  # intervals 0, 1 and 3 of [1, 0.9, 0.75, 0.5, 0]
+        v = train_v2._velocity(pipe.transformer, x, sigma, *cond)
+        k = torch.tensor([(0.7 - 1) / -0.1, (0.85 - 1) / -0.15, (0.95 - 1) / -0.5])
+        want = torch.tensor([0.95, 0.8, 0.83])[:, None, None] * v + k[:, None, None] * x
+        got = train_v2._coefficient_velocity(pipe.transformer, x, sigma, cond, coefs, grid)
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_coef_phase_runs_on_the_coefficient_path_and_resumes(tmp_path):
+    """The coef phase, every batch on the coefficient sampler's own path (shipped grid), two steps in one go
+    equal 1 + 1 steps."""
+    flags = ["--phases", "coef", "--init-from", "shipped", "--flow-steps", "0", "--coef-on-path", "1",
+             "--coef-cx", "0.7,0.85,0.7,0.95", "--coef-ce", "0.95,0.8,0.97,0.83", *TINY[:-6], "--eval-every", "0"]
+    _two_steps_equal_one_plus_one(tmp_path, flags, "coef")
+
+
+def test_coefficient_benchmark_steps_the_field_the_coef_phase_learns():
+    """benchmarks/tiny_coefficients.py's field reading at another step count takes, from each σ of that grid,
+    one Euler step of the coef phase's target field; at the coefficients' own step count it is them."""
+    import importlib.util
+    from pathlib import Path
+
+    from qsched.runtime.schedulers import SchedulerCoefficients
+    from qsched.tinyworld import world
+    from qsched.tinyworld.model import load_embedded
+    path = Path(__file__).parents[1] / "benchmarks" / "tiny_coefficients.py"
+    spec = importlib.util.spec_from_file_location("tiny_coefficients", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    pipe = load_embedded()
+    coefs = SchedulerCoefficients(4, [0.7, 0.85, 0.7, 0.95], [0.95, 0.8, 0.97, 0.83])
+    grid, grid20 = train_v2.sampler_grid(pipe.scheduler, 4), train_v2.sampler_grid(pipe.scheduler, 20)
+    same = bench.field_coefficients(coefs, grid, grid)
+    assert same.cx == pytest.approx(coefs.cx) and same.ce == pytest.approx(coefs.ce)
+    used = bench.field_coefficients(coefs, grid, grid20)
+    images, captions = world.sample_batch(seed=1, n=1, split="test")
+    x0, ids = train_v2.encode_images(pipe, images, "cpu")
+    cond = (*train_v2.encode_text(pipe, captions, "cpu"), ids)
+    x = torch.randn(x0.shape)
+    with torch.no_grad():
+        for j in range(20):
+            sigma = torch.full((1,), grid20[j])
+            v = train_v2._velocity(pipe.transformer, x, sigma, *cond)
+            step = used.cx[j] * x + (grid20[j + 1] - grid20[j]) * used.ce[j] * v
+            field = x + (grid20[j + 1] - grid20[j]) * train_v2._coefficient_velocity(pipe.transformer, x, sigma,
+                                                                                     cond, coefs, grid)
+            assert torch.allclose(step, field, atol=1e-5), j
+            x = step

@@ -304,7 +304,7 @@ def _logger(work: Path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="out/tiny-v2", help="checkpoints and logs (a rerun resumes from here)")
-    p.add_argument("--phases", default="vae,text,flow", help="comma list of vae,vaedec,text,flow,reflow,guide,export,eval")
+    p.add_argument("--phases", default="vae,text,flow", help="comma list of vae,vaedec,text,flow,reflow,guide,coef,export,eval")
     p.add_argument("--out", default=None, help="export dir for the final pipeline (default WORK/pipeline)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -362,6 +362,16 @@ def parse_args(argv=None):
                    help="guide: share of each batch taken at the states the model's own few-step sampler visits")
     p.add_argument("--guide-scale", type=float, default=1.5,
                    help="the teacher's classifier-free guidance scale the guide phase distils")
+    p.add_argument("--coef-steps", type=int, default=0,
+                   help="sampler-coefficient distillation (the coef phase): steps of training")
+    p.add_argument("--coef-lr", type=float, default=2e-4)
+    p.add_argument("--coef-cx", type=_floats, default=None, metavar="C1,C2,...",
+                   help="coef: Q-Sched's per-step sample coefficients c^x on the shipped grid of len(C) steps")
+    p.add_argument("--coef-ce", type=_floats, default=None, metavar="C1,C2,...",
+                   help="coef: Q-Sched's per-step model-output coefficients c^ε (as many as --coef-cx)")
+    p.add_argument("--coef-on-path", type=float, default=0.5,
+                   help="coef: share of batches taken on the coefficient sampler's own path (the rest at noised "
+                        "training images)")
     args = p.parse_args(argv)
     try:  # bad input: one line, status 2, before any work
         world.reweighted_kinds(_kind_weights(args.kind_weight))
@@ -378,6 +388,13 @@ def parse_args(argv=None):
         p.error(f"--caption-dropout {args.caption_dropout}: a share of the batch, at least 0 and below 1")
     if args.guide_scale < 1:
         p.error(f"--guide-scale {args.guide_scale}: classifier-free guidance wants a scale of at least 1 (1 is none)")
+    if args.coef_steps > 0 or "coef" in args.phases.split(","):
+        try:
+            _coefficients(args)
+        except ValueError as e:
+            p.error(str(e))
+    if not 0 <= args.coef_on_path <= 1:
+        p.error(f"--coef-on-path {args.coef_on_path}: a share of the batches, from 0 to 1")
     if args.fresh_transformer and args.init_from == "scratch":
         p.error("--fresh-transformer keeps the VAE and text encoders of --init-from: pass --init-from shipped or DIR")
     for flag in (f"text_{name}_weight" for name in AUX_HEADS):
@@ -385,6 +402,28 @@ def parse_args(argv=None):
         if w < 0 or (w and args.freeze_text):
             p.error(f"--{flag.replace('_', '-')} wants W >= 0 and trainable text encoders (not with --freeze-text)")
     return args
+
+
+def _floats(text: str) -> list[float]:
+    """``"0.7,0.85"`` → ``[0.7, 0.85]`` (argparse reports the ValueError as a usage error)."""
+    return [float(v) for v in text.split(",")]
+
+
+def _coefficients(args):
+    """The coef phase's teacher coefficients from ``--coef-cx``/``--coef-ce``; ValueError names what is wrong."""
+    from qsched.core.errors import QschedError
+    from qsched.runtime.schedulers import SchedulerCoefficients
+
+    if args.coef_cx is None or args.coef_ce is None:
+        raise ValueError("--coef-steps/--phases coef distil Q-Sched coefficients: pass --coef-cx and --coef-ce "
+                         "(one value a step, e.g. from benchmarks/qsched_curves.py --models fp)")
+    try:
+        coefs = SchedulerCoefficients(len(args.coef_cx), args.coef_cx, args.coef_ce)
+    except QschedError as e:
+        raise ValueError(f"--coef-cx/--coef-ce: {e}") from None
+    if not all(v > 0 for v in coefs.cx + coefs.ce):
+        raise ValueError(f"--coef-cx/--coef-ce must be positive, got {coefs.cx} and {coefs.ce}")
+    return coefs
 
 
 def transformer_config(args) -> dict:
@@ -660,7 +699,7 @@ def _sigmas(gen, n, device, few_step_mix: float = 0.0):
     return sigma.to(device)
 
 
-_PHASE_SEED = {"flow": 0, "reflow": 10**8, "guide": 2 * 10**8}  # each phase draws its own noise
+_PHASE_SEED = {"flow": 0, "reflow": 10**8, "guide": 2 * 10**8, "coef": 5 * 10**8}  # each phase its own noise
 
 
 def _kept_captions(args, phase: str, step: int, n: int) -> torch.Tensor:
@@ -674,18 +713,23 @@ def _kept_captions(args, phase: str, step: int, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _ode(transformer, noise, cond, steps: int):
-    x = noise
-    sig = torch.linspace(1.0, 1.0 / steps, steps).tolist() + [0.0]
-    for s, s2 in itertools.pairwise(sig):
-        x = x + (s2 - s) * _velocity(transformer, x, torch.full((x.shape[0],), s, device=x.device), *cond)
+def _euler(velocity, x, sigmas: list[float]):
+    """Euler steps of ``velocity(x, σ)`` from ``x`` at ``sigmas[0]`` through each later σ in turn."""
+    for s, s2 in itertools.pairwise(sigmas):
+        x = x + (s2 - s) * velocity(x, torch.full((x.shape[0],), s, device=x.device))
     return x
+
+
+def _ode(transformer, noise, cond, steps: int):
+    """The reflow teacher's sample: ``steps`` even Euler steps from pure noise to σ 0."""
+    return _euler(lambda x, s: _velocity(transformer, x, s, *cond), noise,
+                  torch.linspace(1.0, 1.0 / steps, steps).tolist() + [0.0])
 
 
 def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -> None:
     """Rectified flow on x_t = (1−σ)x0 + σ·noise, target noise − x0. With a frozen ``teacher`` (text frozen
     too): ``reflow`` trains on the teacher's ODE pairs, ``guide`` on the teacher's classifier-free-guided
-    velocity at x_t. EMA of every trained module is what gets evaluated and exported."""
+    velocity at x_t, ``coef`` on the teacher's Q-Sched coefficient field. EMA of every trained module is what gets evaluated and exported."""
     import copy
 
     dev = args.device
@@ -725,6 +769,9 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     if phase == "guide":  # the empty caption is the unconditional branch, as the pipeline's negative_prompt=""
         empty = encode_text(pipe, [""] * args.flow_batch, dev)
         grid = sampler_grid(pipe.scheduler, SETTINGS_V2.steps)
+    if phase == "coef":
+        coefs = _coefficients(args)
+        grid = sampler_grid(pipe.scheduler, coefs.steps)
     gen = torch.Generator()
     t0, running, aux_running = time.perf_counter(), None, {}
     for step in range(start, steps):
@@ -746,6 +793,9 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
             xt, sigma = _on_policy(pipe.transformer, xt, sigma, noise, cond, grid, args, step)
         if phase == "guide":
             target = _guided_velocity(teacher, xt, sigma, cond, (*empty, img_ids), args.guide_scale)
+        if phase == "coef":
+            xt, sigma = _on_coefficient_path(teacher, xt, sigma, noise, cond, coefs, grid, args, step)
+            target = _coefficient_velocity(teacher, xt, sigma, cond, coefs, grid)
         loss = F.mse_loss(_velocity(pipe.transformer, xt, sigma, *cond), target)
         total = loss
         for name, head in extra.items():  # auxiliary targets on the T5 states the transformer just read
@@ -820,9 +870,7 @@ def _on_policy(model, xt, sigma, noise, cond, grid: list[float], args, step: int
     gen = torch.Generator().manual_seed(args.seed * 7919 + step + _PHASE_SEED["guide"] + 4 * 10**8)
     k = int(torch.randint(0, len(grid) - 1, (1,), generator=gen))
     rows = (torch.rand(xt.shape[0], generator=gen) < args.guide_on_policy).to(xt.device)
-    x = noise
-    for s, s2 in zip(grid[:k], grid[1:k + 1]):
-        x = x + (s2 - s) * _velocity(model, x, torch.full((x.shape[0],), s, device=x.device), *cond)
+    x = _euler(lambda x, s: _velocity(model, x, s, *cond), noise, grid[:k + 1])
     return torch.where(rows[:, None, None], x, xt), torch.where(rows, torch.full_like(sigma, grid[k]), sigma)
 
 
@@ -831,6 +879,43 @@ def _guided_velocity(teacher, xt, sigma, cond, uncond, scale: float) -> torch.Te
     """Classifier-free guidance of the teacher (FluxPipeline's ``true_cfg_scale``): v_u + scale·(v_c − v_u)."""
     v_u = _velocity(teacher, xt, sigma, *uncond)
     return v_u + scale * (_velocity(teacher, xt, sigma, *cond) - v_u)
+
+
+@torch.no_grad()
+def _coefficient_velocity(teacher, xt, sigma, cond, coefs, grid: list[float]) -> torch.Tensor:
+    """Q-Sched's coefficient sampler read as a velocity field: on the grid interval (σ_{i+1}, σ_i] that holds σ,
+    v* = c^ε_i·v + (c^x_i − 1)/(σ_{i+1} − σ_i)·x, so one plain Euler step from σ_i on ``grid`` is exactly the
+    coefficient step c^x_i·x + (σ_{i+1} − σ_i)·c^ε_i·v, and other step counts integrate the same field."""
+    edges = torch.tensor(grid[1:-1], device=sigma.device)
+    i = torch.bucketize(-sigma, -edges, right=True)  # grid descends: interval i holds grid[i+1] < σ <= grid[i]
+    d = torch.tensor(grid, device=sigma.device).diff()[i]
+    cx = torch.tensor(coefs.cx, device=sigma.device)[i]
+    ce = torch.tensor(coefs.ce, device=sigma.device)[i]
+    return ce[:, None, None] * _velocity(teacher, xt, sigma, *cond) + ((cx - 1) / d)[:, None, None] * xt
+
+
+def _on_coefficient_path(teacher, xt, sigma, noise, cond, coefs, grid: list[float], args, step: int):
+    """With probability ``--coef-on-path``, the whole batch moves to where the teacher's coefficient sampler
+    is after its first k steps (k uniform), at σ = grid[k]: the states that sampler visits are off the noised
+    data (c^x < 1 shrinks them), so the field must be learned there too (its own generator)."""
+    gen = torch.Generator().manual_seed(args.seed * 7919 + step + _PHASE_SEED["coef"] + 4 * 10**8)
+    k = int(torch.randint(0, len(grid) - 1, (1,), generator=gen))
+    if float(torch.rand(1, generator=gen)) >= args.coef_on_path:
+        return xt, sigma
+    x = _euler(lambda x, s: _coefficient_velocity(teacher, x, s, cond, coefs, grid), noise, grid[:k + 1])
+    return x, torch.full_like(sigma, grid[k])
+
+
+def train_coef(pipe, args, work: Path, log) -> None:
+    """Sampler-coefficient distillation: the model learns, as its own velocity, the field of Q-Sched's per-step
+    coefficients applied to its frozen copy (``--coef-cx/--coef-ce`` on the shipped grid of that many steps), so
+    the plain scheduler samples what the coefficient sampler samples, with no wrapper and at any step count."""
+    import copy
+
+    if args.coef_steps <= 0:
+        return
+    teacher = copy.deepcopy(pipe.transformer).to(args.device).eval().requires_grad_(False)
+    train_flow(pipe, args, work, log, phase="coef", teacher=teacher)
 
 
 def train_guide(pipe, args, work: Path, log) -> None:
@@ -892,7 +977,7 @@ def main(argv=None):
     log = _logger(work)
     log(f"args: {json.dumps(vars(args))}")
     phases = args.phases.split(",")
-    order = ["vae", "vaedec", "text", "flow", "reflow", "guide"]
+    order = ["vae", "vaedec", "text", "flow", "reflow", "guide", "coef"]
     wanted = [order.index(p) for p in phases if p in order]
     if {"export", "eval"} & set(phases):  # also load every phase that has a checkpoint
         wanted += [i for i, p in enumerate(order) if (work / f"{p}.safetensors").is_file()]
