@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from qsched.core.errors import QschedError
-from qsched.metrics import confidence_interval, paired_difference
 from qsched.runtime.generation import generate
 from qsched.runtime.schedulers import QSchedScheduler, SchedulerCoefficients
 from qsched.tinyworld.judge import judge
@@ -94,14 +93,12 @@ def main(argv=None) -> None:
             rows.append((reading, used, judge(generate(pipe, prompts, settings, seed=args.seed, batch_size=64),
                                               prompts)))
         for reading, used, v in rows:
-            d, ci = paired_difference(base.correct, v.correct) if used is not None else (0.0, 0.0)
-            row = {"steps": steps, "coefficients": reading, "accuracy": round(v.accuracy, 4),
-                   "ci95": round(confidence_interval(v.accuracy, len(prompts)), 4),
-                   "paired_vs_plain": [round(d, 4), round(ci, 4)],
-                   "per_attribute": {a: round(x, 4) for a, x in v.per_attribute.items()},
+            row = {"steps": steps, "coefficients": reading,
+                   **v.paired_row(base if used is not None else None, "paired_vs_plain"),
                    "used": None if used is None else {k: np.round(x, 4).tolist() if isinstance(x, list) else x
                                                        for k, x in used.to_dict().items()}}
             report["rows"].append(row)
+            d, ci = row["paired_vs_plain"]
             print(f"{steps} steps, {reading}: {100 * v.accuracy:.1f} % ± {100 * row['ci95']:.1f}, "
                   f"paired {100 * d:+.1f} ± {100 * ci:.1f}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from qsched.metrics import confidence_interval, paired_difference
 from qsched.runtime.generation import call_arguments
 from qsched.tinyworld.judge import judge
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
@@ -62,12 +61,10 @@ def main(argv=None) -> None:
         for scale in [1.0, *sorted(set(args.scales) - {1.0})]:
             v = judge(guided_images(pipe, prompts, settings, scale, args.seed), prompts)
             base = base or v
-            d, ci = paired_difference(base.correct, v.correct) if scale != 1.0 else (0.0, 0.0)
             row = {"steps": steps, "scale": scale, "transformer_calls": steps * (1 if scale == 1.0 else 2),
-                   "accuracy": round(v.accuracy, 4), "ci95": round(confidence_interval(v.accuracy, len(prompts)), 4),
-                   "paired_vs_unguided": [round(d, 4), round(ci, 4)],
-                   "per_attribute": {a: round(x, 4) for a, x in v.per_attribute.items()}}
+                   **v.paired_row(base if scale != 1.0 else None, "paired_vs_unguided")}
             report["rows"].append(row)
+            d, ci = row["paired_vs_unguided"]
             print(f"{steps} steps, scale {scale}: {100 * v.accuracy:.1f} % ± {100 * row['ci95']:.1f}, "
                   f"paired {100 * d:+.1f} ± {100 * ci:.1f}", flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -234,3 +234,20 @@ def test_paired_difference_is_tighter_than_unpaired_when_outcomes_agree():
     assert half < metrics.confidence_interval(a.mean(), 400)  # the paired interval excludes 0 here
     assert metrics.paired_difference(a, a) == (0.0, 0.0)
     assert np.isnan(metrics.paired_difference([1.0], [0.0])[1])
+
+
+def test_paired_row_reports_accuracy_interval_and_the_paired_difference():
+    import numpy as np
+
+    from qsched.metrics import paired_difference
+    from qsched.tinyworld.judge import JudgeResult, confidence_interval
+    prompts = ["a red circle"] * 4
+    attrs = {"color": np.array([1.0, 1.0, 0.0, 1.0]), "size": np.full(4, np.nan)}
+    base = JudgeResult(prompts, np.array([True, False, False, True]), np.zeros(4), np.zeros(4), attrs)
+    new = JudgeResult(prompts, np.array([True, True, False, True]), np.zeros(4), np.zeros(4), attrs)
+    row = new.paired_row(base, "paired_vs_plain")
+    d, ci = paired_difference(base.correct, new.correct)
+    assert row["accuracy"] == 0.75 and row["ci95"] == round(confidence_interval(0.75, 4), 4)
+    assert row["paired_vs_plain"] == [round(d, 4), round(ci, 4)] and d == 0.25
+    assert row["per_attribute"]["color"] == 0.75 and np.isnan(row["per_attribute"]["size"])
+    assert base.paired_row(None)["paired"] == [0.0, 0.0]

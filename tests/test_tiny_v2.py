@@ -10,7 +10,7 @@ from qsched.tinyworld import train_v2
 
 TINY = ["--threads", "1", "--ckpt-every", "1", "--vae-batch", "4", "--vae-eval", "0", "--norm-images", "16", "--text-batch", "8",
         "--flow-batch", "4", "--width", "1", "--depth", "1,1", "--eval-every", "0"]
-PHASES = ("vae", "vaedec", "text", "flow", "reflow", "guide", "coef")
+PHASES = ("vae", "vaedec", "text", "flow", "reflow", "guide", "coef", "temp")
 COEF = ["--coef-cx", "0.8,0.9", "--coef-ce", "1.1,0.95"]  # the coef phase's teacher: 2-step Q-Sched coefficients
 
 
@@ -24,9 +24,9 @@ def straight(tmp_path_factory):
     work = tmp_path_factory.mktemp("straight")
     threads = torch.get_num_threads()
     try:
-        train_v2.main(["--work", str(work), "--phases", "coef,export", "--eval-every", "2", "--eval-prompts", "4",
+        train_v2.main(["--work", str(work), "--phases", "temp,export", "--eval-every", "2", "--eval-prompts", "4",
                        "--teacher-steps", "2", *COEF, *TINY[:-2],
-                       *_budget(vae=2, vaedec=2, text=2, flow=2, reflow=2, guide=2, coef=2)])
+                       *_budget(vae=2, vaedec=2, text=2, flow=2, reflow=2, guide=2, coef=2, temp=2)])
     finally:
         torch.set_num_threads(threads)
     return work
@@ -37,7 +37,7 @@ def test_phases_checkpoint_evaluate_and_export(straight):
         assert (straight / f"{phase}.safetensors").is_file()
     rows = [json.loads(line) for line in (straight / "curve.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["step"], r["n"]) for r in rows] == [("flow", 2, 4), ("reflow", 2, 4), ("guide", 2, 4),
-                                                               ("coef", 2, 4)]
+                                                               ("coef", 2, 4), ("temp", 2, 4)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     for r in rows:  # each prompt's verdict is kept, so two runs' curves compare prompt by prompt
         assert train_v2.unpack_correct(r["correct_bits"], r["n"]).mean() == pytest.approx(r["accuracy"])
@@ -55,7 +55,7 @@ def test_phases_checkpoint_evaluate_and_export(straight):
     threads = torch.get_num_threads()
     try:  # the acceptance evaluation loads every finished phase and writes its numbers
         train_v2.main(["--work", str(straight), "--phases", "eval", "--final-eval", "16", *TINY,
-                       *_budget(vae=0, vaedec=0, text=0, flow=0, reflow=0, guide=0, coef=0)])
+                       *_budget(vae=0, vaedec=0, text=0, flow=0, reflow=0, guide=0, coef=0, temp=0)])
     finally:
         torch.set_num_threads(threads)
     res = json.loads((straight / "eval-flow2.json").read_text())
@@ -95,7 +95,8 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
                                    ["--coef-cx", "0.8,x"], ["--coef-on-path", "2"],
                                    ["--coef-steps", "5", "--coef-cx", "0.8,0.9"],
                                    ["--coef-cx", "0.8,0.9", "--coef-ce", "1", "--phases", "coef"],
-                                   ["--coef-cx", "0.8,0", "--coef-ce", "1,1", "--coef-steps", "5"]])
+                                   ["--coef-cx", "0.8,0", "--coef-ce", "1,1", "--coef-steps", "5"],
+                                   ["--temp-tau", "0"], ["--temp-tau", "1.5"], ["--temp-on-path", "-1"]])
 def test_bad_fine_tune_flags_are_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_v2.main(["--work", str(tmp_path / "w"), *flags])
@@ -320,3 +321,36 @@ def test_coefficient_benchmark_steps_the_field_the_coef_phase_learns():
                                                                                      cond, coefs, grid)
             assert torch.allclose(step, field, atol=1e-5), j
             x = step
+
+
+def test_tempered_student_steps_land_on_the_teachers_offset_path_at_any_grid():
+    """The temp phase's pairs: from y = x + σ(1 − τ)·noise an Euler step of the learned velocity lands on the
+    teacher's Euler step from x plus the same offset at the next σ, on the 4-step grid and the 20-step one, so
+    the plain sampler from noise draws what the teacher draws from τ·noise."""
+    from qsched.tinyworld import world
+    from qsched.tinyworld.model import load_embedded
+    torch.manual_seed(0)
+    pipe = load_embedded()
+    images, captions = world.sample_batch(seed=1, n=2, split="test")
+    x0, ids = train_v2.encode_images(pipe, images, "cpu")
+    cond = (*train_v2.encode_text(pipe, captions, "cpu"), ids)
+    noise, tau = torch.randn(x0.shape), 0.7
+    for steps in (4, 20):
+        grid = train_v2.sampler_grid(pipe.scheduler, steps)
+        x = tau * noise
+        y = x + grid[0] * (1 - tau) * noise
+        assert torch.allclose(y, noise, atol=1e-6)  # the student starts from plain noise
+        with torch.no_grad():
+            for s, s2 in zip(grid[:-1], grid[1:]):
+                sigma = torch.full((2,), s)
+                y_at, v = train_v2._tempered(pipe.transformer, x, sigma, noise, cond, tau)
+                assert torch.allclose(y_at, y, atol=1e-5)
+                y = y + (s2 - s) * v
+                x = x + (s2 - s) * train_v2._velocity(pipe.transformer, x, sigma, *cond)
+        assert torch.allclose(y, x, atol=1e-5)  # σ = 0: the same image
+
+
+def test_temp_phase_runs_on_the_tempered_path_and_resumes(tmp_path):
+    flags = ["--phases", "temp", "--init-from", "shipped", "--flow-steps", "0", "--temp-on-path", "1",
+             "--temp-tau", "0.7", *TINY[:-6], "--eval-every", "0"]
+    _two_steps_equal_one_plus_one(tmp_path, flags, "temp")

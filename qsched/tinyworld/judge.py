@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from qsched.metrics import (MAX_PSNR, _as_float_hwc, confidence_interval, psnr,  # noqa: F401 (re-exported)
-                             ssim, to_uint8_hwc)
+from qsched.metrics import (MAX_PSNR, _as_float_hwc, confidence_interval, paired_difference,  # noqa: F401
+                             psnr, ssim, to_uint8_hwc)  # (re-exported)
 from qsched.tinyworld import world
 
 COLOR_TOL = 80.0  # max RGB distance (0..255) from a palette colour for a pixel to count as that colour
@@ -205,6 +205,14 @@ class JudgeResult:
             vals = vals[~np.isnan(vals)]
             out[name] = float(vals.mean()) if len(vals) else float("nan")
         return out
+
+    def paired_row(self, base: "JudgeResult | None", key: str = "paired") -> dict:
+        """Accuracy with its 95 % interval, the paired difference in accuracy against ``base`` (the same prompts
+        and noise; ``None``: this is the base) under ``key``, and per-attribute accuracy, rounded for a report."""
+        d, ci = paired_difference(base.correct, self.correct) if base is not None else (0.0, 0.0)
+        ci95 = confidence_interval(self.accuracy, len(self.correct))
+        return {"accuracy": round(self.accuracy, 4), "ci95": round(ci95, 4), key: [round(d, 4), round(ci, 4)],
+                "per_attribute": {a: round(x, 4) for a, x in self.per_attribute.items()}}
 
     def to_dict(self) -> dict:
         """Plain floats, JSON-serialisable (None where undefined, e.g. no relation prompts)."""

@@ -304,7 +304,7 @@ def _logger(work: Path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="out/tiny-v2", help="checkpoints and logs (a rerun resumes from here)")
-    p.add_argument("--phases", default="vae,text,flow", help="comma list of vae,vaedec,text,flow,reflow,guide,coef,export,eval")
+    p.add_argument("--phases", default="vae,text,flow", help="comma list of vae,vaedec,text,flow,reflow,guide,coef,temp,export,eval")
     p.add_argument("--out", default=None, help="export dir for the final pipeline (default WORK/pipeline)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -372,6 +372,14 @@ def parse_args(argv=None):
     p.add_argument("--coef-on-path", type=float, default=0.5,
                    help="coef: share of batches taken on the coefficient sampler's own path (the rest at noised "
                         "training images)")
+    p.add_argument("--temp-steps", type=int, default=0,
+                   help="noise-temperature distillation (the temp phase): steps of training")
+    p.add_argument("--temp-lr", type=float, default=2e-4)
+    p.add_argument("--temp-tau", type=float, default=0.7,
+                   help="temp: the model learns to sample from noise what its frozen copy samples from tau·noise")
+    p.add_argument("--temp-on-path", type=float, default=0.5,
+                   help="temp: share of batches taken on the tempered sampler's own path (the rest at noised "
+                        "training images)")
     args = p.parse_args(argv)
     try:  # bad input: one line, status 2, before any work
         world.reweighted_kinds(_kind_weights(args.kind_weight))
@@ -393,8 +401,11 @@ def parse_args(argv=None):
             _coefficients(args)
         except ValueError as e:
             p.error(str(e))
-    if not 0 <= args.coef_on_path <= 1:
-        p.error(f"--coef-on-path {args.coef_on_path}: a share of the batches, from 0 to 1")
+    for flag in ("coef_on_path", "temp_on_path"):
+        if not 0 <= getattr(args, flag) <= 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a share of the batches, from 0 to 1")
+    if not 0 < args.temp_tau <= 1:
+        p.error(f"--temp-tau {args.temp_tau}: a noise temperature above 0 and at most 1 (1 changes nothing)")
     if args.fresh_transformer and args.init_from == "scratch":
         p.error("--fresh-transformer keeps the VAE and text encoders of --init-from: pass --init-from shipped or DIR")
     for flag in (f"text_{name}_weight" for name in AUX_HEADS):
@@ -699,7 +710,8 @@ def _sigmas(gen, n, device, few_step_mix: float = 0.0):
     return sigma.to(device)
 
 
-_PHASE_SEED = {"flow": 0, "reflow": 10**8, "guide": 2 * 10**8, "coef": 5 * 10**8}  # each phase its own noise
+_PHASE_SEED = {"flow": 0, "reflow": 10**8, "guide": 2 * 10**8, "coef": 5 * 10**8,
+               "temp": 6 * 10**8}  # each phase draws its own noise
 
 
 def _kept_captions(args, phase: str, step: int, n: int) -> torch.Tensor:
@@ -729,7 +741,8 @@ def _ode(transformer, noise, cond, steps: int):
 def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -> None:
     """Rectified flow on x_t = (1−σ)x0 + σ·noise, target noise − x0. With a frozen ``teacher`` (text frozen
     too): ``reflow`` trains on the teacher's ODE pairs, ``guide`` on the teacher's classifier-free-guided
-    velocity at x_t, ``coef`` on the teacher's Q-Sched coefficient field. EMA of every trained module is what gets evaluated and exported."""
+    velocity at x_t, ``coef`` on the teacher's Q-Sched coefficient field, ``temp`` on the teacher's sampler
+    from τ·noise. EMA of every trained module is what gets evaluated and exported."""
     import copy
 
     dev = args.device
@@ -772,6 +785,8 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     if phase == "coef":
         coefs = _coefficients(args)
         grid = sampler_grid(pipe.scheduler, coefs.steps)
+    if phase == "temp":
+        grid = sampler_grid(pipe.scheduler, SETTINGS_V2.steps)
     gen = torch.Generator()
     t0, running, aux_running = time.perf_counter(), None, {}
     for step in range(start, steps):
@@ -796,6 +811,8 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         if phase == "coef":
             xt, sigma = _on_coefficient_path(teacher, xt, sigma, noise, cond, coefs, grid, args, step)
             target = _coefficient_velocity(teacher, xt, sigma, cond, coefs, grid)
+        if phase == "temp":
+            xt, target, sigma = _temp_rows(teacher, x0, sigma, noise, cond, grid, args, step)
         loss = F.mse_loss(_velocity(pipe.transformer, xt, sigma, *cond), target)
         total = loss
         for name, head in extra.items():  # auxiliary targets on the T5 states the transformer just read
@@ -918,6 +935,43 @@ def train_coef(pipe, args, work: Path, log) -> None:
     train_flow(pipe, args, work, log, phase="coef", teacher=teacher)
 
 
+@torch.no_grad()
+def _tempered(teacher, x, sigma, noise, cond, tau: float):
+    """Where the student is, and the velocity it learns, when its frozen copy is at ``x`` after starting from
+    τ·noise: y = x + σ(1 − τ)·noise and v = v_teacher(x, σ) + (1 − τ)·noise. The offset is linear in σ, so an
+    Euler step of v from y lands on the offset of the teacher's Euler step from x on every σ grid: the student
+    samples from noise what the teacher samples from τ·noise, at any step count."""
+    s = sigma[:, None, None]
+    return x + s * (1 - tau) * noise, _velocity(teacher, x, sigma, *cond) + (1 - tau) * noise
+
+
+def _temp_rows(teacher, x0, sigma, noise, cond, grid: list[float], args, step: int):
+    """The temp phase's batch: with probability ``--temp-on-path`` the teacher's own sampler from τ·noise after
+    its first k steps on ``grid`` (k uniform, σ = grid[k]); otherwise noised training images, read as the teacher
+    at (1 − σ)·x0 + σ·τ·noise (its own generator)."""
+    tau = args.temp_tau
+    gen = torch.Generator().manual_seed(args.seed * 7919 + step + _PHASE_SEED["temp"] + 4 * 10**8)
+    k = int(torch.randint(0, len(grid) - 1, (1,), generator=gen))
+    if float(torch.rand(1, generator=gen)) < args.temp_on_path:
+        x = _euler(lambda x, s: _velocity(teacher, x, s, *cond), tau * noise, grid[:k + 1])
+        sigma = torch.full_like(sigma, grid[k])
+    else:
+        x = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * tau * noise
+    return (*_tempered(teacher, x, sigma, noise, cond, tau), sigma)
+
+
+def train_temp(pipe, args, work: Path, log) -> None:
+    """Noise-temperature distillation: sampling from τ·noise (τ < 1) draws what the prompt says more often than
+    from noise (benchmarks/tiny_temperature.py); the model learns the velocity field that takes plain noise where
+    its frozen copy takes τ·noise, so the plain pipeline samples at temperature τ, at any step count."""
+    import copy
+
+    if args.temp_steps <= 0:
+        return
+    teacher = copy.deepcopy(pipe.transformer).to(args.device).eval().requires_grad_(False)
+    train_flow(pipe, args, work, log, phase="temp", teacher=teacher)
+
+
 def train_guide(pipe, args, work: Path, log) -> None:
     """Guidance distillation (Meng et al. 2023, stage 1): the model learns, at one call per step, the velocity
     its frozen copy gives under classifier-free guidance at ``--guide-scale`` with the empty caption as the
@@ -977,7 +1031,7 @@ def main(argv=None):
     log = _logger(work)
     log(f"args: {json.dumps(vars(args))}")
     phases = args.phases.split(",")
-    order = ["vae", "vaedec", "text", "flow", "reflow", "guide", "coef"]
+    order = ["vae", "vaedec", "text", "flow", "reflow", "guide", "coef", "temp"]
     wanted = [order.index(p) for p in phases if p in order]
     if {"export", "eval"} & set(phases):  # also load every phase that has a checkpoint
         wanted += [i for i, p in enumerate(order) if (work / f"{p}.safetensors").is_file()]
