@@ -12,7 +12,10 @@ tokenizers) and changes the configs and the training:
 3. ``flow``: rectified flow (logit-normal σ) with the text encoders trained jointly (lower LR), EMA of
    all trained modules, constant LR after warm-up (so a run can be extended) and a periodic judged
    evaluation at 4 steps logged to ``curve.jsonl``;
-4. ``reflow`` (optional): few-step distillation on the flow's own ODE pairs.
+4. ``reflow`` (optional): few-step distillation on the flow's own ODE pairs;
+5. ``guide`` (optional): classifier-free guidance distilled into one call a step;
+6. ``coef`` (optional): Q-Sched's per-step scheduler coefficients distilled as a velocity field;
+7. ``temp`` (optional): sampling from τ·noise distilled, so the plain sampler draws at temperature τ.
 
 Relation ablation (docs/tiny-v2.md): ``--init-from shipped`` (or a saved pipeline folder) fine-tunes the flow
 phase from the shipped weights (or that folder's);
@@ -63,8 +66,14 @@ Guidance distillation (sixteenth session, 2026-12-05; docs/tiny-v2.md): from tha
 out/rel-R3/pipeline, the package's weights at commit d243b6f) with ``--phases guide,export --flow-steps 0
 --guide-steps 2000 --guide-lr 2e-4 --guide-scale 1.5 --flow-warmup 100 --flow-cooldown 500 --kind-weight
 relation=2 --seed 0`` (work folder out/guide-15): the model learns its own classifier-free-guided velocity (the
-empty caption as the unconditional branch) at one call per step. Guide step 2,000 is the shipped flux-tiny since
-2026-12-05 (sixteenth session).
+empty caption as the unconditional branch) at one call per step. Guide step 2,000 was the shipped flux-tiny on
+2026-12-05 (sixteenth session) until the temperature distillation below replaced it.
+
+Temperature distillation (seventeenth session, 2026-12-05; docs/tiny-v2.md): from the guide step 2,000 (the fp32
+folder out/guide-15/pipeline, the package's weights at commit 834cf9e) with ``--phases temp,export --flow-steps 0
+--temp-steps 1500 --temp-lr 2e-4 --temp-tau 0.7 --temp-on-path 0.5 --flow-warmup 100 --flow-cooldown 500
+--kind-weight relation=2 --seed 0`` (work folder out/temp-07): the model learns to sample from noise what its
+frozen copy samples from 0.7·noise. Temp step 1,500 is the shipped flux-tiny since 2026-12-05 (seventeenth session).
 """
 from __future__ import annotations
 
