@@ -907,6 +907,14 @@ def _guided_velocity(teacher, xt, sigma, cond, uncond, scale: float) -> torch.Te
     return v_u + scale * (_velocity(teacher, xt, sigma, *cond) - v_u)
 
 
+def _path_steps(args, phase: str, step: int, share: float, grid: list[float]) -> int | None:
+    """For a batch of ``phase`` at ``step``: after how many sampler steps on ``grid`` it is taken (k uniform), or
+    None (probability 1 − ``share``) for noised training images; its own generator, so other draws are unchanged."""
+    gen = torch.Generator().manual_seed(args.seed * 7919 + step + _PHASE_SEED[phase] + 4 * 10**8)
+    k = int(torch.randint(0, len(grid) - 1, (1,), generator=gen))
+    return k if float(torch.rand(1, generator=gen)) < share else None
+
+
 @torch.no_grad()
 def _coefficient_velocity(teacher, xt, sigma, cond, coefs, grid: list[float]) -> torch.Tensor:
     """Q-Sched's coefficient sampler read as a velocity field: on the grid interval (σ_{i+1}, σ_i] that holds σ,
@@ -924,9 +932,8 @@ def _on_coefficient_path(teacher, xt, sigma, noise, cond, coefs, grid: list[floa
     """With probability ``--coef-on-path``, the whole batch moves to where the teacher's coefficient sampler
     is after its first k steps (k uniform), at σ = grid[k]: the states that sampler visits are off the noised
     data (c^x < 1 shrinks them), so the field must be learned there too (its own generator)."""
-    gen = torch.Generator().manual_seed(args.seed * 7919 + step + _PHASE_SEED["coef"] + 4 * 10**8)
-    k = int(torch.randint(0, len(grid) - 1, (1,), generator=gen))
-    if float(torch.rand(1, generator=gen)) >= args.coef_on_path:
+    k = _path_steps(args, "coef", step, args.coef_on_path, grid)
+    if k is None:
         return xt, sigma
     x = _euler(lambda x, s: _coefficient_velocity(teacher, x, s, cond, coefs, grid), noise, grid[:k + 1])
     return x, torch.full_like(sigma, grid[k])
@@ -959,9 +966,8 @@ def _temp_rows(teacher, x0, sigma, noise, cond, grid: list[float], args, step: i
     its first k steps on ``grid`` (k uniform, σ = grid[k]); otherwise noised training images, read as the teacher
     at (1 − σ)·x0 + σ·τ·noise (its own generator)."""
     tau = args.temp_tau
-    gen = torch.Generator().manual_seed(args.seed * 7919 + step + _PHASE_SEED["temp"] + 4 * 10**8)
-    k = int(torch.randint(0, len(grid) - 1, (1,), generator=gen))
-    if float(torch.rand(1, generator=gen)) < args.temp_on_path:
+    k = _path_steps(args, "temp", step, args.temp_on_path, grid)
+    if k is not None:
         x = _euler(lambda x, s: _velocity(teacher, x, s, *cond), tau * noise, grid[:k + 1])
         sigma = torch.full_like(sigma, grid[k])
     else:
