@@ -86,6 +86,14 @@ def _distances(img: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return d_pal, d_bg
 
 
+def palette_labels(img: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's nearest palette colour (index into ``world.COLOR_NAMES``, [H, W]) and whether it is
+    assigned to it: within ``COLOR_TOL`` and nearer than the background ([H, W] bool)."""
+    d_pal, d_bg = _distances(img, bg)
+    nearest, d_min = d_pal.argmin(axis=-1), d_pal.min(axis=-1)
+    return nearest, (d_min < COLOR_TOL) & (d_min < d_bg)
+
+
 def coverage_estimate(img: np.ndarray, color: str, bg: np.ndarray) -> np.ndarray:
     """Per-pixel coverage of ``color`` over the background: the pixel projected onto the segment
     background -> colour, clipped to [0, 1] (exact for an anti-aliased flat render)."""
@@ -139,9 +147,7 @@ def detect(image) -> list[Detection]:
     if img.shape[1] != size:
         raise ValueError(f"tinyworld images are square, got {img.shape[:2]}")
     bg = background_color(img)
-    d_pal, d_bg = _distances(img, bg)
-    nearest, d_min = d_pal.argmin(axis=-1), d_pal.min(axis=-1)
-    assigned = (d_min < COLOR_TOL) & (d_min < d_bg)
+    nearest, assigned = palette_labels(img, bg)
     min_area = max(3, int(MIN_AREA_FRACTION * size * size))
     found = []
     for k, color in enumerate(world.COLOR_NAMES):

@@ -398,16 +398,29 @@ def _sample_layout(rng: np.random.Generator, spec: PromptSpec) -> tuple[Obj, ...
     return None
 
 
+def _sample_background(rng: np.random.Generator) -> tuple[int, int, int]:
+    base = np.array(_pick(rng, tuple(BACKGROUNDS.values())))
+    tint = rng.integers(-BACKGROUND_TINT, BACKGROUND_TINT + 1, size=3)
+    return tuple(int(v) for v in np.clip(base + tint, 0, 255))
+
+
 def _sample_scene(rng: np.random.Generator, kind_probs: dict[str, float]) -> Scene:
     while True:
         spec = _sample_spec(rng, kind_probs)
         objects = _sample_layout(rng, spec)
         if objects is not None:
             break
-    base = np.array(_pick(rng, tuple(BACKGROUNDS.values())))
-    tint = rng.integers(-BACKGROUND_TINT, BACKGROUND_TINT + 1, size=3)
-    background = tuple(int(v) for v in np.clip(base + tint, 0, 255))
-    return Scene(spec, objects, background)
+    return Scene(spec, objects, _sample_background(rng))
+
+
+def scene_for(spec: PromptSpec, rng: np.random.Generator, tries: int = 10) -> Scene:
+    """A random scene of a given caption: fresh layout, unstated sizes and background, as the training data
+    draws them (the reference for how much one prompt's images should vary)."""
+    for _ in range(tries):
+        objects = _sample_layout(rng, spec)
+        if objects is not None:
+            return Scene(spec, objects, _sample_background(rng))
+    raise ValueError(f"no layout of {format_prompt(spec)!r} found in {tries} tries")
 
 
 def reweighted_kinds(weights: dict[str, float]) -> dict[str, float]:
