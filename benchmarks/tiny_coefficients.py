@@ -3,10 +3,12 @@
 Why: Q-Sched's per-step coefficients (c^x scales the sample, c^ε the model output) are learned on a quantized
 model to absorb its error, but on flux-tiny they lift the FP model too, which says the plain sampler is not the
 best one for these weights. This measures that, and how coefficients learned at S steps carry to N steps in
-two readings: ``interpolate`` (what ``QSchedScheduler.wrap(..., interpolate=True)`` does: the values placed at
-i/(S−1), linearly interpolated) and ``field`` (the coefficients read as a velocity field v* = c^ε·v + k·x with
-k = (c^x − 1)/Δσ on each interval of the S-step σ grid, integrated on the N-step grid; at N = S both readings are
-the coefficients themselves). ``train_v2``'s coef phase distils the field into the weights. Choose on a
+two readings: ``interpolate`` (the values placed at i/(S−1), linearly interpolated: what
+``QSchedScheduler.wrap(..., interpolate=True)`` does for coefficients that do not record their σ grid, or on a
+coarser grid) and ``field`` (:meth:`SchedulerCoefficients.field_resampled`: the coefficients read as a velocity
+field v* = c^ε·v + k·x with k = (c^x − 1)/Δσ on each interval of the S-step σ grid, integrated on the N-step grid;
+what the wrapper does on finer grids when the coefficients record their grid, as the Q-Sched search's do; at N = S
+both readings are the coefficients themselves). ``train_v2``'s coef phase distils the field into the weights. Choose on a
 validation draw (seed 7), confirm on the acceptance draw (seed 2024).
 
     python benchmarks/tiny_coefficients.py --cx 0.7,0.8531,0.7,0.952 --ce 0.9506,0.7927,0.9671,0.831 \\
@@ -15,7 +17,6 @@ validation draw (seed 7), confirm on the acceptance draw (seed 2024).
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import json
 from pathlib import Path
@@ -30,20 +31,6 @@ from qsched.tinyworld.judge import judge
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
 from qsched.tinyworld.train_v2 import sampler_grid
 from qsched.tinyworld.world import sample_batch
-
-
-def field_coefficients(coefs: SchedulerCoefficients, grid: list[float], target: list[float]) -> SchedulerCoefficients:
-    """Coefficients for the descending σ grid ``target`` (N steps, ending in 0) that take, from each of its σ, one
-    Euler step of the field of ``coefs`` on ``grid`` (their S steps): the interval of ``grid`` that holds σ
-    gives c^ε and k = (c^x − 1)/Δσ, and the step of length Δσ' gets c^x' = 1 + k·Δσ'."""
-    lows = [-s for s in grid[1:]]  # ascending: interval i holds grid[i+1] < σ <= grid[i]
-    cx, ce = [], []
-    for s, s2 in zip(target[:-1], target[1:]):
-        i = min(bisect.bisect_right(lows, -s), coefs.steps - 1)
-        k = (coefs.cx[i] - 1) / (grid[i + 1] - grid[i])
-        cx.append(1 + k * (s2 - s))
-        ce.append(coefs.ce[i])
-    return SchedulerCoefficients(len(cx), cx, ce)
 
 
 def floats(text: str) -> list[float]:
@@ -84,10 +71,10 @@ def main(argv=None) -> None:
         rows = [("none", None, base)]
         readings = ["field"] if steps == coefs.steps else args.readings  # at S steps both readings agree
         for reading in readings:
-            if reading == "field":
-                used = field_coefficients(coefs, grid, sampler_grid(plain, steps))
+            if reading == "field":  # forced at every step count (the product uses it on finer grids only)
+                used = dataclasses.replace(coefs, sigmas=grid).field_resampled(sampler_grid(plain, steps))
                 pipe.scheduler = QSchedScheduler.wrap(plain, used)
-            else:
+            else:  # coefficients without a recorded grid: the product's linear stretch
                 used = coefs.resampled(steps)
                 pipe.scheduler = QSchedScheduler.wrap(plain, coefs, interpolate=True)
             rows.append((reading, used, judge(generate(pipe, prompts, settings, seed=args.seed, batch_size=64),

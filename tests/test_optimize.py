@@ -121,6 +121,11 @@ def test_grid_finds_a_grid_point_exactly_and_counts_every_configuration(qpipe):
     assert np.allclose(result.coefficients.cx, target.cx) and np.allclose(result.coefficients.ce, target.ce)
     assert result.train_jaq > -1e-10 and result.heldout_jaq > -1e-10
     assert result.identity_train_jaq < result.train_jaq
+    # the result records the σ grid it was sampled on, so it carries to finer schedules as a velocity field
+    probe = QSchedScheduler.wrap(qpipe.scheduler, SchedulerCoefficients.ones(3))
+    probe.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3))  # as FluxPipeline calls it (no dynamic shift here)
+    assert result.coefficients.sigmas == pytest.approx([float(v) for v in probe.sigmas])
+    assert result.coefficients.sigmas[-1] == 0.0 and len(result.coefficients.sigmas) == 4
     # a budget caps the grid exactly (the grid goes cx-major, so 1.1 is never reached here)
     capped = learn_coefficients(qpipe, TRAIN, HELDOUT, S3, objective, method="grid", grid_size=5,
                                 grid_range=(0.9, 1.1), budget=7, progress=False)

@@ -252,3 +252,68 @@ def test_copy_and_pickle():
     for clone in (copy.deepcopy(w), pickle.loads(pickle.dumps(w))):
         assert type(clone) is type(w) and clone.coefficients == w.coefficients
         assert torch.equal(sample(clone, 4), sample(w, 4))
+
+
+def _flow_grid(steps):
+    cls, cfg = SCHEDULERS["flow"]
+    sched = cls(**cfg)
+    sched.set_timesteps(steps)
+    return [float(v) for v in sched.sigmas]
+
+
+def test_field_resampling_reads_the_coefficients_as_a_velocity_field():
+    """On their own grid the field reading gives the coefficients back; on a grid that halves every interval,
+    each half-step takes its interval's c^ε and half of its (c^x − 1), so two half-steps of the linear part
+    agree with one full step to first order."""
+    grid4 = _flow_grid(4)
+    coeffs = SchedulerCoefficients(4, [0.7, 0.85, 0.9, 1.0], [0.95, 0.8, 1.1, 0.9], sigmas=grid4)
+    same = coeffs.field_resampled(grid4)
+    assert same.cx == pytest.approx(coeffs.cx) and same.ce == coeffs.ce and same.sigmas == grid4
+    halves = [v for a, b in zip(grid4, grid4[1:]) for v in (a, (a + b) / 2)] + [0.0]
+    fine = coeffs.field_resampled(halves)
+    assert fine.steps == 8 and fine.ce == [c for c in coeffs.ce for _ in range(2)]
+    assert fine.cx == pytest.approx([1 + (c - 1) / 2 for c in coeffs.cx for _ in range(2)])
+    assert fine.cx[6:] == [1.0, 1.0]  # c^x exactly 1 stays exactly 1
+    with pytest.raises(QschedError, match="do not record the σ grid"):
+        SchedulerCoefficients(4, coeffs.cx, coeffs.ce).field_resampled(halves)
+
+
+def test_sigmas_are_validated_and_round_trip():
+    grid = _flow_grid(2)
+    c = SchedulerCoefficients(2, [0.9, 1.0], [1.1, 1.0], sigmas=grid)
+    assert SchedulerCoefficients.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert "sigmas" not in SchedulerCoefficients(2, [0.9, 1.0], [1.1, 1.0]).to_dict()  # older records unchanged
+    for bad in ([1.0, 0.5], [1.0, 0.5, 0.6], [1.0, float("nan"), 0.0], "abc"):
+        with pytest.raises(QschedError, match="sigmas"):
+            SchedulerCoefficients(2, [0.9, 1.0], [1.1, 1.0], sigmas=bad)
+    with pytest.raises(QschedError, match="optionally sigmas"):
+        SchedulerCoefficients.from_dict({**c.to_dict(), "extra": 1})
+
+
+def test_interpolating_scheduler_integrates_the_field_on_finer_grids_only():
+    """A flow-matching wrapper with recorded σ: at 8 steps its trajectory is Euler on v* = c^ε·v + k·x (computed
+    here by hand from the fake model); at 2 steps, or without a recorded grid, or on another base, the linear
+    stretch as before."""
+    cls, cfg = SCHEDULERS["flow"]
+    coeffs = SchedulerCoefficients(4, [0.7, 0.85, 0.9, 1.0], [0.95, 0.8, 1.1, 0.9], sigmas=_flow_grid(4))
+    wrapped = QSchedScheduler.wrap(cls(**cfg), coeffs, interpolate=True)
+    got = sample(wrapped, 8)
+    plain = cls(**cfg)
+    plain.set_timesteps(8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g)
+    own = coeffs.sigmas
+    for t, s, s2 in zip(plain.timesteps, plain.sigmas[:-1].tolist(), plain.sigmas[1:].tolist()):
+        i = next(j for j in range(4) if s > own[j + 1] + 1e-6)  # shared nodes start the interval below
+        k = (coeffs.cx[i] - 1) / (own[i + 1] - own[i])
+        x = x + (s2 - s) * (coeffs.ce[i] * fake_model(x, t) + k * x)
+    assert torch.allclose(got, x, atol=1e-5)
+    assert wrapped.coefficients_for(8).sigmas == pytest.approx([float(v) for v in plain.sigmas], abs=1e-6)
+    assert wrapped.coefficients_for(2) == coeffs.resampled(2)  # coarser: the linear stretch
+    unrecorded = QSchedScheduler.wrap(cls(**cfg), SchedulerCoefficients(4, coeffs.cx, coeffs.ce), interpolate=True)
+    unrecorded.set_timesteps(8)
+    assert unrecorded.coefficients_for(8) == SchedulerCoefficients(4, coeffs.cx, coeffs.ce).resampled(8)
+    ea_cls, ea_cfg = SCHEDULERS["euler-a"]
+    other_base = QSchedScheduler.wrap(ea_cls(**ea_cfg), coeffs, interpolate=True)
+    other_base.set_timesteps(8)
+    assert other_base.coefficients_for(8) == coeffs.resampled(8)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -121,11 +121,13 @@ class _Search:
         self.selected_at = 0
         self.stopped_early = False
         self.history: list[dict] = []
+        self.grid: list[float] | None = None  # the σ grid sampled on (flow matching), recorded with the result
 
     def score(self, coeffs: SchedulerCoefficients, prompts: list[str]) -> float:
         self.pipe.scheduler = QSchedScheduler.wrap(self.base, coeffs)
         images = generate(self.pipe, prompts, self.settings, seed=self.seed,
                           batch_size=self.batch_size or len(prompts))
+        self.grid = self.grid or _flow_grid(self.pipe.scheduler, coeffs.steps)
         value = float(self.objective(images, prompts))
         return value if math.isfinite(value) else -math.inf  # a diverged candidate simply loses
 
@@ -155,6 +157,23 @@ class _Search:
             self.bar.set_postfix(train=f"{value:.4f}", heldout=f"{self.best_heldout:.4f}",
                                  guard_best=f"{self.selected_heldout:.4f}")
         return value
+
+
+def _flow_grid(scheduler, steps: int) -> list[float] | None:
+    """The σ grid a flow-matching Euler scheduler just sampled on (``steps + 1`` values), else None."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    base = getattr(scheduler, "_qs_base_class", None) or type(scheduler)
+    if base.__name__ != "FlowMatchEulerDiscreteScheduler" or sigmas is None or len(sigmas) != steps + 1:
+        return None
+    return [float(v) for v in sigmas]
+
+
+def _with_grid(coeffs: SchedulerCoefficients | None, grid: list[float] | None) -> SchedulerCoefficients | None:
+    """``coeffs`` recording the σ grid they were learned on, so they carry to finer schedules as a field
+    (the identity needs none: it is the identity at any step count)."""
+    if coeffs is None or grid is None or coeffs.is_identity:
+        return coeffs
+    return replace(coeffs, sigmas=grid)
 
 
 def _vector_to_coeffs(x: np.ndarray, steps: int, bounds: tuple[float, float]) -> SchedulerCoefficients:
@@ -301,10 +320,11 @@ def learn_coefficients(pipe, train_prompts: Sequence[str], heldout_prompts: Sequ
     else:
         chosen, train_jaq, heldout_jaq = search.best, search.best_train, search.best_heldout
         chosen_at = max(h["runs"] for h in history if h["train_best"] == search.best_train)
+    chosen = _with_grid(chosen, search.grid)
     return QSchedResult(
         coefficients=chosen, method=method, train_jaq=train_jaq, heldout_jaq=heldout_jaq,
         identity_train_jaq=identity_train, identity_heldout_jaq=identity_heldout, runs=search.runs,
         sampler_calls=search.runs * len(train_prompts), heldout_runs=search.heldout_runs,
         seconds=time.perf_counter() - start, history=history, select=select, selected_at=chosen_at,
         best_train_jaq=search.best_train, stopped_early=search.stopped_early,
-        best_train_coefficients=search.best)
+        best_train_coefficients=_with_grid(search.best, search.grid))

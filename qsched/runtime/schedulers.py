@@ -36,9 +36,12 @@ SD/SDXL ``prepare_extra_step_kwargs`` only passes ``generator``/``eta`` if ``ste
 
 Step counts: coefficients belong to the step index of the compiled schedule (``len(timesteps)`` after
 ``set_timesteps``). Another count raises :class:`~qsched.core.errors.QschedError`, unless the wrapper was
-built with ``interpolate=True``: then the compiled values, placed at normalised positions ``i/(S−1)``,
-are linearly interpolated at ``j/(N−1)`` for the requested ``N`` steps (a 1-step schedule uses the
-first-step values; all-ones stays exactly all-ones).
+built with ``interpolate=True``: then, for a flow-matching Euler base whose coefficients record the σ grid
+they were learned on (the Q-Sched search records it) and a finer schedule (``N > S``), the coefficients are
+read as the velocity field they define on that grid and integrated on the new one
+(:meth:`SchedulerCoefficients.field_resampled`); otherwise the compiled values, placed at normalised positions
+``i/(S−1)``, are linearly interpolated at ``j/(N−1)`` (a 1-step schedule uses the first-step values). All-ones
+stays exactly all-ones either way.
 """
 from __future__ import annotations
 
@@ -55,17 +58,23 @@ from qsched.core.errors import QschedError
 
 __all__ = ["SchedulerCoefficients", "QSchedScheduler", "SUPPORTED_SCHEDULERS"]
 
+_SAME_SIGMA = 1e-6  # σ values closer than this are one grid node (fp32 schedules of different step counts)
+
 
 # --------------------------------------------------------------------------- coefficients
 
 
 @dataclass
 class SchedulerCoefficients:
-    """Per-step Q-Sched scalars: ``cx[i]`` multiplies the sample, ``ce[i]`` the model output at step ``i``."""
+    """Per-step Q-Sched scalars: ``cx[i]`` multiplies the sample, ``ce[i]`` the model output at step ``i``.
+
+    ``sigmas`` (optional, ``steps + 1`` descending values) is the flow-matching σ grid they were learned on; with
+    it, :meth:`field_resampled` carries them to a finer grid exactly (see ``QSchedScheduler.coefficients_for``)."""
 
     steps: int
     cx: list[float] = field(default_factory=list)
     ce: list[float] = field(default_factory=list)
+    sigmas: list[float] | None = None
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
@@ -82,6 +91,16 @@ class SchedulerCoefficients:
             if not all(math.isfinite(v) for v in values):
                 raise QschedError(f"scheduler coefficients {name} must be finite, got {values}")
             setattr(self, name, values)
+        if self.sigmas is not None:
+            try:
+                grid = [float(v) for v in self.sigmas]
+            except (TypeError, ValueError):
+                raise QschedError(f"scheduler coefficients sigmas must be a list of numbers, got {self.sigmas!r}") from None
+            if (len(grid) != self.steps + 1 or not all(math.isfinite(v) for v in grid)
+                    or any(b >= a for a, b in zip(grid, grid[1:]))):
+                raise QschedError(f"scheduler coefficients sigmas must be {self.steps + 1} finite, strictly "
+                                  f"descending values (the σ grid of {self.steps} steps), got {grid}")
+            self.sigmas = grid
 
     @classmethod
     def ones(cls, steps: int) -> "SchedulerCoefficients":
@@ -120,14 +139,39 @@ class SchedulerCoefficients:
         return SchedulerCoefficients(steps, np.interp(dst, src, self.cx).tolist(),
                                      np.interp(dst, src, self.ce).tolist())
 
+    def field_resampled(self, sigmas) -> "SchedulerCoefficients":
+        """Flow-matching Euler only: coefficients for the descending σ grid ``sigmas`` (N steps, N + 1 values)
+        that take, from each of its σ, one Euler step of the velocity field these coefficients define on their
+        own grid: on the interval (σ_{i+1}, σ_i] that holds σ, v* = c^ε_i·v + k_i·x with k_i = (c^x_i − 1)/(σ_{i+1}
+        − σ_i), so a step of length Δ' gets c^x' = 1 + k_i·Δ' and c^ε' = c^ε_i. On their own grid this is the
+        identity map; on a finer one it integrates the same field (docs/results.md: 4-step coefficients at 20
+        steps +5.5 points where the linear stretch of :meth:`resampled` lost 28)."""
+        if self.sigmas is None:
+            raise QschedError("these coefficients do not record the σ grid they were learned on; only the linear "
+                              "resampling (resampled) applies")
+        target = [float(v) for v in sigmas]
+        own = self.sigmas
+        cx, ce = [], []
+        for s, s2 in zip(target[:-1], target[1:]):
+            # own[i+1] < s <= own[i]; a node both grids share (up to float rounding) starts the interval below it
+            i = next((j for j in range(self.steps) if s > own[j + 1] + _SAME_SIGMA), self.steps - 1)
+            k = (self.cx[i] - 1.0) / (own[i + 1] - own[i])
+            cx.append(1.0 + k * (s2 - s))  # exactly 1 where c^x_i is
+            ce.append(self.ce[i])
+        return SchedulerCoefficients(len(cx), cx, ce, sigmas=target)
+
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "cx": list(self.cx), "ce": list(self.ce)}
+        out = {"steps": self.steps, "cx": list(self.cx), "ce": list(self.ce)}
+        if self.sigmas is not None:
+            out["sigmas"] = list(self.sigmas)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "SchedulerCoefficients":
-        if not isinstance(data, dict) or set(data) != {"steps", "cx", "ce"}:
-            raise QschedError(f"scheduler coefficients must be a mapping with keys steps, cx, ce; got {data!r}")
-        return cls(data["steps"], data["cx"], data["ce"])
+        if not isinstance(data, dict) or not {"steps", "cx", "ce"} <= set(data) <= {"steps", "cx", "ce", "sigmas"}:
+            raise QschedError(f"scheduler coefficients must be a mapping with keys steps, cx, ce (and optionally "
+                              f"sigmas); got {data!r}")
+        return cls(data["steps"], data["cx"], data["ce"], data.get("sigmas"))
 
 
 # --------------------------------------------------------------------------- per-scheduler input transforms
@@ -298,15 +342,29 @@ class QSchedScheduler:
         coeffs = self._qs_coefficients
         if coeffs is None or steps == coeffs.steps:
             return coeffs
+        if not self._qs_interpolate:
+            raise QschedError(
+                f"these Q-Sched scheduler coefficients were compiled for {coeffs.steps} sampling step(s) only; "
+                f"the pipeline asked for {steps}. Sample with {coeffs.steps} steps, or wrap the scheduler with "
+                "interpolate=True to stretch the coefficients over the new step count")
+        grid = self._qs_field_grid(coeffs, steps)
+        key = (steps, None if grid is None else tuple(grid))
         cache = self.__dict__.setdefault("_qs_active", {})
-        if steps not in cache:
-            if not self._qs_interpolate:
-                raise QschedError(
-                    f"these Q-Sched scheduler coefficients were compiled for {coeffs.steps} sampling step(s) only; "
-                    f"the pipeline asked for {steps}. Sample with {coeffs.steps} steps, or wrap the scheduler with "
-                    "interpolate=True to stretch the coefficients over the new step count")
-            cache[steps] = coeffs.resampled(steps)
-        return cache[steps]
+        if key not in cache:
+            cache[key] = coeffs.resampled(steps) if grid is None else coeffs.field_resampled(grid)
+        return cache[key]
+
+    def _qs_field_grid(self, coeffs: SchedulerCoefficients, steps: int) -> list[float] | None:
+        """The current σ grid when the field reading applies: a flow-matching Euler base, coefficients that record
+        their own grid, and a finer schedule (on a coarser one the field overshoots: 1 and 2 steps lost 7-9 points
+        where the linear stretch lost at most 1; docs/results.md). None: stretch linearly."""
+        if (coeffs.sigmas is None or steps < coeffs.steps
+                or self._qs_base_class.__name__ != "FlowMatchEulerDiscreteScheduler"):
+            return None
+        sigmas = getattr(self, "sigmas", None)
+        if sigmas is None or len(sigmas) != steps + 1:
+            return None
+        return [round(float(v), 7) for v in sigmas]
 
     def _qs_step(self, base_step, model_output, timestep, sample, *args, **kwargs):
         # Let the base raise its own errors when it has no schedule yet.
