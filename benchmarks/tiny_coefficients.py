@@ -8,7 +8,8 @@ two readings: ``interpolate`` (the values placed at i/(S−1), linearly interpol
 coarser grid) and ``field`` (:meth:`SchedulerCoefficients.field_resampled`: the coefficients read as a velocity
 field v* = c^ε·v + k·x with k = (c^x − 1)/Δσ on each interval of the S-step σ grid, integrated on the N-step grid;
 what the wrapper does on finer grids when the coefficients record their grid, as the Q-Sched search's do; at N = S
-both readings are the coefficients themselves). ``train_v2``'s coef phase distils the field into the weights. Choose on a
+both readings are the coefficients themselves). ``recorded`` runs the product's own choice end to end: the
+coefficients with their grid, wrapped with ``interpolate=True``. ``train_v2``'s coef phase distils the field into the weights. Choose on a
 validation draw (seed 7), confirm on the acceptance draw (seed 2024).
 
     python benchmarks/tiny_coefficients.py --cx 0.7,0.8531,0.7,0.952 --ce 0.9506,0.7927,0.9671,0.831 \\
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
     p.add_argument("--cx", type=floats, required=True, metavar="C1,C2,...", help="c^x, one value a step")
     p.add_argument("--ce", type=floats, required=True, metavar="C1,C2,...", help="c^ε, as many as --cx")
     p.add_argument("--steps", type=int, nargs="+", default=[4])
-    p.add_argument("--readings", nargs="+", choices=["field", "interpolate"], default=["field"],
+    p.add_argument("--readings", nargs="+", choices=["field", "interpolate", "recorded"], default=["field"],
                    help="how the coefficients carry to another step count")
     p.add_argument("--prompts", type=int, default=512)
     p.add_argument("--seed", type=int, default=7, help="held-out draw: 7 validation, 2024 acceptance")
@@ -74,6 +75,11 @@ def main(argv=None) -> None:
             if reading == "field":  # forced at every step count (the product uses it on finer grids only)
                 used = dataclasses.replace(coefs, sigmas=grid).field_resampled(sampler_grid(plain, steps))
                 pipe.scheduler = QSchedScheduler.wrap(plain, used)
+            elif reading == "recorded":  # the product's choice for coefficients that record their grid
+                wrapped = QSchedScheduler.wrap(plain, dataclasses.replace(coefs, sigmas=grid), interpolate=True)
+                wrapped.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))  # as FluxPipeline calls it
+                used = wrapped.coefficients_for(steps)
+                pipe.scheduler = wrapped
             else:  # coefficients without a recorded grid: the product's linear stretch
                 used = coefs.resampled(steps)
                 pipe.scheduler = QSchedScheduler.wrap(plain, coefs, interpolate=True)
