@@ -288,26 +288,23 @@ def test_coef_phase_runs_on_the_coefficient_path_and_resumes(tmp_path):
     _two_steps_equal_one_plus_one(tmp_path, flags, "coef")
 
 
-def test_coefficient_benchmark_steps_the_field_the_coef_phase_learns():
-    """benchmarks/tiny_coefficients.py's field reading at another step count takes, from each σ of that grid,
-    one Euler step of the coef phase's target field; at the coefficients' own step count it is them."""
-    import importlib.util
-    from pathlib import Path
+def test_field_resampling_steps_the_field_the_coef_phase_learns():
+    """``SchedulerCoefficients.field_resampled`` (what ``interpolate=True`` uses on finer flow grids, and
+    benchmarks/tiny_coefficients.py's field reading) takes, from each σ of another grid, one Euler step of the
+    coef phase's target field; at the coefficients' own step count it is them."""
+    import dataclasses
 
     from qsched.runtime.schedulers import SchedulerCoefficients
     from qsched.tinyworld import world
     from qsched.tinyworld.model import load_embedded
-    path = Path(__file__).parents[1] / "benchmarks" / "tiny_coefficients.py"
-    spec = importlib.util.spec_from_file_location("tiny_coefficients", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     torch.manual_seed(0)
     pipe = load_embedded()
     coefs = SchedulerCoefficients(4, [0.7, 0.85, 0.7, 0.95], [0.95, 0.8, 0.97, 0.83])
     grid, grid20 = train_v2.sampler_grid(pipe.scheduler, 4), train_v2.sampler_grid(pipe.scheduler, 20)
-    same = bench.field_coefficients(coefs, grid, grid)
+    recorded = dataclasses.replace(coefs, sigmas=grid)
+    same = recorded.field_resampled(grid)
     assert same.cx == pytest.approx(coefs.cx) and same.ce == pytest.approx(coefs.ce)
-    used = bench.field_coefficients(coefs, grid, grid20)
+    used = recorded.field_resampled(grid20)
     images, captions = world.sample_batch(seed=1, n=1, split="test")
     x0, ids = train_v2.encode_images(pipe, images, "cpu")
     cond = (*train_v2.encode_text(pipe, captions, "cpu"), ids)
@@ -354,3 +351,18 @@ def test_temp_phase_runs_on_the_tempered_path_and_resumes(tmp_path):
     flags = ["--phases", "temp", "--init-from", "shipped", "--flow-steps", "0", "--temp-on-path", "1",
              "--temp-tau", "0.7", *TINY[:-6], "--eval-every", "0"]
     _two_steps_equal_one_plus_one(tmp_path, flags, "temp")
+
+
+def test_reflow_sigma_mix_sits_on_the_shipped_samplers_grid():
+    """Reflow's few-step σ mix uses the σ values the shipped sampler steps from (time shift 3.0), not an even
+    grid; the rest stays logit-normal."""
+    from qsched.tinyworld.model import load_embedded
+
+    grid = train_v2.sampler_grid(load_embedded().scheduler, 4)
+    assert grid[-1] == 0.0 and grid[1] > 0.75  # shift 3.0 spends the early steps at high σ
+    gen = torch.Generator().manual_seed(0)
+    mixed = train_v2._sigmas(gen, 4000, "cpu", 1.0, grid)
+    assert set(mixed.tolist()) <= set(torch.tensor(grid[:-1]).tolist())
+    half = train_v2._sigmas(gen, 4000, "cpu", 0.5, grid)
+    on_grid = torch.isin(half, torch.tensor(grid[:-1]))
+    assert 0.4 < on_grid.float().mean() < 0.6

@@ -12,7 +12,8 @@ tokenizers) and changes the configs and the training:
 3. ``flow``: rectified flow (logit-normal σ) with the text encoders trained jointly (lower LR), EMA of
    all trained modules, constant LR after warm-up (so a run can be extended) and a periodic judged
    evaluation at 4 steps logged to ``curve.jsonl``;
-4. ``reflow`` (optional): few-step distillation on the flow's own ODE pairs;
+4. ``reflow`` (optional): few-step distillation on the flow's own ODE pairs (the teacher's ODE and the few-step
+   σ mix on the pipeline's own σ grid since 2026-12-05; the unshipped out/reflow-R3 used even grids);
 5. ``guide`` (optional): classifier-free guidance distilled into one call a step;
 6. ``coef`` (optional): Q-Sched's per-step scheduler coefficients distilled as a velocity field;
 7. ``temp`` (optional): sampling from τ·noise distilled, so the plain sampler draws at temperature τ.
@@ -361,7 +362,8 @@ def parse_args(argv=None):
     p.add_argument("--final-eval", type=int, default=1024, help="held-out prompts of the eval phase")
     p.add_argument("--reflow-steps", type=int, default=0)
     p.add_argument("--reflow-lr", type=float, default=3e-4)
-    p.add_argument("--teacher-steps", type=int, default=8)
+    p.add_argument("--teacher-steps", type=int, default=8,
+                   help="reflow: Euler steps of the teacher's ODE on the pipeline's own σ grid")
     p.add_argument("--caption-dropout", type=float, default=0.0,
                    help="flow/reflow/guide: share of captions replaced by the empty one (the unconditional branch "
                         "of classifier-free guidance; in the guide phase it keeps the teacher's)")
@@ -709,13 +711,14 @@ def unpack_correct(correct_bits: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(correct_bits), dtype=np.uint8))[:n].astype(bool)
 
 
-def _sigmas(gen, n, device, few_step_mix: float = 0.0):
-    """Logit-normal(0, 1) σ (FLUX's recipe); reflow mixes in the 4-step grid's σ values."""
+def _sigmas(gen, n, device, few_step_mix: float = 0.0, grid: list[float] | None = None):
+    """Logit-normal(0, 1) σ (FLUX's recipe); reflow mixes in the σ values the shipped few-step sampler
+    steps from (``grid``, without its final 0)."""
     sigma = torch.sigmoid(torch.randn(n, generator=gen))
     if few_step_mix:
-        grid = torch.tensor([1.0, 0.75, 0.5, 0.25])
+        starts = torch.tensor(grid[:-1], dtype=sigma.dtype)
         pick = torch.rand(n, generator=gen) < few_step_mix
-        sigma = torch.where(pick, grid[torch.randint(0, 4, (n,), generator=gen)], sigma)
+        sigma = torch.where(pick, starts[torch.randint(0, len(starts), (n,), generator=gen)], sigma)
     return sigma.to(device)
 
 
@@ -741,10 +744,10 @@ def _euler(velocity, x, sigmas: list[float]):
     return x
 
 
-def _ode(transformer, noise, cond, steps: int):
-    """The reflow teacher's sample: ``steps`` even Euler steps from pure noise to σ 0."""
-    return _euler(lambda x, s: _velocity(transformer, x, s, *cond), noise,
-                  torch.linspace(1.0, 1.0 / steps, steps).tolist() + [0.0])
+def _ode(transformer, noise, cond, sigmas: list[float]):
+    """The reflow teacher's sample: Euler steps on ``sigmas`` (the pipeline's own grid at ``--teacher-steps``)
+    from pure noise to σ 0."""
+    return _euler(lambda x, s: _velocity(transformer, x, s, *cond), noise, sigmas)
 
 
 def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -> None:
@@ -788,14 +791,14 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
     eval_prompts = world.sample_batch(seed=123, n=args.eval_prompts, split="test")[1] if args.eval_every else []
     kind_probs = world.reweighted_kinds(_kind_weights(args.kind_weight)) if args.kind_weight else None
     curve = work / "curve.jsonl"
+    grid = sampler_grid(pipe.scheduler, SETTINGS_V2.steps)  # where the shipped few-step sampler steps (shift 3.0)
     if phase == "guide":  # the empty caption is the unconditional branch, as the pipeline's negative_prompt=""
         empty = encode_text(pipe, [""] * args.flow_batch, dev)
-        grid = sampler_grid(pipe.scheduler, SETTINGS_V2.steps)
     if phase == "coef":
         coefs = _coefficients(args)
         grid = sampler_grid(pipe.scheduler, coefs.steps)
-    if phase == "temp":
-        grid = sampler_grid(pipe.scheduler, SETTINGS_V2.steps)
+    if phase == "reflow":  # the teacher samples on the pipeline's own grid too
+        teacher_grid = sampler_grid(pipe.scheduler, args.teacher_steps)
     gen = torch.Generator()
     t0, running, aux_running = time.perf_counter(), None, {}
     for step in range(start, steps):
@@ -809,8 +812,8 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
             cond = (*encode_text(pipe, [c if k else "" for c, k in zip(captions, keep)], dev), img_ids)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         if phase == "reflow":
-            x0 = _ode(teacher, noise, cond, args.teacher_steps)
-        sigma = _sigmas(gen, x0.shape[0], dev, 0.5 if phase == "reflow" else 0.0)
+            x0 = _ode(teacher, noise, cond, teacher_grid)
+        sigma = _sigmas(gen, x0.shape[0], dev, 0.5 if phase == "reflow" else 0.0, grid)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         target = noise - x0
         if phase == "guide" and args.guide_on_policy:
