@@ -50,10 +50,18 @@ def main(argv=None) -> None:
               "weight_file_bytes": sum(f.stat().st_size for f in weights.rglob("*.safetensors"))}
     batch16 = prompts[:16]
     generate(pipe, batch16, TINY_SETTINGS, batch_size=16)  # warm-up
+    in_transformer = [0.0]
+    started = {}
+    hooks = [pipe.transformer.register_forward_pre_hook(lambda m, a: started.update(t=time.perf_counter())),
+             pipe.transformer.register_forward_hook(
+                 lambda m, a, o: in_transformer.__setitem__(0, in_transformer[0] + time.perf_counter() - started["t"]))]
     t = time.perf_counter()
     for _ in range(5):
         generate(pipe, batch16, TINY_SETTINGS, batch_size=16)
     report["seconds_per_4step_batch16"] = round((time.perf_counter() - t) / 5, 4)
+    report["transformer_share_of_latency"] = round(in_transformer[0] / (time.perf_counter() - t), 3)  # capacity headroom
+    for h in hooks:
+        h.remove()
 
     report["fp_by_steps"] = {}
     fp_images = {}
