@@ -206,18 +206,28 @@ def test_group_targets_carry_count_and_size_to_every_word_of_the_group():
         train_v2.group_targets(pipe.tokenizer, ["a red circle"], 16)  # CLIP's adds a BOS
 
 
-def _sampler_benchmark():
+def _benchmark(name: str = "tiny_sampler"):
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).parents[1] / "benchmarks" / "tiny_sampler.py"
-    spec = importlib.util.spec_from_file_location("tiny_sampler", path)
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def test_capacity_benchmark_parses_variants_and_rejects_bad_ones():
+    import argparse
+
+    bench = _benchmark("tiny_capacity_latency")
+    assert bench.parse_variant("5:2,4") == (5, 2, 4) and bench.parse_variant("4:0,8") == (4, 0, 8)
+    for bad in ("5", "5:2", "x:2,4", "0:2,4", "4:0,0", "4:-1,4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_variant(bad)
+
+
 def test_sampler_benchmark_parses_scheduler_overrides_and_rejects_bad_ones():
-    bench = _sampler_benchmark()
+    bench = _benchmark()
     assert bench.parse_overrides("shift=3,shift_terminal=0.2,use_beta_sigmas=true") == {
         "shift": 3.0, "shift_terminal": 0.2, "use_beta_sigmas": True}
     for bad in ("shift=x", "shift=0", "shift_terminal=1.5", "sigma_min=0.1", "shift",
