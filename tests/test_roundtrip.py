@@ -150,7 +150,10 @@ def test_qsched_coefficients_are_saved_and_applied_on_load(compiled, tmp_path):
 
     pipe = compiled.compiled_pipeline
     base = pipe.scheduler
-    coeffs = SchedulerCoefficients.linear_ramp(4, 1.08, 0.95)
+    probe = QSchedScheduler.wrap(base, None)
+    probe.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4))  # the grid the search records, as FluxPipeline sets it
+    ramp = SchedulerCoefficients.linear_ramp(4, 1.08, 0.95)
+    coeffs = SchedulerCoefficients(4, ramp.cx, ramp.ce, sigmas=[float(v) for v in probe.sigmas])
     pipe.scheduler = QSchedScheduler.wrap(base, coeffs)
     try:
         settings = GenerationSettings(**compiled.manifest["generation"])
@@ -163,3 +166,8 @@ def test_qsched_coefficients_are_saved_and_applied_on_load(compiled, tmp_path):
     loaded = export.load(path)
     assert isinstance(loaded.scheduler, QSchedScheduler) and loaded.scheduler.coefficients == coeffs
     assert torch.equal(generate(loaded, PROMPTS[:2], settings, seed=3), expected)
+    # the recorded grid travels with the artifact: rewrapped with interpolate=True, 8 steps read the field
+    loaded.scheduler = QSchedScheduler.wrap(loaded.scheduler.unwrap(), loaded.scheduler.coefficients, interpolate=True)
+    loaded.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8))
+    got, want = loaded.scheduler.coefficients_for(8), coeffs.field_resampled([float(v) for v in loaded.scheduler.sigmas])
+    assert got.steps == 8 and got.cx == pytest.approx(want.cx) and got.ce == want.ce
