@@ -169,3 +169,12 @@ def test_reweighted_kinds_shift_the_caption_mix():
 def test_reweighted_kinds_reject_bad_weights(weights):
     with pytest.raises(ValueError, match="kind"):
         w.reweighted_kinds(weights)
+
+
+def test_the_training_stream_is_pinned():
+    """The shipped weights are reproducible from a seed only while the world draws the same scenes from it: a
+    digest of the first 64 training images and captions of seed 0 (unchanged by factoring out the background
+    draw that :func:`world.scene_for` shares)."""
+    images, captions = w.sample_batch(seed=0, n=64)
+    digest = hashlib.sha256(images.tobytes() + "|".join(captions).encode()).hexdigest()
+    assert digest[:16] == "9ef373335b9b234a"

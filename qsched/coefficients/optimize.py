@@ -127,7 +127,7 @@ class _Search:
         self.pipe.scheduler = QSchedScheduler.wrap(self.base, coeffs)
         images = generate(self.pipe, prompts, self.settings, seed=self.seed,
                           batch_size=self.batch_size or len(prompts))
-        self.grid = self.grid or _flow_grid(self.pipe.scheduler, coeffs.steps)
+        self.grid = self.grid or self.pipe.scheduler.flow_sigmas(coeffs.steps)
         value = float(self.objective(images, prompts))
         return value if math.isfinite(value) else -math.inf  # a diverged candidate simply loses
 
@@ -157,15 +157,6 @@ class _Search:
             self.bar.set_postfix(train=f"{value:.4f}", heldout=f"{self.best_heldout:.4f}",
                                  guard_best=f"{self.selected_heldout:.4f}")
         return value
-
-
-def _flow_grid(scheduler, steps: int) -> list[float] | None:
-    """The σ grid a flow-matching Euler scheduler just sampled on (``steps + 1`` values), else None."""
-    sigmas = getattr(scheduler, "sigmas", None)
-    base = getattr(scheduler, "_qs_base_class", None) or type(scheduler)
-    if base.__name__ != "FlowMatchEulerDiscreteScheduler" or sigmas is None or len(sigmas) != steps + 1:
-        return None
-    return [float(v) for v in sigmas]
 
 
 def _with_grid(coeffs: SchedulerCoefficients | None, grid: list[float] | None) -> SchedulerCoefficients | None:

@@ -354,17 +354,20 @@ class QSchedScheduler:
             cache[key] = coeffs.resampled(steps) if grid is None else coeffs.field_resampled(grid)
         return cache[key]
 
-    def _qs_field_grid(self, coeffs: SchedulerCoefficients, steps: int) -> list[float] | None:
-        """The current σ grid when the field reading applies: a flow-matching Euler base, coefficients that record
-        their own grid, and a finer schedule (on a coarser one the field overshoots: 1 and 2 steps lost 7-9 points
-        where the linear stretch lost at most 1; docs/results.md). None: stretch linearly."""
-        if (coeffs.sigmas is None or steps < coeffs.steps
-                or self._qs_base_class.__name__ != "FlowMatchEulerDiscreteScheduler"):
-            return None
+    def flow_sigmas(self, steps: int) -> list[float] | None:
+        """The σ grid (``steps + 1`` values) of the current ``steps``-step schedule when the base is flow-matching
+        Euler, the grid Q-Sched coefficients read as a field on; None for other bases or no such schedule."""
         sigmas = getattr(self, "sigmas", None)
-        if sigmas is None or len(sigmas) != steps + 1:
+        if self._qs_base_class.__name__ != "FlowMatchEulerDiscreteScheduler" or sigmas is None \
+                or len(sigmas) != steps + 1:
             return None
-        return [round(float(v), 7) for v in sigmas]
+        return [float(v) for v in sigmas]
+
+    def _qs_field_grid(self, coeffs: SchedulerCoefficients, steps: int) -> list[float] | None:
+        """The current σ grid when the field reading applies: coefficients that record their own grid, a finer
+        schedule (on a coarser one the field overshoots: 1 and 2 steps lost 7-9 points where the linear stretch
+        lost at most 1; docs/results.md) and a flow-matching Euler base. None: stretch linearly."""
+        return None if coeffs.sigmas is None or steps < coeffs.steps else self.flow_sigmas(steps)
 
     def _qs_step(self, base_step, model_output, timestep, sample, *args, **kwargs):
         # Let the base raise its own errors when it has no schedule yet.
