@@ -376,3 +376,37 @@ def test_reflow_sigma_mix_sits_on_the_shipped_samplers_grid():
     half = train_v2._sigmas(gen, 4000, "cpu", 0.5, grid)
     on_grid = torch.isin(half, torch.tensor(grid[:-1]))
     assert 0.4 < on_grid.float().mean() < 0.6
+
+
+def test_grow_keeps_the_shipped_transformer_function_and_adds_trainable_blocks(tmp_path):
+    from qsched.tinyworld.model import load_embedded
+    threads = torch.get_num_threads()
+    try:  # the shipped width, one more block in each stack
+        pipe = train_v2.main(["--work", str(tmp_path), "--phases", "flow", "--init-from", "shipped", "--grow",
+                              "--flow-steps", "0", *TINY, "--width", "4", "--depth", "3,5"])
+    finally:
+        torch.set_num_threads(threads)
+    shipped = load_embedded().transformer
+    grown = pipe.transformer
+    assert (len(grown.transformer_blocks), len(grown.single_transformer_blocks)) == (3, 5)
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 64, 16), encoder_hidden_states=torch.randn(2, 16, 64),
+                  pooled_projections=torch.randn(2, 64), timestep=torch.tensor([0.3, 0.9]),
+                  img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(16, 3), return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(**inputs)[0], shipped(**inputs)[0], rtol=1e-5, atol=1e-5)
+    new = grown.single_transformer_blocks[4]
+    assert new.norm.linear.weight[2 * grown.inner_dim:].abs().sum() == 0 != new.proj_out.weight.abs().sum()
+    loss = grown.requires_grad_(True)(**inputs)[0].square().mean()
+    loss.backward()  # the zero gates still learn: their gradient is the new block's output
+    assert new.norm.linear.weight.grad[2 * grown.inner_dim:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("flags", [["--grow"], ["--init-from", "shipped", "--grow", "--fresh-transformer"],
+                                   ["--init-from", "shipped", "--grow", "--depth", "1,4"],
+                                   ["--init-from", "shipped", "--grow", "--width", "5", "--depth", "2,4"]])
+def test_bad_grow_flags_are_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_v2.main(["--work", str(tmp_path / "w"), "--phases", "flow", *flags])
+    assert exit_.value.code == 2 and not (tmp_path / "w").exists()
+    assert "--grow" in capsys.readouterr().err.splitlines()[-1]

@@ -342,6 +342,10 @@ def parse_args(argv=None):
                    help="shipped (or DIR, a saved flux-tiny pipeline folder): take the VAE, text encoders and "
                         "transformer from the shipped flux-tiny (or DIR; the vae, vaedec and text phases are skipped) "
                         "and fine-tune from there; the flow checkpoint, once written, overrides them as usual")
+    p.add_argument("--grow", action="store_true",
+                   help="with --init-from and a deeper --depth: keep the source transformer's blocks and append new "
+                        "ones that start as the identity (zero residual gates), so training starts from the "
+                        "source's images and adds capacity")
     p.add_argument("--fresh-transformer", action="store_true",
                    help="with --init-from: take only the VAE and text encoders and train a new transformer (for "
                         "example a wider --width) on them")
@@ -417,6 +421,16 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a share of the batches, from 0 to 1")
     if not 0 < args.temp_tau <= 1:
         p.error(f"--temp-tau {args.temp_tau}: a noise temperature above 0 and at most 1 (1 changes nothing)")
+    if args.grow and (args.init_from == "scratch" or args.fresh_transformer):
+        p.error("--grow deepens the transformer of --init-from: pass --init-from shipped or DIR, "
+                "without --fresh-transformer")
+    if args.grow:
+        source = _source_transformer_config(args.init_from)
+        double, single = (int(v) for v in args.depth.split(","))
+        if args.width != source["num_attention_heads"] or double < source["num_layers"] \
+                or single < source["num_single_layers"]:
+            p.error(f"--grow adds blocks only: --init-from has --width {source['num_attention_heads']} --depth "
+                    f"{source['num_layers']},{source['num_single_layers']}; pass that width and at least that depth")
     if args.fresh_transformer and args.init_from == "scratch":
         p.error("--fresh-transformer keeps the VAE and text encoders of --init-from: pass --init-from shipped or DIR")
     for flag in (f"text_{name}_weight" for name in AUX_HEADS):
@@ -424,6 +438,13 @@ def parse_args(argv=None):
         if w < 0 or (w and args.freeze_text):
             p.error(f"--{flag.replace('_', '-')} wants W >= 0 and trainable text encoders (not with --freeze-text)")
     return args
+
+
+def _source_transformer_config(source: str) -> dict:
+    from qsched.tinyworld.model import WEIGHTS_DIR
+
+    folder = WEIGHTS_DIR if source == "shipped" else Path(source)
+    return json.loads((folder / "transformer" / "config.json").read_text())
 
 
 def _floats(text: str) -> list[float]:
@@ -1002,18 +1023,54 @@ def train_guide(pipe, args, work: Path, log) -> None:
     train_flow(pipe, args, work, log, phase="guide", teacher=teacher)
 
 
-def init_from_pipeline(pipe, source: str, transformer: bool = True) -> None:
+def init_from_pipeline(pipe, source: str, transformer: bool = True, grow: bool = False) -> None:
     """Load a saved flux-tiny's weights (``shipped``: the package's fp16 ones, as fp32) into ``pipe``'s VAE, text
     encoders and (``transformer``) transformer, with the VAE's latent shift/scale. A loaded transformer must have
-    the same ``--width``/``--depth``; without it a fresh one (another width, say) trains on the trained VAE and
-    text encoders. A folder pins the start of a fine-tune that ``shipped`` would not once the shipped weights change."""
+    the same ``--width``/``--depth``, or with ``grow`` at least its depth (see ``grow_transformer``); without it a
+    fresh one (another width, say) trains on the trained VAE and text encoders. A folder pins the start of a
+    fine-tune that ``shipped`` would not once the shipped weights change."""
     from qsched.tinyworld.model import WEIGHTS_DIR, load_embedded
 
     start = load_embedded(WEIGHTS_DIR if source == "shipped" else Path(source))
-    for name in ("vae", "text_encoder", "text_encoder_2", "transformer")[:4 if transformer else 3]:
+    for name in ("vae", "text_encoder", "text_encoder_2"):
         getattr(pipe, name).load_state_dict(getattr(start, name).state_dict())
+    if transformer and grow:
+        grow_transformer(pipe.transformer, start.transformer)
+    elif transformer:
+        pipe.transformer.load_state_dict(start.transformer.state_dict())
     pipe.vae.register_to_config(shift_factor=start.vae.config.shift_factor,
                                 scaling_factor=start.vae.config.scaling_factor)
+
+
+GROWN_GATES = {"transformer_blocks": ("norm1", "norm1_context"), "single_transformer_blocks": ("norm",)}
+
+
+def grow_transformer(target, source) -> None:
+    """Function-preserving depth growth: ``target`` takes every weight of the shallower ``source`` (same width),
+    whose blocks become its first ones, and its extra blocks at the end of each stack keep their seeded init
+    except the residual gates (the gate rows of their adaLN-Zero modulation), which are zeroed. A zero-gated
+    block adds nothing to either stream, so the grown model draws exactly what the source draws, and training
+    opens the gates where the new capacity helps."""
+    for key in ("num_attention_heads", "attention_head_dim", "in_channels", "joint_attention_dim", "patch_size"):
+        if target.config[key] != source.config[key]:
+            raise ValueError(f"--grow adds blocks only: {key} is {target.config[key]} here and "
+                             f"{source.config[key]} in --init-from")
+    for stack in GROWN_GATES:
+        if len(getattr(target, stack)) < len(getattr(source, stack)):
+            raise ValueError(f"--grow adds blocks only: --depth has fewer {stack} than --init-from")
+    missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
+    new_blocks = {f"{stack}.{i}" for stack in GROWN_GATES
+                  for i in range(len(getattr(source, stack)), len(getattr(target, stack)))}
+    assert not unexpected and all(k.split(".", 2)[0] + "." + k.split(".", 2)[1] in new_blocks for k in missing)
+    with torch.no_grad():
+        for stack, norms in GROWN_GATES.items():
+            for block in list(getattr(target, stack))[len(getattr(source, stack)):]:
+                for norm in (getattr(block, n) for n in norms):
+                    chunks = norm.linear.out_features // target.inner_dim  # 6 (dual: msa and mlp) or 3 (single)
+                    for gate in ((2, 5) if chunks == 6 else (2,)):
+                        rows = slice(gate * target.inner_dim, (gate + 1) * target.inner_dim)
+                        norm.linear.weight[rows] = 0
+                        norm.linear.bias[rows] = 0
 
 
 def final_eval(pipe, args, work: Path, log) -> dict:
@@ -1056,9 +1113,10 @@ def main(argv=None):
     last = max(wanted, default=-1)
     pipe = build_pipeline_v2(args.seed, transformer_config(args))
     if args.init_from != "scratch":
-        init_from_pipeline(pipe, args.init_from, transformer=not args.fresh_transformer)
+        init_from_pipeline(pipe, args.init_from, transformer=not args.fresh_transformer, grow=args.grow)
         source = "the shipped flux-tiny" if args.init_from == "shipped" else args.init_from
-        parts = "VAE and text encoders" if args.fresh_transformer else "VAE, text encoders and transformer"
+        parts = ("VAE and text encoders" if args.fresh_transformer else
+                 "VAE, text encoders and transformer" + (f" (grown to --depth {args.depth})" if args.grow else ""))
         log(f"init: {parts} from {source} (vae, vaedec, text skipped)")
     for name in order[:last + 1]:  # earlier phases are prerequisites: finished ones just load
         if args.init_from != "scratch" and name in ("vae", "vaedec", "text"):
