@@ -96,7 +96,8 @@ def test_bad_kind_weight_is_one_line_and_status_2_before_any_work(item, tmp_path
                                    ["--coef-steps", "5", "--coef-cx", "0.8,0.9"],
                                    ["--coef-cx", "0.8,0.9", "--coef-ce", "1", "--phases", "coef"],
                                    ["--coef-cx", "0.8,0", "--coef-ce", "1,1", "--coef-steps", "5"],
-                                   ["--temp-tau", "0"], ["--temp-tau", "1.5"], ["--temp-on-path", "-1"]])
+                                   ["--temp-tau", "0"], ["--temp-tau", "1.5"], ["--temp-on-path", "-1"],
+                                   ["--guide-skip", "single_transformer_blocks.4"], ["--guide-skip", "blocks.0"]])
 def test_bad_fine_tune_flags_are_one_line_and_status_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_v2.main(["--work", str(tmp_path / "w"), *flags])
@@ -410,3 +411,32 @@ def test_bad_grow_flags_are_one_line_and_status_2_before_any_work(flags, tmp_pat
         train_v2.main(["--work", str(tmp_path / "w"), "--phases", "flow", *flags])
     assert exit_.value.code == 2 and not (tmp_path / "w").exists()
     assert "--grow" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_skip_guided_target_is_the_teacher_pushed_away_from_its_skipped_self():
+    from qsched.tinyworld.model import load_embedded
+    from qsched.tinyworld.skip_guidance import skipped
+    pipe = load_embedded()
+    torch.manual_seed(0)
+    xt, sigma = torch.randn(2, 64, 16), torch.tensor([0.4, 0.8])
+    cond = (torch.randn(2, 16, 64), torch.randn(2, 64), torch.zeros(16, 3), torch.zeros(64, 3))
+    blocks = ["single_transformer_blocks.1", "single_transformer_blocks.2"]
+    target = train_v2._skip_guided_velocity(pipe.transformer, xt, sigma, cond, blocks, 2.0)
+    with torch.no_grad():
+        v = train_v2._velocity(pipe.transformer, xt, sigma, *cond)
+        with skipped(pipe.transformer, blocks):
+            v_skip = train_v2._velocity(pipe.transformer, xt, sigma, *cond)
+    torch.testing.assert_close(target, v + (v - v_skip))
+    assert (target - v).abs().mean() > 1e-3
+
+
+def test_guide_phase_with_skip_layer_guidance_trains_and_checkpoints(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        train_v2.main(["--work", str(tmp_path), "--phases", "guide", "--init-from", "shipped", "--flow-steps", "0",
+                       "--guide-steps", "1", "--guide-skip", "single_transformer_blocks.1", "--guide-scale", "2",
+                       *TINY, "--width", "4", "--depth", "2,4"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "guide.safetensors").is_file()
+    assert '"guide_skip": "single_transformer_blocks.1"' in (tmp_path / "log.txt").read_text()

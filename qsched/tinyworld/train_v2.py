@@ -377,6 +377,10 @@ def parse_args(argv=None):
                    help="guide: share of each batch taken at the states the model's own few-step sampler visits")
     p.add_argument("--guide-scale", type=float, default=1.5,
                    help="the teacher's classifier-free guidance scale the guide phase distils")
+    p.add_argument("--guide-skip", default=None, metavar="BLOCK[,BLOCK]",
+                   help="guide: skip-layer guidance instead of classifier-free: the negative branch is the teacher on "
+                        "the same caption with these blocks skipped (module paths, e.g. single_transformer_blocks.1), "
+                        "so the target is v_skip + scale·(v − v_skip)")
     p.add_argument("--coef-steps", type=int, default=0,
                    help="sampler-coefficient distillation (the coef phase): steps of training")
     p.add_argument("--coef-lr", type=float, default=2e-4)
@@ -411,6 +415,11 @@ def parse_args(argv=None):
         p.error(f"--caption-dropout {args.caption_dropout}: a share of the batch, at least 0 and below 1")
     if args.guide_scale < 1:
         p.error(f"--guide-scale {args.guide_scale}: classifier-free guidance wants a scale of at least 1 (1 is none)")
+    if args.guide_skip is not None:
+        bad = _bad_skip_blocks(args.guide_skip, args.depth)
+        if bad:
+            p.error(f"--guide-skip {bad}: not a block of a --depth {args.depth} transformer; name blocks by module "
+                    "path, e.g. transformer_blocks.0 or single_transformer_blocks.1, comma-separated")
     if args.coef_steps > 0 or "coef" in args.phases.split(","):
         try:
             _coefficients(args)
@@ -438,6 +447,13 @@ def parse_args(argv=None):
         if w < 0 or (w and args.freeze_text):
             p.error(f"--{flag.replace('_', '-')} wants W >= 0 and trainable text encoders (not with --freeze-text)")
     return args
+
+
+def _bad_skip_blocks(blocks: str, depth: str) -> str | None:
+    """The first name in ``blocks`` that is not a block of a ``depth`` (double,single) transformer, else None."""
+    double, single = (int(v) for v in depth.split(","))
+    known = {f"transformer_blocks.{i}" for i in range(double)} | {f"single_transformer_blocks.{i}" for i in range(single)}
+    return next((b for b in blocks.split(",") if b not in known), None)
 
 
 def _source_transformer_config(source: str) -> dict:
@@ -839,7 +855,9 @@ def train_flow(pipe, args, work: Path, log, phase: str = "flow", teacher=None) -
         target = noise - x0
         if phase == "guide" and args.guide_on_policy:
             xt, sigma = _on_policy(pipe.transformer, xt, sigma, noise, cond, grid, args, step)
-        if phase == "guide":
+        if phase == "guide" and args.guide_skip:
+            target = _skip_guided_velocity(teacher, xt, sigma, cond, args.guide_skip.split(","), args.guide_scale)
+        elif phase == "guide":
             target = _guided_velocity(teacher, xt, sigma, cond, (*empty, img_ids), args.guide_scale)
         if phase == "coef":
             xt, sigma = _on_coefficient_path(teacher, xt, sigma, noise, cond, coefs, grid, args, step)
@@ -931,6 +949,17 @@ def _guided_velocity(teacher, xt, sigma, cond, uncond, scale: float) -> torch.Te
     return v_u + scale * (_velocity(teacher, xt, sigma, *cond) - v_u)
 
 
+@torch.no_grad()
+def _skip_guided_velocity(teacher, xt, sigma, cond, blocks: list[str], scale: float) -> torch.Tensor:
+    """Skip-layer guidance of the teacher (:mod:`qsched.tinyworld.skip_guidance`): v_skip + scale·(v − v_skip),
+    where v_skip is the teacher's velocity on the same caption with ``blocks`` skipped."""
+    from qsched.tinyworld.skip_guidance import skipped
+
+    with skipped(teacher, blocks):
+        v_skip = _velocity(teacher, xt, sigma, *cond)
+    return v_skip + scale * (_velocity(teacher, xt, sigma, *cond) - v_skip)
+
+
 def _path_steps(args, phase: str, step: int, share: float, grid: list[float]) -> int | None:
     """For a batch of ``phase`` at ``step``: after how many sampler steps on ``grid`` it is taken (k uniform), or
     None (probability 1 − ``share``) for noised training images; its own generator, so other draws are unchanged."""
@@ -1014,7 +1043,8 @@ def train_temp(pipe, args, work: Path, log) -> None:
 def train_guide(pipe, args, work: Path, log) -> None:
     """Guidance distillation (Meng et al. 2023, stage 1): the model learns, at one call per step, the velocity
     its frozen copy gives under classifier-free guidance at ``--guide-scale`` with the empty caption as the
-    unconditional branch, so the pipeline draws guided images at the same steps and cost, with no new input."""
+    unconditional branch, so the pipeline draws guided images at the same steps and cost, with no new input.
+    With ``--guide-skip`` the negative branch is the teacher itself with those blocks skipped (skip-layer guidance)."""
     import copy
 
     if args.guide_steps <= 0:
