@@ -14,7 +14,8 @@ tokenizers) and changes the configs and the training:
    evaluation at 4 steps logged to ``curve.jsonl``;
 4. ``reflow`` (optional): few-step distillation on the flow's own ODE pairs (the teacher's ODE and the few-step
    σ mix on the pipeline's own σ grid since 2026-12-05; the unshipped out/reflow-R3 used even grids);
-5. ``guide`` (optional): classifier-free guidance distilled into one call a step;
+5. ``guide`` (optional): classifier-free guidance distilled into one call a step (or, with ``--guide-skip``,
+   skip-layer guidance: the negative branch is the model itself with some blocks skipped);
 6. ``coef`` (optional): Q-Sched's per-step scheduler coefficients distilled as a velocity field;
 7. ``temp`` (optional): sampling from τ·noise distilled, so the plain sampler draws at temperature τ.
 
@@ -74,7 +75,16 @@ Temperature distillation (seventeenth session, 2026-12-05; docs/tiny-v2.md): fro
 folder out/guide-15/pipeline, the package's weights at commit 834cf9e) with ``--phases temp,export --flow-steps 0
 --temp-steps 1500 --temp-lr 2e-4 --temp-tau 0.7 --temp-on-path 0.5 --flow-warmup 100 --flow-cooldown 500
 --kind-weight relation=2 --seed 0`` (work folder out/temp-07): the model learns to sample from noise what its
-frozen copy samples from 0.7·noise. Temp step 1,500 is the shipped flux-tiny since 2026-12-05 (seventeenth session).
+frozen copy samples from 0.7·noise. Temp step 1,500 was the shipped flux-tiny on 2026-12-05 (seventeenth session)
+until the skip-layer guidance distillation below replaced it.
+
+Skip-layer guidance distillation (nineteenth session, 2026-12-05; docs/tiny-v2.md): from the temp step 1,500 (the
+fp32 folder out/temp-07/pipeline, the package's weights at commit 2506ebb) with ``--phases guide,export
+--flow-steps 0 --guide-steps 1000 --guide-lr 2e-4 --guide-scale 2.0 --guide-skip
+single_transformer_blocks.1,single_transformer_blocks.2 --guide-on-policy 0.5 --flow-warmup 100 --flow-cooldown
+400 --kind-weight relation=2 --seed 0`` (work folder out/slg-12): the model learns v + (v − v_skip) of its frozen
+copy, v_skip being that copy with single blocks 1 and 2 skipped, half of each batch at the states its own 4-step
+sampler visits. Guide step 1,000 is the shipped flux-tiny since 2026-12-05 (nineteenth session).
 """
 from __future__ import annotations
 
