@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from qsched.metrics import paired_difference
 from qsched.runtime.generation import generate
 from qsched.tinyworld.judge import judge
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
@@ -53,21 +52,19 @@ def main(argv=None) -> None:
     for steps in args.steps:
         settings = dataclasses.replace(TINY_SETTINGS, steps=steps)
         base = judge(generate(pipe, prompts, settings, seed=args.seed, batch_size=64), prompts)
+        report["rows"].append({"steps": steps, "skip": [], "scale": 0.0, **base.paired_row(None, "paired_vs_plain")})
         print(f"{steps:2d} steps, no guidance: {100 * base.accuracy:.1f} %", flush=True)
         for skip in rows_skip:
             for scale in args.scales:
                 with skip_layer_guidance(t, skip, scale):
                     v = judge(generate(pipe, prompts, settings, seed=args.seed, batch_size=64), prompts)
-                d, ci = paired_difference(base.correct, v.correct)
-                row = {"steps": steps, "skip": skip, "scale": scale, "accuracy": round(v.accuracy, 4),
-                       "delta": [round(d, 4), round(ci, 4)],
-                       "per_attribute": {a: round(x, 4) for a, x in v.per_attribute.items()}}
+                row = {"steps": steps, "skip": skip, "scale": scale, **v.paired_row(base, "paired_vs_plain")}
                 report["rows"].append(row)
+                d, ci = row["paired_vs_plain"]
                 print(f"{steps:2d} steps, skip {'+'.join(skip)} × {scale}: {100 * v.accuracy:.1f} % "
                       f"({100 * d:+.1f} ± {100 * ci:.1f})", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(report, indent=2))
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)

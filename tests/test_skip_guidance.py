@@ -54,3 +54,31 @@ def test_unknown_block_names_the_module_path_form(model):
     with pytest.raises(ValueError, match="module path"):
         with skipped(model, ["single_transformer_blocks.7"]):
             pass
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "benchmarks" / "tiny_skip_guidance.py"
+    spec = importlib.util.spec_from_file_location("tiny_skip_guidance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_pairs_each_row_with_no_guidance(tmp_path):
+    import json
+    out = tmp_path / "slg.json"
+    with torch.no_grad():
+        _bench().main(["--skip", "single_transformer_blocks.1", "--scales", "0.5", "--steps", "1", "--prompts", "2",
+                       "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["skip"], r["scale"]) for r in rows] == [([], 0.0), (["single_transformer_blocks.1"], 0.5)]
+    assert rows[0]["paired_vs_plain"] == [0.0, 0.0] and 0 <= rows[1]["accuracy"] <= 1
+
+
+def test_benchmark_rejects_an_unknown_block_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _bench().main(["--skip", "single_transformer_blocks.9", "--out", str(tmp_path / "x.json")])
+    assert exit_.value.code == 2 and not (tmp_path / "x.json").exists()
+    assert "single_transformer_blocks.9" in capsys.readouterr().err.splitlines()[-1]
