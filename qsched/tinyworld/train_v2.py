@@ -80,11 +80,12 @@ until the skip-layer guidance distillation below replaced it.
 
 Skip-layer guidance distillation (nineteenth session, 2026-12-05; docs/tiny-v2.md): from the temp step 1,500 (the
 fp32 folder out/temp-07/pipeline, the package's weights at commit 2506ebb) with ``--phases guide,export
---flow-steps 0 --guide-steps 1000 --guide-lr 2e-4 --guide-scale 2.0 --guide-skip
+--flow-steps 0 --guide-steps 1000 --guide-lr 2e-4 --guide-scale 1.5 --guide-skip
 single_transformer_blocks.1,single_transformer_blocks.2 --guide-on-policy 0.5 --flow-warmup 100 --flow-cooldown
-400 --kind-weight relation=2 --seed 0`` (work folder out/slg-12): the model learns v + (v − v_skip) of its frozen
+400 --kind-weight relation=2 --seed 0`` (work folder out/slg-12h): the model learns v + 0.5·(v − v_skip) of its frozen
 copy, v_skip being that copy with single blocks 1 and 2 skipped, half of each batch at the states its own 4-step
-sampler visits. Guide step 1,000 is the shipped flux-tiny since 2026-12-05 (nineteenth session).
+sampler visits (``--guide-scale 2.0``, work folder out/slg-12, drew 0.6–1.0 points more and much less
+background variety; not shipped). Guide step 1,000 is the shipped flux-tiny since 2026-12-05 (nineteenth session).
 """
 from __future__ import annotations
 
