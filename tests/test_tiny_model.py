@@ -48,9 +48,9 @@ def test_follows_held_out_prompts_at_four_steps(pipe):
 def test_shipped_model_varies_its_draws_like_the_world(pipe):
     """Accuracy can be bought by drawing one easy layout per prompt (a low noise temperature, strong guidance),
     which the judge cannot see. The shipped model's draws of one prompt must still vary about as much as the
-    world's own scenes of it (benchmarks/compare_weights.py --draws 4: layout 0.90, background 0.80 of the
-    world's at 4 steps on 256 prompts; 0.88 and 0.54 on these 24); a model that collapsed to one layout scores
-    near 0."""
+    world's own scenes of it (benchmarks/compare_weights.py --draws 4: layout 0.90, background 0.68 of the
+    world's at 4 steps on 256 prompts for the skip-layer-guidance-distilled weights; 0.88 and 0.52 on these 24);
+    a model that collapsed to one layout scores near 0."""
     import numpy as np
 
     from qsched.tinyworld.diversity import diversity, reference_draws
@@ -62,7 +62,7 @@ def test_shipped_model_varies_its_draws_like_the_world(pipe):
     world = diversity(reference_draws(prompts, draws=2, seed=99))
     assert np.isfinite(model.layout).all()
     assert model.layout.mean() >= 0.6 * world.layout.mean()
-    assert model.background.mean() >= 0.3 * world.background.mean()  # 0.54 here: few prompts, noisy
+    assert model.background.mean() >= 0.3 * world.background.mean()  # 0.52 here: few prompts, noisy
 
 
 def test_compile_records_judged_fidelity(tmp_path):
