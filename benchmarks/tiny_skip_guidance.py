@@ -19,7 +19,7 @@ import torch
 from qsched.runtime.generation import generate
 from qsched.tinyworld.judge import judge
 from qsched.tinyworld.model import TINY_SETTINGS, WEIGHTS_DIR, load_embedded
-from qsched.tinyworld.skip_guidance import skip_layer_guidance
+from qsched.tinyworld.skip_guidance import block_paths, skip_layer_guidance
 from qsched.tinyworld.world import sample_batch
 
 
@@ -41,8 +41,7 @@ def main(argv=None) -> None:
         p.error(f"--weights {args.weights}: no model_index.json there; pass a flux-tiny pipeline folder")
     pipe = load_embedded(Path(args.weights))
     t = pipe.transformer
-    blocks = [f"transformer_blocks.{i}" for i in range(len(t.transformer_blocks))] + \
-             [f"single_transformer_blocks.{i}" for i in range(len(t.single_transformer_blocks))]
+    blocks = block_paths(len(t.transformer_blocks), len(t.single_transformer_blocks))
     rows_skip = [item.split(",") for item in args.skip] if args.skip else [[b] for b in blocks]
     unknown = [b for row in rows_skip for b in row if b not in blocks]
     if unknown:
@@ -65,6 +64,7 @@ def main(argv=None) -> None:
                       f"({100 * d:+.1f} ± {100 * ci:.1f})", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(report, indent=2))
+
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)

@@ -50,9 +50,10 @@ def test_guided_call_pushes_away_from_the_skipped_model(model):
     torch.testing.assert_close(model(**_inputs())[0], plain)
 
 
-def test_unknown_block_names_the_module_path_form(model):
-    with pytest.raises(ValueError, match="module path"):
-        with skipped(model, ["single_transformer_blocks.7"]):
+@pytest.mark.parametrize("name", ["single_transformer_blocks.7", "transformer_blocks.0.attn"])
+def test_unknown_block_names_the_module_path_form(model, name):
+    with pytest.raises(ValueError, match="module path"):  # a sub-module is not a block: it has no two streams
+        with skipped(model, [name]):
             pass
 
 

@@ -17,14 +17,20 @@ def _identity(module, args, kwargs, output):
     return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
 
 
+def block_paths(double: int, single: int) -> list[str]:
+    """The module paths of a Flux transformer's blocks, ``double`` dual-stream then ``single`` single-stream."""
+    return [f"transformer_blocks.{i}" for i in range(double)] + [f"single_transformer_blocks.{i}" for i in range(single)]
+
+
 @contextmanager
 def skipped(transformer, blocks: list[str]):
     """Within the context, the named blocks (module paths such as ``single_transformer_blocks.2``) are skipped."""
-    modules = dict(transformer.named_modules())
-    missing = [b for b in blocks if b not in modules]
+    known = block_paths(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks))
+    missing = [b for b in blocks if b not in known]
     if missing:
         raise ValueError(f"no block {missing[0]!r} in the transformer; name blocks by module path, e.g. "
                          "transformer_blocks.0 or single_transformer_blocks.3")
+    modules = dict(transformer.named_modules())
     handles = [modules[b].register_forward_hook(_identity, with_kwargs=True) for b in blocks]
     try:
         yield

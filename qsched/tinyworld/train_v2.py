@@ -462,8 +462,9 @@ def parse_args(argv=None):
 
 def _bad_skip_blocks(blocks: str, depth: str) -> str | None:
     """The first name in ``blocks`` that is not a block of a ``depth`` (double,single) transformer, else None."""
-    double, single = (int(v) for v in depth.split(","))
-    known = {f"transformer_blocks.{i}" for i in range(double)} | {f"single_transformer_blocks.{i}" for i in range(single)}
+    from qsched.tinyworld.skip_guidance import block_paths
+
+    known = block_paths(*(int(v) for v in depth.split(",")))
     return next((b for b in blocks.split(",") if b not in known), None)
 
 
@@ -1083,35 +1084,31 @@ def init_from_pipeline(pipe, source: str, transformer: bool = True, grow: bool =
                                 scaling_factor=start.vae.config.scaling_factor)
 
 
-GROWN_GATES = {"transformer_blocks": ("norm1", "norm1_context"), "single_transformer_blocks": ("norm",)}
+# Where each block's residual gates sit among its adaLN-Zero modulation chunks: dual-stream blocks modulate each
+# stream with six chunks (shift, scale, gate for attention, then for the MLP), single-stream blocks with three.
+GROWN_GATES = {"transformer_blocks": {"norm1": (2, 5), "norm1_context": (2, 5)},
+               "single_transformer_blocks": {"norm": (2,)}}
 
 
 def grow_transformer(target, source) -> None:
-    """Function-preserving depth growth: ``target`` takes every weight of the shallower ``source`` (same width),
-    whose blocks become its first ones, and its extra blocks at the end of each stack keep their seeded init
-    except the residual gates (the gate rows of their adaLN-Zero modulation), which are zeroed. A zero-gated
-    block adds nothing to either stream, so the grown model draws exactly what the source draws, and training
-    opens the gates where the new capacity helps."""
-    for key in ("num_attention_heads", "attention_head_dim", "in_channels", "joint_attention_dim", "patch_size"):
-        if target.config[key] != source.config[key]:
-            raise ValueError(f"--grow adds blocks only: {key} is {target.config[key]} here and "
-                             f"{source.config[key]} in --init-from")
-    for stack in GROWN_GATES:
-        if len(getattr(target, stack)) < len(getattr(source, stack)):
-            raise ValueError(f"--grow adds blocks only: --depth has fewer {stack} than --init-from")
+    """Function-preserving depth growth: ``target`` takes every weight of the shallower ``source`` (same width;
+    ``parse_args`` checks it), whose blocks become its first ones, and its extra blocks at the end of each stack
+    keep their seeded init except the residual gates (the gate rows of their adaLN-Zero modulation), which are
+    zeroed. A zero-gated block adds nothing to either stream, so the grown model draws exactly what the source
+    draws, and training opens the gates where the new capacity helps."""
     missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
     new_blocks = {f"{stack}.{i}" for stack in GROWN_GATES
                   for i in range(len(getattr(source, stack)), len(getattr(target, stack)))}
-    assert not unexpected and all(k.split(".", 2)[0] + "." + k.split(".", 2)[1] in new_blocks for k in missing)
+    assert not unexpected and all(".".join(k.split(".")[:2]) in new_blocks for k in missing)
+    dim = target.inner_dim
     with torch.no_grad():
         for stack, norms in GROWN_GATES.items():
             for block in list(getattr(target, stack))[len(getattr(source, stack)):]:
-                for norm in (getattr(block, n) for n in norms):
-                    chunks = norm.linear.out_features // target.inner_dim  # 6 (dual: msa and mlp) or 3 (single)
-                    for gate in ((2, 5) if chunks == 6 else (2,)):
-                        rows = slice(gate * target.inner_dim, (gate + 1) * target.inner_dim)
-                        norm.linear.weight[rows] = 0
-                        norm.linear.bias[rows] = 0
+                for name, gates in norms.items():
+                    linear = getattr(block, name).linear
+                    for gate in gates:
+                        linear.weight[gate * dim:(gate + 1) * dim] = 0
+                        linear.bias[gate * dim:(gate + 1) * dim] = 0
 
 
 def final_eval(pipe, args, work: Path, log) -> dict:
